@@ -1,0 +1,309 @@
+"""The one typed schema of a run: every setting, its default and a line of doc.
+
+Two files fill it: the Trinity-RFT style `dpo.yaml` (the sections below `Config`) and the verl style trainer
+file named by `trainer.trainer_config_path`, which lands in `trainer.trainer_config` (`VerlConfig`). Several
+settings have more than one spelling (the document's, newer Trinity's, verl's); `ALIASES` lists them and
+`config_loader.resolve` folds each group into its canonical field, refusing two spellings that disagree.
+Sections and keys that verl or Trinity accept but that do not apply to offline DPO are listed in each class's
+`IGNORED` and logged once, never silently dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: printed as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+@dataclass
+class LossArgs:
+    """`algorithm.policy_loss_fn_args`."""
+
+    beta: float = 0.1  # DPO beta: strength of the implicit KL penalty to the reference
+    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a pair's labels are flipped
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its schedule (`algorithm.optimizer`, or verl's `actor_rollout_ref.actor.optim`)."""
+
+    lr: float = 1e-6  # peak learning rate
+    lr_warmup_steps: int = -1  # warmup steps; -1 derives them from lr_warmup_steps_ratio
+    lr_warmup_steps_ratio: float = 0.0  # warmup as a fraction of the total optimizer steps
+    min_lr_ratio: float = 0.0  # cosine decays to min_lr_ratio * lr
+    warmup_style: Literal["constant", "cosine"] = "constant"  # schedule after warmup
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    beta1: Optional[float] = None  # verl spelling of betas[0]
+    beta2: Optional[float] = None  # verl spelling of betas[1]
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    total_training_steps: int = -1  # verl spelling of trainer.total_steps; -1 means unset
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("optimizer", "clip_grad", "lr_scheduler_type", "num_cycles")
+
+
+@dataclass
+class AlgorithmConfig:
+    """`algorithm`."""
+
+    algorithm_type: Literal["dpo"] = "dpo"  # the only algorithm of this tool
+    policy_loss_fn: Literal["dpo"] = "dpo"  # Trinity's name of the loss function
+    policy_loss_fn_args: LossArgs = field(default_factory=LossArgs)  # loss hyper-parameters
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW and schedule
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "repeat_times", "advantage_fn", "advantage_fn_args", "kl_loss_fn", "kl_loss_fn_args", "kl_penalty_fn",
+        "kl_penalty_fn_args", "entropy_loss_fn", "entropy_loss_fn_args", "sample_strategy", "sample_strategy_args",
+        "add_strategy", "use_token_level_loss",
+    )
+
+
+# --------------------------------------------------------------------------- model, cluster
+
+
+@dataclass
+class ModelConfig:
+    """`model`."""
+
+    model_path: str = ""  # local Hugging Face model folder (required)
+    critic_model_path: str = ""  # Trinity key; unused by DPO
+    custom_chat_template: Optional[str] = None  # Jinja chat template that replaces the tokenizer's
+    max_prompt_tokens: int = 512  # longer prompts keep their end (the generation header survives)
+    max_response_tokens: int = 512  # longer responses are cut at their end
+    max_model_len: Optional[int] = None  # cap on prompt + response tokens; the response is cut to fit
+    trust_remote_code: bool = False  # run model code shipped inside the model folder (off: safety)
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("min_response_tokens", "temperature", "top_p", "top_k", "logprobs",
+                                          "lora_configs", "enable_thinking")
+
+
+@dataclass
+class ClusterConfig:
+    """`cluster`."""
+
+    node_num: int = 1  # nodes
+    gpu_per_node: int = 1  # worker processes per node
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where available, else cpu
+
+
+# --------------------------------------------------------------------------- buffer (data)
+
+
+@dataclass
+class FormatConfig:
+    """`buffer.trainer_input.experience_buffer.format`."""
+
+    prompt_type: Literal["plaintext", "messages", "chatpair"] = "plaintext"  # how rows hold the prompt
+    prompt_key: str = "prompt"  # column with the prompt (text or messages)
+    chosen_key: str = "chosen"  # column with the preferred response (or whole conversation, chatpair)
+    rejected_key: str = "rejected"  # column with the dispreferred response (or conversation)
+    system_prompt: Optional[str] = None  # system message put before every prompt
+    system_prompt_key: Optional[str] = None  # column holding a per-row system message
+    messages_key: Optional[str] = None  # Trinity spelling of the prompt column for prompt_type messages
+    chat_template: Optional[str] = None  # Trinity spelling of model.custom_chat_template
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("response_key", "reward_fn_key", "workflow_key", "reply_prefix", "tools_key",
+                                          "image_key", "video_key", "enable_concatenated_multi_turn")
+
+
+@dataclass
+class StorageConfig:
+    """`buffer.trainer_input.experience_buffer`."""
+
+    name: str = "dpo_buffer"  # a label for logs
+    storage_type: Literal["file"] = "file"  # offline DPO reads a local file or folder
+    path: str = ""  # .json / .jsonl / .parquet file, or a Hugging Face dataset folder (required)
+    split: str = "train"  # split of a dataset folder
+    subset_name: Optional[str] = None  # config name of a dataset folder with several
+    format: FormatConfig = field(default_factory=FormatConfig)  # columns and prompt layout
+    on_bad_row: Literal["skip", "error"] = "skip"  # bad rows are counted and skipped, or stop the run
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("schema_type", "max_read_timeout", "use_priority_queue", "enable_progress_bar",
+                                          "capacity", "max_retry_times", "max_retry_interval", "index", "kwargs")
+
+
+@dataclass
+class TrainerInputConfig:
+    """`buffer.trainer_input`."""
+
+    experience_buffer: StorageConfig = field(default_factory=StorageConfig)  # the preference data
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("sft_warmup_dataset", "sft_warmup_steps", "auxiliary_buffers")
+
+
+@dataclass
+class BufferConfig:
+    """`buffer`."""
+
+    total_epochs: int = 1  # passes over the data (unless a total step count is set)
+    train_batch_size: int = 64  # pairs per optimizer step, over all processes
+    batch_size: Optional[int] = None  # the document's spelling of train_batch_size
+    total_steps: Optional[int] = None  # Trinity spelling of trainer.total_steps
+    trainer_input: TrainerInputConfig = field(default_factory=TrainerInputConfig)  # data for the trainer
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("explorer_input", "max_retry_times", "max_retry_interval", "tokenizer_path")
+
+
+# --------------------------------------------------------------------------- verl trainer file
+
+
+@dataclass
+class VerlData:
+    """verl `data`."""
+
+    max_prompt_length: Optional[int] = None  # verl spelling of model.max_prompt_tokens
+    max_response_length: Optional[int] = None  # verl spelling of model.max_response_tokens
+    truncation: Literal["left", "error"] = "left"  # left: prompts keep their end; error: over-long pairs stop the run
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "tokenizer", "train_files", "val_files", "prompt_key", "reward_fn_key", "train_batch_size", "val_batch_size",
+        "return_raw_input_ids", "return_raw_chat", "return_full_prompt", "shuffle", "filter_overlong_prompts",
+        "filter_overlong_prompts_workers", "image_key", "video_key", "custom_cls", "dataloader_num_workers",
+        "validation_shuffle", "trust_remote_code", "use_shm", "seed", "sampler", "datagen", "apply_chat_template_kwargs",
+    )
+
+
+@dataclass
+class VerlModel:
+    """verl `actor_rollout_ref.model`."""
+
+    enable_gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    use_remove_padding: bool = False  # remove pad tokens from the computation (packed micro-batches)
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "path", "external_lib", "override_config", "use_fused_kernels", "enable_activation_offload", "trust_remote_code",
+        "use_liger", "use_shm", "lora_rank", "lora_alpha", "target_modules", "custom_chat_template", "fused_kernel_options",
+        "tokenizer_path", "exclude_modules", "lora_adapter_path",
+    )
+
+
+@dataclass
+class VerlActor:
+    """verl `actor_rollout_ref.actor`."""
+
+    ppo_micro_batch_size_per_gpu: Optional[int] = None  # pairs per forward/backward; None: the whole batch
+    grad_clip: Optional[float] = None  # verl spelling of trainer.grad_clip
+    use_kl_loss: Optional[bool] = None  # verl flag that goes with kl_loss_coef
+    kl_loss_coef: Optional[float] = None  # verl spelling of the DPO beta
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # verl spelling of algorithm.optimizer
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "strategy", "ppo_mini_batch_size", "ppo_micro_batch_size", "use_dynamic_bsz", "ppo_max_token_len_per_gpu",
+        "clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "entropy_coeff", "loss_agg_mode",
+        "kl_loss_type", "ppo_epochs", "shuffle", "ulysses_sequence_parallel_size", "checkpoint", "fsdp_config",
+        "use_torch_compile", "entropy_from_logits_with_chunking", "entropy_checkpointing", "policy_loss",
+        "data_loader_seed", "profiler", "tau", "opmd_baseline", "use_uid", "alg_type",
+    )
+
+
+@dataclass
+class VerlActorRolloutRef:
+    """verl `actor_rollout_ref`."""
+
+    model: VerlModel = field(default_factory=VerlModel)  # model-side switches
+    actor: VerlActor = field(default_factory=VerlActor)  # the trained policy
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("hybrid_engine", "rollout", "ref", "synchronizer")
+
+
+@dataclass
+class VerlTrainer:
+    """verl `trainer`."""
+
+    total_training_steps: Optional[int] = None  # verl spelling of trainer.total_steps
+    logger: list[str] = field(default_factory=lambda: ["console"])  # metric sinks
+    resume_mode: Optional[Literal["auto", "disable"]] = None  # verl spelling of trainer.resume_mode
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "balance_batch", "total_epochs", "project_name", "experiment_name", "log_val_generations", "nnodes",
+        "n_gpus_per_node", "save_freq", "resume_from_path", "test_freq", "critic_warmup", "default_hdfs_dir",
+        "remove_previous_ckpt_in_save", "del_local_ckpt_after_load", "default_local_dir", "val_before_train",
+        "val_only", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep", "ray_wait_register_center_timeout",
+        "device", "profile_steps", "rollout_data_dir", "validation_data_dir", "sync_freq", "training_rollout_mode",
+        "enable_exp_buffer", "steps_per_epoch", "esi_redundant_time", "log_val_generations_interval", "npu_profile",
+        "use_legacy_worker_impl", "hfmodel_save_interval",
+    )
+
+
+@dataclass
+class VerlConfig:
+    """The verl-style trainer file (`trainer.trainer_config_path`) or `trainer.trainer_config` inline."""
+
+    data: VerlData = field(default_factory=VerlData)  # lengths and truncation
+    actor_rollout_ref: VerlActorRolloutRef = field(default_factory=VerlActorRolloutRef)  # model and actor
+    trainer: VerlTrainer = field(default_factory=VerlTrainer)  # run-level switches
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "critic", "reward_model", "algorithm", "custom_reward_function", "ray_init", "synchronizer", "buffer",
+        "global_profiler", "transfer_queue",
+    )
+
+
+# --------------------------------------------------------------------------- trainer, top level
+
+
+@dataclass
+class TrainerConfig:
+    """`trainer`."""
+
+    trainer_type: Literal["verl"] = "verl"  # Trinity key; this tool runs its own trainer with verl's settings
+    trainer_config_path: Optional[str] = None  # verl-style trainer file (relative to cwd, else to the config)
+    trainer_config: VerlConfig = field(default_factory=VerlConfig)  # the trainer file's content, or inline
+    save_interval: int = 0  # steps between checkpoints; 0: only at the end
+    actor_use_kl_loss: Optional[bool] = None  # the document's flag that goes with actor_kl_loss_coef
+    actor_kl_loss_coef: Optional[float] = None  # the document's spelling of the DPO beta
+    total_steps: Optional[int] = None  # optimizer steps; None: ceil(pairs / batch) * total_epochs
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    resume_mode: Literal["auto", "disable"] = "auto"  # auto: continue from the newest checkpoint
+    seed: int = 42  # seeds shuffling and any random init
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device has fast bf16
+    log_interval: int = 10  # steps between plain log lines when output is not a terminal
+
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "sft_warmup_steps", "enable_preview", "actor_grad_clip", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep",
+        "save_strategy", "name", "use_dynamic_bsz", "max_token_len_per_gpu", "ppo_max_token_len_per_gpu",
+        "ulysses_sequence_parallel_size", "algorithm_type",
+    )
+
+
+@dataclass
+class Config:
+    """A whole run: the Trinity-RFT `dpo.yaml`."""
+
+    project: str = "trinity-dpo"  # run folder is <checkpoint_root_dir>/<project>/<name>
+    name: str = "dpo"  # experiment name
+    mode: Literal["train"] = "train"  # offline DPO has no explorer: only `train`
+    checkpoint_root_dir: str = "./checkpoints"  # where run folders live
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # loss and optimizer
+    model: ModelConfig = field(default_factory=ModelConfig)  # model and lengths
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # processes and device
+    buffer: BufferConfig = field(default_factory=BufferConfig)  # data and batch size
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, checkpoints, verl settings
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("explorer", "synchronizer", "data_processor", "service", "monitor", "log",
+                                          "continue_from_checkpoint", "ray_namespace", "stages", "group")
+
+
+# Canonical field <- other spellings of the same setting. `resolve` moves the one value the user gave into the
+# canonical field; two spellings with different values are an error.
+_VERL = "trainer.trainer_config."
+_ACTOR = _VERL + "actor_rollout_ref.actor."
+_OPTIM_KEYS = ("lr", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "warmup_style", "betas", "eps",
+               "weight_decay")
+ALIASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("buffer.train_batch_size", ("buffer.batch_size",)),
+    ("algorithm.policy_loss_fn_args.beta", ("trainer.actor_kl_loss_coef", _ACTOR + "kl_loss_coef")),
+    ("trainer.total_steps", ("buffer.total_steps", _VERL + "trainer.total_training_steps",
+                             _ACTOR + "optim.total_training_steps", "algorithm.optimizer.total_training_steps")),
+    ("trainer.grad_clip", (_ACTOR + "grad_clip",)),
+    ("trainer.resume_mode", (_VERL + "trainer.resume_mode",)),
+    ("model.max_prompt_tokens", (_VERL + "data.max_prompt_length",)),
+    ("model.max_response_tokens", (_VERL + "data.max_response_length",)),
+    ("model.custom_chat_template", ("buffer.trainer_input.experience_buffer.format.chat_template",)),
+    *((f"algorithm.optimizer.{k}", (f"{_ACTOR}optim.{k}",)) for k in _OPTIM_KEYS),
+)

@@ -1,0 +1,297 @@
+"""Reading a run's configuration: YAML files, `${oc.env:VAR,default}`, `key=value` overrides, typed filling of
+the `config.Config` schema, folding of alias spellings, and validation. Nothing here loads a model or data: every
+error it raises is a `ConfigError` with one line for the user.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import ALIASES, Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+_UNSET_STEPS = (None, -1, 0)  # verl writes -1 or null for "derive the step count"
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Build the validated `Config` from the Trinity YAML at `path` and dotted `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = _read_yaml(path)
+    pairs = [_parse_override(o) for o in overrides]
+    trainer = raw.setdefault("trainer", {}) or {}
+    if not isinstance(trainer, dict):
+        raise ConfigError(f"{path}: 'trainer' must be a mapping, got {type(trainer).__name__}")
+    raw["trainer"] = trainer
+    file_path = dict(pairs).get("trainer.trainer_config_path", trainer.get("trainer_config_path"))
+    if file_path:
+        file_path = _resolve_scalar(file_path, "trainer.trainer_config_path")
+        verl_path = _find_trainer_file(str(file_path), path)
+        # The trainer file's own `${trainer.project_name}`-style references point into that file: resolve it alone.
+        verl = _to_plain(OmegaConf.create(_read_yaml(verl_path)), verl_path)
+        inline = trainer.get("trainer_config") or {}
+        trainer["trainer_config"] = OmegaConf.to_container(OmegaConf.merge(verl, inline))
+    merged = OmegaConf.create(raw)
+    for key, value in pairs:
+        OmegaConf.update(merged, key, value, merge=True, force_add=True)
+    data = _to_plain(merged, path)
+    provided: set[str] = set()
+    ignored: list[str] = []
+    cfg = _build(Config, data, "", provided, ignored)
+    if ignored:
+        log.info("ignored (not used by offline DPO): %s", ", ".join(ignored))
+    resolve(cfg, provided, {key for key, _ in pairs})
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(data).__name__}")
+    return data
+
+
+def _to_plain(conf: Any, path: Path) -> dict:
+    try:
+        return OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: cannot resolve {_first_line(e)}") from None
+
+
+def _find_trainer_file(name: str, config_path: Path) -> Path:
+    for candidate in (Path(name), config_path.parent / name, config_path.parent / Path(name).name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"trainer.trainer_config_path: file not found: {name} (looked in the working directory "
+                      f"and beside {config_path})")
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or key != key.strip():
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    try:
+        return key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        return key, value
+
+
+def _resolve_scalar(value: Any, key: str) -> Any:
+    try:
+        return OmegaConf.create({"v": value}).v
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}: cannot resolve {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
+
+
+# --------------------------------------------------------------------------- typed filling
+
+
+def _build(cls: type, data: Any, prefix: str, provided: set[str], ignored: list[str]) -> Any:
+    """Fill dataclass `cls` from mapping `data`; record the dotted keys the user gave in `provided`."""
+    where = prefix.rstrip(".") or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    known_ignored = getattr(cls, "IGNORED", ())
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key in known_ignored:
+            ignored.append(dotted)
+            continue
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names + list(known_ignored), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{dotted}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted + ".", provided, ignored)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+            if value is not None:
+                provided.add(dotted)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+    if isinstance(value, str) and tp in (int, float, bool):
+        value = _from_env_string(value)  # ${oc.env:...} always yields strings
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is Any:
+        return value
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    raise ConfigError(f"{key}: expected {kind}, got {_describe(value)}")
+
+
+def _from_env_string(text: str) -> Any:
+    # YAML 1.1 reads '5e-7' as a string; numbers written that way are common in trainer files.
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# --------------------------------------------------------------------------- aliases and validation
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    setattr(cfg, last, value)
+
+
+def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset()) -> None:
+    """Fold every alias group of `config.ALIASES` into its canonical field (in place).
+
+    A command-line override of any spelling replaces what the files say under the other spellings.
+    """
+    for section in ("algorithm.optimizer", "trainer.trainer_config.actor_rollout_ref.actor.optim"):
+        _fold_betas(cfg, section, provided)
+    for canonical, aliases in ALIASES:
+        given = {}
+        for key in (canonical, *aliases):
+            value = _get(cfg, key) if key in provided else None
+            if "total" in key and value in _UNSET_STEPS:
+                value = None
+            if value is not None:
+                given[key] = value
+        if any(k in overridden for k in given):
+            given = {k: v for k, v in given.items() if k in overridden}
+        if len(set(map(repr, given.values()))) > 1:
+            listing = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise ConfigError(f"conflicting values for one setting: {listing}")
+        if given:
+            _set(cfg, canonical, next(iter(given.values())))
+            provided.add(canonical)
+
+
+def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
+    opt = _get(cfg, section)
+    if opt.beta1 is None and opt.beta2 is None:
+        return
+    betas = [opt.beta1 if opt.beta1 is not None else opt.betas[0], opt.beta2 if opt.beta2 is not None else opt.betas[1]]
+    if f"{section}.betas" in provided and betas != opt.betas:
+        raise ConfigError(f"conflicting values for one setting: {section}.betas={opt.betas} and beta1/beta2={betas}")
+    opt.betas = betas
+    provided.add(f"{section}.betas")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range and path checks, all before any model or data loads."""
+    opt, args = cfg.algorithm.optimizer, cfg.algorithm.policy_loss_fn_args
+    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
+    for key in ("buffer.train_batch_size", "buffer.total_epochs", "model.max_prompt_tokens",
+                "model.max_response_tokens", "cluster.node_num", "cluster.gpu_per_node", "trainer.log_interval"):
+        _check(_get(cfg, key) > 0, f"{key} must be a positive integer, got {_get(cfg, key)}")
+    for key in ("trainer.total_steps", "model.max_model_len", _ACTOR_MICRO):
+        value = _get(cfg, key)
+        _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
+    _check(cfg.trainer.save_interval >= 0, f"trainer.save_interval must be >= 0, got {cfg.trainer.save_interval}")
+    _check(args.beta > 0, f"algorithm.policy_loss_fn_args.beta (the DPO beta) must be > 0, got {args.beta}")
+    _check(0 <= args.label_smoothing < 0.5,
+           f"algorithm.policy_loss_fn_args.label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")
+    _check(0 <= opt.lr_warmup_steps_ratio <= 1,
+           f"algorithm.optimizer.lr_warmup_steps_ratio must be in [0, 1], got {opt.lr_warmup_steps_ratio}")
+    _check(0 <= opt.min_lr_ratio <= 1, f"algorithm.optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
+    _check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+           f"algorithm.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
+    _check(opt.weight_decay >= 0, f"algorithm.optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+    _check(cfg.trainer.grad_clip >= 0, f"trainer.grad_clip must be >= 0, got {cfg.trainer.grad_clip}")
+    micro = actor.ppo_micro_batch_size_per_gpu
+    world = cfg.cluster.node_num * cfg.cluster.gpu_per_node
+    if micro is not None:
+        _check(cfg.buffer.train_batch_size % (micro * world) == 0,
+               f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by "
+               f"ppo_micro_batch_size_per_gpu ({micro}) x processes ({world})")
+    _check(cfg.cluster.node_num == 1, "cluster.node_num > 1 (several nodes) is not supported yet")
+    _check(cfg.cluster.gpu_per_node == 1,
+           f"cluster.gpu_per_node={cfg.cluster.gpu_per_node}: several processes are not supported yet; use 1")
+    _validate_paths(cfg)
+
+
+_ACTOR_MICRO = "trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
+
+
+def _validate_paths(cfg: Config) -> None:
+    model = cfg.model.model_path
+    _check(bool(model), "model.model_path is required: a local Hugging Face model folder")
+    _check(Path(model).is_dir(), f"model.model_path: folder not found: {model}")
+    _check((Path(model) / "config.json").is_file(), f"model.model_path: {model} has no config.json (not a model folder)")
+    data = cfg.buffer.trainer_input.experience_buffer.path
+    key = "buffer.trainer_input.experience_buffer.path"
+    _check(bool(data), f"{key} is required: a .json/.jsonl/.parquet file or a dataset folder")
+    _check(Path(data).exists(), f"{key}: not found: {data}")
+    root = Path(cfg.checkpoint_root_dir)
+    existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
+    _check(os.access(existing, os.W_OK), f"checkpoint_root_dir: {root} is not writable ({existing} is read-only)")

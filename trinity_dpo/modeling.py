@@ -1,0 +1,101 @@
+"""Loading the policy and its tokenizer, and choosing device and precision.
+
+Weights are kept in fp32 (the optimizer's master copy); bf16 only enters through autocast, so numerics of the
+update do not depend on the compute precision.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Where and how the computation runs."""
+
+    device: torch.device
+    bf16: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def pick_runtime(cfg: Config) -> Runtime:
+    want = cfg.cluster.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cluster.device: cuda was asked for but no CUDA device is available")
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        bf16 = precision == "bf16"
+    return Runtime(device=device, bf16=bf16)
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.model_path: cannot load the tokenizer from {cfg.model.model_path}: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+    if cfg.model.custom_chat_template:
+        tok.chat_template = cfg.model.custom_chat_template
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pads are never attended to nor scored; any id will do
+    return tok
+
+
+def load_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torch.dtype]:
+    """The policy in fp32 on `device`, dropout off; and the dtype its folder stores (checkpoints keep it)."""
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+            use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.model_path: cannot load the model from {cfg.model.model_path}: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+    _disable_dropout(model)
+    if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stored = _stored_dtype(cfg.model.model_path)
+    model.config.use_cache = False
+    return model.to(device).train(), stored
+
+
+def _stored_dtype(model_path: str) -> torch.dtype:
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _disable_dropout(model) -> None:
+    # Dropout would make the policy differ from the reference at step 1, and the log-probs noisy.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)

@@ -1,0 +1,39 @@
+"""AdamW and the learning-rate schedule (verl's: linear warmup, then constant or cosine to min_lr_ratio * lr)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import OptimizerConfig
+
+
+def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
+    # As in nanoGPT and the HF Trainer: matrices decay, biases and norm gains do not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+def warmup_steps(opt: OptimizerConfig, total_steps: int) -> int:
+    return opt.lr_warmup_steps if opt.lr_warmup_steps >= 0 else int(opt.lr_warmup_steps_ratio * total_steps)
+
+
+def lr_factor(step: int, opt: OptimizerConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr at 0-based optimizer step `step`."""
+    warmup = warmup_steps(opt, total_steps)
+    if step < warmup:
+        return step / max(1, warmup)
+    if opt.warmup_style == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * cosine
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
