@@ -226,7 +226,7 @@ class VerlTrainer:
         "val_only", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep", "ray_wait_register_center_timeout",
         "device", "profile_steps", "rollout_data_dir", "validation_data_dir", "sync_freq", "training_rollout_mode",
         "enable_exp_buffer", "steps_per_epoch", "esi_redundant_time", "log_val_generations_interval", "npu_profile",
-        "use_legacy_worker_impl", "hfmodel_save_interval",
+        "use_legacy_worker_impl", "hfmodel_save_interval", "val_generations_to_log_to_wandb",
     )
 
 

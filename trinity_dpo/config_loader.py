@@ -294,4 +294,5 @@ def _validate_paths(cfg: Config) -> None:
     _check(Path(data).exists(), f"{key}: not found: {data}")
     root = Path(cfg.checkpoint_root_dir)
     existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
+    _check(existing.is_dir(), f"checkpoint_root_dir: {root} cannot be created: {existing} is not a folder")
     _check(os.access(existing, os.W_OK), f"checkpoint_root_dir: {root} is not writable ({existing} is read-only)")

@@ -6,6 +6,7 @@ are counted and skipped, or stop the run with their file and row when `on_bad_ro
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -55,12 +56,18 @@ class DataReport:
 
 
 def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[dict[str, Any]]:
-    """All rows of a .json/.jsonl/.parquet file or a Hugging Face dataset folder, as dicts, in file order."""
+    """All rows of a .json/.jsonl/.parquet file or a Hugging Face dataset folder, as dicts, in file order.
+
+    JSON files are parsed here rather than by `datasets`: Arrow would fill a missing key with null and refuse a
+    column that mixes text and numbers, hiding exactly the rows a user needs named.
+    """
+    p = Path(path)
+    if p.suffix in (".json", ".jsonl") and p.is_file():
+        return _read_json(p)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local folder must never reach for a hub
     import datasets
 
     datasets.disable_progress_bars()
-    p = Path(path)
     try:
         if p.is_dir():
             ds = datasets.load_dataset(str(p), name=subset, split=split)
@@ -73,6 +80,32 @@ def read_rows(path: str, split: str = "train", subset: str | None = None) -> lis
     except Exception as e:  # datasets raises many types for unreadable files
         raise DataError(f"{path}: cannot read data: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     return ds.to_list()
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: bytes that are not UTF-8") from None
+    stripped = text.lstrip()
+    if path.suffix == ".json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON: {e.msg}") from None
+    else:  # JSON lines, also when a .json file holds one object per line
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {n}: expected an object with keys, got {type(row).__name__}")
+    return rows
 
 
 def load_conversations(storage: StorageConfig) -> tuple[list[Conversation], DataReport]:

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models built once per session, and a writer of run configs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import SPACE_TEMPLATE, make_model_dir, write_pairs  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "human_like_dpo_dataset"
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("llama3"), "llama", style="llama3")
+
+
+@pytest.fixture(scope="session")
+def space_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("space"), "llama", template=SPACE_TEMPLATE)
+
+
+@pytest.fixture()
+def pairs_file(tmp_path) -> Path:
+    return write_pairs(tmp_path / "pairs.json", n=24)
+
+
+@pytest.fixture()
+def make_config(tmp_path, qwen_dir, pairs_file):
+    """Write a document-shaped dpo.yaml (and train_dpo.yaml) into tmp_path; keyword args patch sections."""
+
+    def make(main: dict | None = None, verl: dict | None = None, model=None, data=None) -> Path:
+        cfg = {
+            "project": "proj", "name": "run", "mode": "train",
+            "algorithm": {"algorithm_type": "dpo"},
+            "checkpoint_root_dir": str(tmp_path / "ckpt"),
+            "model": {"model_path": str(model or qwen_dir)},
+            "cluster": {"node_num": 1, "gpu_per_node": 1},
+            "buffer": {"total_epochs": 1, "batch_size": 8, "trainer_input": {"experience_buffer": {
+                "name": "dpo_buffer", "storage_type": "file", "path": str(data or pairs_file),
+                "format": {"prompt_type": "plaintext", "prompt_key": "prompt", "chosen_key": "chosen",
+                           "rejected_key": "rejected"}}}},
+            "trainer": {"trainer_config_path": "train_dpo.yaml", "save_interval": 0, "actor_use_kl_loss": True,
+                        "actor_kl_loss_coef": 0.1},
+        }
+        trainer_file = {"data": {"max_prompt_length": 128, "max_response_length": 64},
+                        "actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 4, "optim": {"lr": 1e-3}}}}
+        _deep_update(cfg, main or {})
+        _deep_update(trainer_file, verl or {})
+        (tmp_path / "train_dpo.yaml").write_text(yaml.safe_dump(trainer_file))
+        path = tmp_path / "dpo.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make
+
+
+def _deep_update(base: dict, patch: dict) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value

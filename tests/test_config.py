@@ -1,0 +1,163 @@
+"""The config contract: the document's YAML, Trinity's newer spelling, verl's trainer file, and every error path."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trinity_dpo.config import ConfigError
+from trinity_dpo.config_loader import load_config
+
+DATA = Path(__file__).parent / "data"
+
+
+def doc_config(tmp_path, model_dir, data_file, trainer_file=DATA / "trinity_train_dpo.yaml") -> Path:
+    """The document's dpo.yaml with only its /PATH/TO/ placeholders and the trainer file path changed."""
+    text = (DATA / "doc_dpo.yaml").read_text()
+    text = (text.replace("/PATH/TO/CHECKPOINT/", str(tmp_path / "ckpt"))
+            .replace("/PATH/TO/MODEL/", str(model_dir)).replace("/PATH/TO/DATASET/", str(data_file))
+            .replace("examples/dpo_humanlike/train_dpo.yaml", str(trainer_file)))
+    path = tmp_path / "dpo.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_document_yaml_and_trinity_trainer_file(tmp_path, qwen_dir, pairs_file, caplog):
+    path = doc_config(tmp_path, qwen_dir, pairs_file)
+    with caplog.at_level(logging.INFO):
+        cfg = load_config(path, ["cluster.gpu_per_node=1"])
+    assert cfg.project == "<project_name>" and cfg.name == "<experiment_name>"
+    assert cfg.buffer.train_batch_size == 64 and cfg.buffer.total_epochs == 2
+    assert cfg.algorithm.policy_loss_fn_args.beta == 0.1
+    assert cfg.trainer.save_interval == 30
+    opt = cfg.algorithm.optimizer
+    assert (opt.lr, opt.lr_warmup_steps_ratio, opt.min_lr_ratio, opt.warmup_style) == (5e-7, 0.03, 0.1, "cosine")
+    assert opt.betas == [0.9, 0.95]
+    assert cfg.trainer.total_steps == 783
+    assert (cfg.model.max_prompt_tokens, cfg.model.max_response_tokens) == (1792, 256)
+    assert cfg.trainer.trainer_config.data.truncation == "error"
+    assert cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == 2
+    assert cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing is True
+    ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignored")]
+    assert len(ignored) == 1
+    for section in ("actor_rollout_ref.rollout", "trainer_config.critic", "trainer_config.algorithm",
+                    "actor_rollout_ref.ref", "actor.clip_ratio"):
+        assert section in ignored[0]
+
+
+def test_newer_trinity_spelling(make_config, tmp_path):
+    path = make_config(main={
+        "buffer": {"batch_size": None, "train_batch_size": 16, "total_steps": 5},
+        "algorithm": {"optimizer": {"lr": 2e-5, "warmup_style": "cosine", "betas": [0.8, 0.9]},
+                      "policy_loss_fn_args": {"beta": 0.3, "label_smoothing": 0.1}},
+        "model": {"max_prompt_tokens": 50, "max_response_tokens": 40, "max_model_len": 80},
+        "trainer": {"trainer_config_path": None, "actor_kl_loss_coef": None, "grad_clip": 0.5,
+                    "trainer_config": {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 2}}}},
+    })
+    cfg = load_config(path)
+    assert cfg.buffer.train_batch_size == 16 and cfg.trainer.total_steps == 5
+    assert cfg.algorithm.optimizer.lr == 2e-5 and cfg.algorithm.optimizer.betas == [0.8, 0.9]
+    assert cfg.algorithm.policy_loss_fn_args.beta == 0.3 and cfg.algorithm.policy_loss_fn_args.label_smoothing == 0.1
+    assert (cfg.model.max_prompt_tokens, cfg.model.max_response_tokens, cfg.model.max_model_len) == (50, 40, 80)
+    assert cfg.trainer.grad_clip == 0.5
+    assert cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == 2
+
+
+def test_env_interpolation_and_overrides(make_config, tmp_path, monkeypatch, qwen_dir):
+    path = make_config(main={"model": {"model_path": "${oc.env:TEST_MODEL_DIR,/nowhere}"},
+                             "buffer": {"batch_size": "${oc.env:TEST_BATCH,8}"}})
+    monkeypatch.setenv("TEST_MODEL_DIR", str(qwen_dir))
+    cfg = load_config(path, ["trainer.trainer_config.actor_rollout_ref.actor.optim.lr=3e-4", "name=other"])
+    assert cfg.model.model_path == str(qwen_dir) and cfg.buffer.train_batch_size == 8
+    assert cfg.algorithm.optimizer.lr == 3e-4 and cfg.name == "other"
+    monkeypatch.setenv("TEST_BATCH", "4")
+    assert load_config(path).buffer.train_batch_size == 4
+    # An override of one spelling replaces the files' other spellings of the same setting.
+    assert load_config(path, ["algorithm.optimizer.lr=1e-5"]).algorithm.optimizer.lr == 1e-5
+
+
+def test_trainer_file_relative_to_cwd_first(make_config, tmp_path, monkeypatch):
+    path = make_config()
+    other = tmp_path / "cwd"
+    other.mkdir()
+    (other / "train_dpo.yaml").write_text(yaml.safe_dump({"actor_rollout_ref": {"actor": {"optim": {"lr": 7e-6}}}}))
+    monkeypatch.chdir(other)
+    assert load_config(path).algorithm.optimizer.lr == 7e-6
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).algorithm.optimizer.lr == 1e-3
+
+
+ERRORS = [
+    ({"buffer": {"batch_sise": 4}}, None, "unknown key 'buffer.batch_sise'; did you mean 'buffer.batch_size'?"),
+    ({"modell": {}}, None, "unknown key 'modell'; did you mean 'model'?"),
+    (None, {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpo": 2}}},
+     "did you mean 'trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu'?"),
+    ({"buffer": {"batch_size": "eight"}}, None, "buffer.batch_size: expected an integer, got 'eight' (str)"),
+    ({"buffer": {"total_epochs": 1.5}}, None, "buffer.total_epochs: expected an integer, got 1.5"),
+    ({"trainer": {"actor_use_kl_loss": "maybe"}}, None, "trainer.actor_use_kl_loss: expected true or false"),
+    ({"buffer": {"trainer_input": {"experience_buffer": {"format": {"prompt_type": "chat"}}}}}, None,
+     "prompt_type: 'chat' is not one of 'plaintext', 'messages', 'chatpair'"),
+    ({"mode": "both"}, None, "mode: 'both' is not one of 'train'"),
+    ({"algorithm": {"algorithm_type": "ppo"}}, None, "algorithm.algorithm_type: 'ppo' is not one of 'dpo'"),
+    ({"buffer": {"batch_size": 0}}, None, "buffer.train_batch_size must be a positive integer, got 0"),
+    ({"buffer": {"total_epochs": -1}}, None, "buffer.total_epochs must be a positive integer, got -1"),
+    ({"trainer": {"actor_kl_loss_coef": 0.0}}, {"actor_rollout_ref": {"actor": {"kl_loss_coef": 0.0}}},
+     "beta (the DPO beta) must be > 0, got 0.0"),
+    ({"algorithm": {"policy_loss_fn_args": {"label_smoothing": 0.5}}}, None, "label_smoothing must be in [0, 0.5)"),
+    (None, {"actor_rollout_ref": {"actor": {"optim": {"lr": -1}}}}, "algorithm.optimizer.lr must be > 0, got -1.0"),
+    (None, {"actor_rollout_ref": {"actor": {"optim": {"lr_warmup_steps_ratio": 2}}}}, "must be in [0, 1], got 2.0"),
+    (None, {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 3}}},
+     "buffer.batch_size (8) must be divisible by ppo_micro_batch_size_per_gpu (3) x processes (1)"),
+    (None, {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 0}}}, "must be a positive integer, got 0"),
+    ({"algorithm": {"policy_loss_fn_args": {"beta": 0.2}}}, None, "conflicting values for one setting: "
+     "algorithm.policy_loss_fn_args.beta=0.2, trainer.actor_kl_loss_coef=0.1"),
+    ({"cluster": {"gpu_per_node": 2}}, None, "cluster.gpu_per_node=2: several processes are not supported yet"),
+    ({"cluster": {"node_num": 2}}, None, "cluster.node_num > 1 (several nodes) is not supported yet"),
+    ({"model": {"model_path": ""}}, None, "model.model_path is required"),
+    ({"model": {"model_path": "/no/such/model"}}, None, "model.model_path: folder not found: /no/such/model"),
+    ({"model": {"model_path": "/tmp"}}, None, "model.model_path: /tmp has no config.json"),
+    ({"buffer": {"trainer_input": {"experience_buffer": {"path": "/no/data.json"}}}}, None,
+     "buffer.trainer_input.experience_buffer.path: not found: /no/data.json"),
+    ({"trainer": {"trainer_config_path": "missing.yaml"}}, None,
+     "trainer.trainer_config_path: file not found: missing.yaml"),
+    ({"checkpoint_root_dir": "/etc/hostname/runs"}, None, "is not a folder"),
+    ({"model": {"model_path": "${oc.env:NO_SUCH_VAR_X}"}}, None, "Environment variable 'NO_SUCH_VAR_X' not found"),
+    ({"buffer": [1, 2]}, None, "buffer: expected a mapping, got [1, 2] (list)"),
+]
+
+
+@pytest.mark.parametrize("main,verl,message", ERRORS)
+def test_config_errors(make_config, main, verl, message):
+    path = make_config(main=main, verl=verl)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_conflict_between_document_and_trainer_file(make_config):
+    path = make_config(verl={"actor_rollout_ref": {"actor": {"kl_loss_coef": 0.2}}})
+    with pytest.raises(ConfigError, match=r"trainer.actor_kl_loss_coef=0.1, .*kl_loss_coef=0.2"):
+        load_config(path)
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("project: x\n  name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+ invalid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping of keys at the top"):
+        load_config(bad)
+
+
+def test_override_syntax(make_config):
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(make_config(), ["justakey"])
+    with pytest.raises(ConfigError, match="unknown key 'trainer.nope'"):
+        load_config(make_config(), ["trainer.nope=1"])

@@ -1,0 +1,138 @@
+"""Reading rows in every layout and prompt_type, and every bad-row rule with its row number."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trinity_dpo.config import FormatConfig, StorageConfig
+from trinity_dpo.data import DataError, load_conversations, read_rows, to_conversation
+
+from conftest import SHARED_DATA
+
+ROWS = [{"prompt": "hi?", "chosen": "hey!", "rejected": "Greetings."},
+        {"prompt": "sup?", "chosen": "chilling", "rejected": "I am an AI."}]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_file_types(tmp_path, suffix):
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    assert read_rows(str(path)) == ROWS
+
+
+def test_dataset_folder_with_card(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: data.json\n---\n# card\n")
+    (folder / "data.json").write_text(json.dumps(ROWS))
+    assert read_rows(str(folder)) == ROWS
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared Human-Like data not present")
+def test_real_human_like_folder():
+    convs, report = load_conversations(StorageConfig(path=str(SHARED_DATA)))
+    assert report.read == 1528 and len(convs) == 1528 - sum(report.dropped.values())
+    assert convs[0].prompt == [{"role": "user", "content": "Oh, I just saw the best meme - have you seen it?"}]
+    assert convs[0].chosen[0]["role"] == "assistant"
+
+
+def test_unsupported_and_unreadable(tmp_path):
+    with pytest.raises(DataError, match="unsupported data file type '.csv'"):
+        read_rows(str(tmp_path / "rows.csv"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{\"prompt\": ")
+    with pytest.raises(DataError, match="bad.json: line 1: malformed JSON"):
+        read_rows(str(bad))
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text(json.dumps(ROWS[0]) + "\n{oops\n")
+    with pytest.raises(DataError, match="bad.jsonl: line 2: malformed JSON"):
+        read_rows(str(lines))
+    lines.write_bytes(json.dumps(ROWS[0]).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match="bad.jsonl: line 2: bytes that are not UTF-8"):
+        read_rows(str(lines))
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(DataError, match="row 1: expected an object with keys, got int"):
+        read_rows(str(listing))
+    parquet = tmp_path / "bad.parquet"
+    parquet.write_text("not parquet")
+    with pytest.raises(DataError, match="bad.parquet: cannot read data"):
+        read_rows(str(parquet))
+
+
+def test_plaintext_with_system_prompts():
+    fmt = FormatConfig(system_prompt="Be casual.")
+    conv = to_conversation(ROWS[0], 1, fmt)
+    assert conv.prompt == [{"role": "system", "content": "Be casual."}, {"role": "user", "content": "hi?"}]
+    assert conv.chosen == [{"role": "assistant", "content": "hey!"}]
+    row = {**ROWS[0], "sys": "Per row."}
+    assert to_conversation(row, 1, FormatConfig(system_prompt_key="sys")).prompt[0]["content"] == "Per row."
+
+
+def test_messages_prompt_type():
+    fmt = FormatConfig(prompt_type="messages")
+    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    for chosen in ({"role": "assistant", "content": "a"}, [{"role": "assistant", "content": "a"}], "a"):
+        conv = to_conversation({"prompt": prompt, "chosen": chosen, "rejected": "b"}, 1, fmt)
+        assert conv.prompt == prompt and conv.chosen == [{"role": "assistant", "content": "a"}]
+        assert conv.rejected == [{"role": "assistant", "content": "b"}]
+    conv = to_conversation({"msgs": prompt, "chosen": "a", "rejected": "b"}, 1, FormatConfig(
+        prompt_type="messages", messages_key="msgs"))
+    assert conv.prompt == prompt
+
+
+def test_chatpair_prompt_is_longest_common_prefix():
+    u1, a1, u2 = ({"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                  {"role": "user", "content": "q2"})
+    row = {"chosen": [u1, a1, u2, {"role": "assistant", "content": "good"}],
+           "rejected": [u1, a1, u2, {"role": "assistant", "content": "bad"}]}
+    conv = to_conversation(row, 1, FormatConfig(prompt_type="chatpair"))
+    assert conv.prompt == [u1, a1, u2]
+    assert conv.chosen == [{"role": "assistant", "content": "good"}]
+    assert conv.rejected == [{"role": "assistant", "content": "bad"}]
+
+
+BAD = [
+    ({"chosen": "a", "rejected": "b"}, "missing key 'prompt'"),
+    ({"prompt": None, "chosen": "a", "rejected": "b"}, "'prompt' is null"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be text, got int"),
+    ({"prompt": "q", "chosen": 7, "rejected": "b"}, "'chosen' must be a non-empty list of chat messages, got int"),
+    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "'chosen' has an empty response"),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' is empty"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen and rejected are identical"),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD)
+def test_bad_rows_skipped_and_counted_or_errors(tmp_path, row, message, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [ROWS[0], row, ROWS[1]]))
+    convs, report = load_conversations(StorageConfig(path=str(path)))
+    assert [c.row for c in convs] == [1, 3]
+    assert sum(report.dropped.values()) == 1
+    assert f"row 2 skipped: {message}" in caplog.text
+    with pytest.raises(DataError) as err:
+        load_conversations(StorageConfig(path=str(path), on_bad_row="error"))
+    assert str(err.value).startswith(f"{path}: row 2: {message}")
+
+
+def test_chatpair_errors():
+    fmt = FormatConfig(prompt_type="chatpair")
+    u = {"role": "user", "content": "q"}
+    with pytest.raises(Exception, match="share no first message"):
+        to_conversation({"chosen": [u], "rejected": [{"role": "user", "content": "other"}]}, 1, fmt)
+    with pytest.raises(Exception, match="must start with an assistant message"):
+        to_conversation({"chosen": [u, {"role": "user", "content": "x"}],
+                         "rejected": [u, {"role": "assistant", "content": "y"}]}, 1, fmt)
+    with pytest.raises(Exception, match="each message needs a text 'role' and 'content'"):
+        to_conversation({"chosen": [u, {"role": "assistant"}], "rejected": [u]}, 1, fmt)

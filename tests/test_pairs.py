@@ -1,0 +1,98 @@
+"""Token-exact pair building: shared prompt tokens, end-of-turn kept, BPE boundary, truncation rules."""
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from trinity_dpo.data import Conversation, DataError, DataReport
+from trinity_dpo.pairs import Limits, build_pairs, render
+
+LOOSE = Limits(max_prompt=10_000, max_response=10_000)
+
+
+def conv(prompt="what do you think about pizza?", chosen="oh pizza is totally awesome!",
+         rejected="as an ai language model I do not have opinions.", row=1) -> Conversation:
+    return Conversation(row, [{"role": "user", "content": prompt}], [{"role": "assistant", "content": chosen}],
+                        [{"role": "assistant", "content": rejected}])
+
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("fixture,end_of_turn", [("qwen_dir", "<|im_end|>"), ("llama3_dir", "<|eot_id|>")])
+def test_pairs_are_the_rendered_conversation_tokens(request, fixture, end_of_turn):
+    tok = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
+    c = conv()
+    [pair] = build_pairs([c], tok, LOOSE, DataReport("x"))
+    assert pair.prompt_ids == encode(tok, render(tok, c.prompt, True))
+    assert pair.prompt_ids + pair.chosen_ids == encode(tok, render(tok, c.prompt + c.chosen, False))
+    assert pair.prompt_ids + pair.rejected_ids == encode(tok, render(tok, c.prompt + c.rejected, False))
+    assert tok.convert_tokens_to_ids(end_of_turn) in pair.chosen_ids[-2:]
+    assert tok.decode(pair.chosen_ids).startswith("oh pizza")
+
+
+def test_bpe_merge_across_the_boundary(space_dir):
+    """The template's generation prompt ends in a space; the whole conversation merges it into ' oh'."""
+    tok = AutoTokenizer.from_pretrained(space_dir)
+    c = conv()
+    prompt_text = render(tok, c.prompt, True)
+    full_text = render(tok, c.prompt + c.chosen, False)
+    p_ids, full_ids = encode(tok, prompt_text), encode(tok, full_text)
+    assert prompt_text.endswith(": ") and full_ids[:len(p_ids)] != p_ids  # the merge really happens
+    report = DataReport("x")
+    [pair] = build_pairs([c], tok, LOOSE, report)
+    assert pair.prompt_ids == p_ids  # exactly what generation would be conditioned on
+    assert pair.chosen_ids == encode(tok, full_text[len(prompt_text):])
+    assert tok.decode(pair.prompt_ids + pair.chosen_ids) == full_text
+    assert report.resplit == 2
+
+
+def test_long_prompt_keeps_its_end_and_response_its_start(qwen_dir):
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    c = conv(prompt="pizza " * 60, chosen="wow " * 40, rejected="as an ai " * 20)
+    [full] = build_pairs([c], tok, LOOSE, DataReport("x"))
+    report = DataReport("x")
+    [cut] = build_pairs([c], tok, Limits(max_prompt=20, max_response=15), report)
+    assert cut.prompt_ids == full.prompt_ids[-20:]
+    assert tok.decode(cut.prompt_ids).endswith("<|im_start|>assistant\n")  # the generation header survives
+    assert cut.chosen_ids == full.chosen_ids[:15]
+    assert cut.rejected_ids == full.rejected_ids[:15]
+    assert report.truncated == {"prompt": 1, "chosen": 1, "rejected": 1}
+    assert "truncated: 1 chosen, 1 prompt, 1 rejected" in report.summary()
+
+
+def test_max_model_len_caps_the_whole_sequence(qwen_dir):
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    [pair] = build_pairs([conv(chosen="wow " * 40)], tok, Limits(1000, 1000, max_total=40), DataReport("x"))
+    assert len(pair.prompt_ids) + len(pair.chosen_ids) == 40
+    assert len(pair.prompt_ids) + len(pair.rejected_ids) <= 40
+
+
+def test_truncation_error(qwen_dir):
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    with pytest.raises(DataError, match=r"row 7: prompt has \d+ tokens, over the limit of 5 \(data.truncation: error\)"):
+        build_pairs([conv(row=7)], tok, Limits(5, 1000, truncation="error"), DataReport("x"))
+    with pytest.raises(DataError, match=r"row 7: chosen response has \d+ tokens, over the limit of 3"):
+        build_pairs([conv(row=7)], tok, Limits(1000, 3, truncation="error"), DataReport("x"))
+
+
+def test_identical_after_truncation_is_dropped(qwen_dir):
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    report = DataReport("x", read=2)
+    pairs = build_pairs([conv(chosen="same start one", rejected="same start two"), conv(row=2)], tok,
+                        Limits(1000, 2), report)
+    assert [p.row for p in pairs] == [2] and pairs[0].index == 0
+    assert report.dropped == {"identical after truncation": 1}
+
+
+def test_template_errors(qwen_dir):
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template; set model.custom_chat_template"):
+        build_pairs([conv()], tok, LOOSE, DataReport("x"))
+    # A template that renders the prompt alone differently from the conversation's start.
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    with pytest.raises(DataError, match="renders the prompt with its generation header differently"):
+        build_pairs([conv()], tok, LOOSE, DataReport("x"))

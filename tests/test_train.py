@@ -1,0 +1,135 @@
+"""End-to-end runs on tiny models: the document's YAML, golden step-1 loss, micro-batching, determinism."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trinity_dpo import train
+from trinity_dpo.batching import step_indices
+from trinity_dpo.config import ConfigError
+from trinity_dpo.config_loader import load_config
+from trinity_dpo.data import DataError
+
+from test_config import doc_config
+from conftest import REPO
+
+TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "grad_norm", "lr", "tokens_per_s", "step_time_s")
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir, step):
+    return load_file(str(run_dir / f"global_step_{step}" / "model.safetensors"))
+
+
+def test_document_yaml_end_to_end(tmp_path, llama_dir, pairs_file):
+    """The document's dpo.yaml with only paths changed, plus the overrides a CPU run needs; checkpoints reload."""
+    trainer_file = tmp_path / "train_dpo.yaml"
+    trainer_file.write_text((REPO / "examples/dpo_humanlike/train_dpo.yaml").read_text())
+    path = doc_config(tmp_path, llama_dir, pairs_file, trainer_file)
+    cfg = load_config(path, ["cluster.gpu_per_node=1", "buffer.batch_size=8", "trainer.save_interval=2",
+                             "algorithm.optimizer.lr=1e-3"])
+    run_dir = train.run(cfg)
+    assert run_dir == tmp_path / "ckpt" / "<project_name>" / "<experiment_name>"
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))  # ceil(24 / 8) * 2 epochs
+    assert all(name in rows[0] for name in TRL_NAMES)
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[0]["rewards/margins"] == 0.0
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert sorted(p.name for p in run_dir.glob("global_step_*")) == [
+        "global_step_2", "global_step_4", "global_step_6"]
+    ckpt = run_dir / "global_step_6"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.chat_template and (ckpt / "generation_config.json").is_file()
+    original = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert not torch.equal(model.lm_head.weight, original.lm_head.weight)  # trained, and saved
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["buffer"]["train_batch_size"] == 8 and saved["algorithm"]["policy_loss_fn_args"]["beta"] == 0.1
+
+
+def test_micro_batched_step_equals_full_batch_step(make_config, tmp_path):
+    runs = {}
+    for micro in (8, 2):
+        path = make_config(main={"name": f"micro{micro}", "trainer": {"total_steps": 2}},
+                           verl={"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": micro}}})
+        runs[micro] = train.run(load_config(path))
+    full, micro = metrics(runs[8]), metrics(runs[2])
+    for a, b in zip(full, micro):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-5, key
+    wa, wb = weights(runs[8], 2), weights(runs[2], 2)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_same_config_same_numbers_and_epoch_reshuffle(make_config):
+    results = []
+    for name in ("a", "b"):
+        run_dir = train.run(load_config(make_config(main={"name": name, "buffer": {"total_epochs": 2}})))
+        results.append([{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s")}
+                        for r in metrics(run_dir)])
+    assert results[0] == results[1]
+    first = [i for s in range(3) for i in step_indices(s, 24, 8, seed=42)[1]]
+    second = [i for s in range(3, 6) for i in step_indices(s, 24, 8, seed=42)[1]]
+    assert sorted(first) == sorted(second) == list(range(24)) and first != second
+    assert step_indices(0, 24, 8, seed=1)[1] != step_indices(0, 24, 8, seed=42)[1]
+
+
+def test_schedule_over_the_run(make_config):
+    """total = ceil(24 / 8) * 2 = 6 steps; warmup int(0.34 * 6) = 2; cosine to 0.1 * lr."""
+    path = make_config(main={"buffer": {"total_epochs": 2}}, verl={"actor_rollout_ref": {"actor": {"optim": {
+        "lr": 1e-3, "lr_warmup_steps_ratio": 0.34, "warmup_style": "cosine", "min_lr_ratio": 0.1}}}})
+    lrs = [r["lr"] for r in metrics(train.run(load_config(path)))]
+    expected = [0.0, 0.5e-3] + [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 4))) for k in range(4)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_gradient_checkpointing_and_bf16(make_config):
+    base = metrics(train.run(load_config(make_config(main={"name": "plain", "trainer": {"total_steps": 2}}))))
+    ckpt = metrics(train.run(load_config(make_config(
+        main={"name": "gc", "trainer": {"total_steps": 2}},
+        verl={"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True}}}))))
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in base], abs=1e-6)
+    bf16 = metrics(train.run(load_config(make_config(main={"name": "bf16", "trainer": {"total_steps": 2,
+                                                                                       "precision": "bf16"}}))))
+    assert abs(bf16[0]["loss"] - math.log(2)) < 1e-6  # reference and policy share the same bf16 path
+    assert bf16[1]["loss"] == pytest.approx(base[1]["loss"], abs=0.05)
+
+
+def test_user_errors_before_training(make_config, tmp_path):
+    train.run(load_config(make_config(main={"trainer": {"total_steps": 1}})))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train.run(load_config(make_config(main={"trainer": {"total_steps": 1}})))
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps([{"prompt": "q", "chosen": "same", "rejected": "same"}]))
+    with pytest.raises(DataError, match="no usable preference pairs"):
+        train.run(load_config(make_config(main={"name": "empty"}, data=empty)))
+
+
+def test_cli_user_error_is_one_line_exit_2(make_config, tmp_path):
+    path = make_config(main={"buffer": {"batch_sise": 3}})
+    proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "trinity: error: unknown key 'buffer.batch_sise'; did you mean 'buffer.batch_size'?")
+
+
+def test_cli_runs(make_config):
+    path = make_config(main={"trainer": {"total_steps": 2}})
+    proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path), "name=cli"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "step 2/2" in proc.stderr and proc.stdout.startswith("done: ")
