@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import builtin
 from .config import ALIASES, Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -286,8 +287,12 @@ _ACTOR_MICRO = "trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_s
 def _validate_paths(cfg: Config) -> None:
     model = cfg.model.model_path
     _check(bool(model), "model.model_path is required: a local Hugging Face model folder")
-    _check(Path(model).is_dir(), f"model.model_path: folder not found: {model}")
-    _check((Path(model) / "config.json").is_file(), f"model.model_path: {model} has no config.json (not a model folder)")
+    if builtin.is_builtin(model):
+        builtin.check(model)
+        model = None
+    _check(model is None or Path(model).is_dir(), f"model.model_path: folder not found: {model}")
+    _check(model is None or (Path(model) / "config.json").is_file(),
+           f"model.model_path: {model} has no config.json (not a model folder)")
     data = cfg.buffer.trainer_input.experience_buffer.path
     key = "buffer.trainer_input.experience_buffer.path"
     _check(bool(data), f"{key} is required: a .json/.jsonl/.parquet file or a dataset folder")

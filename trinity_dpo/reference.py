@@ -16,8 +16,9 @@ from .pairs import Pair
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[Pair], pad_id: int, batch_pairs: int, runtime: Runtime) -> torch.Tensor:
-    """fp32 [len(pairs), 2]: summed response log-probs of chosen and rejected under the current weights."""
-    table = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    """fp32 [n, 2] with n = 1 + the largest `pair.index`: summed response log-probs of chosen and rejected under the
+    current weights, in the row of each pair's index; rows of pairs not given are NaN, so a use shows at once."""
+    table = torch.full((1 + max((p.index for p in pairs), default=-1), 2), float("nan"), dtype=torch.float32)
     # Longest first, in groups of similar length: little padding, and any out-of-memory shows at once.
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].n_tokens)
     for start in range(0, len(order), batch_pairs):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint
+from . import builtin, checkpoint
 from .batching import collate, split_micro, step_indices, steps_per_epoch
 from .config import Config, ConfigError
 from .data import DataError, load_conversations
@@ -51,6 +51,14 @@ def load_pairs(cfg: Config, tokenizer) -> list[Pair]:
     return pairs
 
 
+def pairs_used(cfg: Config, n_pairs: int, total_steps: int) -> list[int]:
+    """Indices of the pairs the run's steps will visit: all of them once a run covers an epoch."""
+    batch = cfg.buffer.train_batch_size
+    if total_steps >= steps_per_epoch(n_pairs, batch):
+        return list(range(n_pairs))
+    return sorted({i for s in range(total_steps) for i in step_indices(s, n_pairs, batch, cfg.trainer.seed)[1]})
+
+
 def prepare_run_dir(cfg: Config) -> Path:
     run_dir = run_dir_of(cfg)
     if run_dir.is_dir() and any(run_dir.glob("global_step_*")):
@@ -65,6 +73,7 @@ def prepare_run_dir(cfg: Config) -> Path:
 def run(cfg: Config) -> Path:
     """Train offline DPO as `cfg` says; return the run folder."""
     runtime = pick_runtime(cfg)
+    cfg.model.model_path = builtin.materialize(cfg.model.model_path)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
     pairs = load_pairs(cfg, tokenizer)
@@ -72,14 +81,15 @@ def run(cfg: Config) -> Path:
     model, save_dtype = load_model(cfg, runtime.device)
     log.info("model %s on %s, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device,
              "bf16 autocast" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
-    micro = cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu
-    t0 = time.perf_counter()
-    ref = reference_logps(model, pairs, tokenizer.pad_token_id, micro or 8, runtime)
-    log.info("reference log-probs of %d pairs in %.1f s", len(pairs), time.perf_counter() - t0)
-
-    optimizer = build_optimizer(model, cfg.algorithm.optimizer)
     total = total_steps_of(cfg, len(pairs))
     log.info("%d pairs, batch %d, %d optimizer steps", len(pairs), cfg.buffer.train_batch_size, total)
+    micro = cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu
+    t0 = time.perf_counter()
+    used = pairs_used(cfg, len(pairs), total)
+    ref = reference_logps(model, [pairs[i] for i in used], tokenizer.pad_token_id, micro or 8, runtime)
+    log.info("reference log-probs of %d pairs in %.1f s", len(used), time.perf_counter() - t0)
+
+    optimizer = build_optimizer(model, cfg.algorithm.optimizer)
     metrics = MetricsLog(run_dir, total, 0, cfg.trainer.log_interval)
     try:
         for step in range(total):

