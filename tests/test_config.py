@@ -43,8 +43,8 @@ def test_document_yaml_and_trinity_trainer_file(tmp_path, qwen_dir, pairs_file, 
     assert cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing is True
     ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignored")]
     assert len(ignored) == 1
-    for section in ("actor_rollout_ref.rollout", "trainer_config.critic", "trainer_config.algorithm",
-                    "actor_rollout_ref.ref", "actor.clip_ratio"):
+    for section in ("trainer config: data.tokenizer", "actor_rollout_ref.rollout", " critic", " algorithm",
+                    "actor_rollout_ref.ref", "actor_rollout_ref.actor.clip_ratio"):
         assert section in ignored[0]
 
 

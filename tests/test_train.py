@@ -133,3 +133,29 @@ def test_cli_runs(make_config):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "step 2/2" in proc.stderr and proc.stdout.startswith("done: ")
+
+
+def test_document_yaml_with_trinity_trainer_file(tmp_path, qwen_dir, pairs_file):
+    """Trinity's published train_dpo.yaml (truncation: error, gradient checkpointing, 783 steps, micro 2)."""
+    from test_config import DATA
+
+    path = doc_config(tmp_path, qwen_dir, pairs_file, DATA / "trinity_train_dpo.yaml")
+    cfg = load_config(path, ["cluster.gpu_per_node=1", "buffer.batch_size=8", "trainer.total_steps=2"])
+    rows = metrics(train.run(cfg))
+    assert [r["step"] for r in rows] == [1, 2] and abs(rows[0]["loss"] - math.log(2)) < 1e-6
+
+
+def test_chatpair_and_custom_template_end_to_end(make_config, tmp_path):
+    u = {"role": "user", "content": "what about pizza?"}
+    rows = [{"chosen": [u, {"role": "assistant", "content": f"oh pizza is awesome {i}!"}],
+             "rejected": [u, {"role": "assistant", "content": "as an ai I do not eat."}]} for i in range(8)]
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(rows))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = make_config(main={"model": {"custom_chat_template": template}, "trainer": {"total_steps": 1},
+                             "buffer": {"trainer_input": {"experience_buffer": {
+                                 "format": {"prompt_type": "chatpair"}}}}}, data=data)
+    run_dir = train.run(load_config(path))
+    assert metrics(run_dir)[0]["pairs"] == 8
+    assert AutoTokenizer.from_pretrained(run_dir / "global_step_1").chat_template == template

@@ -21,7 +21,8 @@ from .config import ALIASES, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
-_UNSET_STEPS = (None, -1, 0)  # verl writes -1 or null for "derive the step count"
+_UNSET_STEPS = (None, -1, 0)
+_VERL_PREFIX = "trainer.trainer_config."  # verl writes -1 or null for "derive the step count"
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -51,7 +52,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     ignored: list[str] = []
     cfg = _build(Config, data, "", provided, ignored)
     if ignored:
-        log.info("ignored (not used by offline DPO): %s", ", ".join(ignored))
+        verl = [k[len(_VERL_PREFIX):] for k in ignored if k.startswith(_VERL_PREFIX)]
+        main = [k for k in ignored if not k.startswith(_VERL_PREFIX)]
+        parts = ([f"config: {', '.join(main)}"] if main else []) + ([f"trainer config: {', '.join(verl)}"] if verl else [])
+        log.info("ignored, not used by offline DPO: %s", "; ".join(parts))
     resolve(cfg, provided, {key for key, _ in pairs})
     validate(cfg)
     return cfg

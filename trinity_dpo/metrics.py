@@ -21,11 +21,14 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.file = open(self.path, "a", encoding="utf-8")
         self.total, self.interval = total_steps, log_interval
-        self.bar = None
+        self.bar = self._redirect = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, initial=first_step, desc="dpo", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar instead of through it
+            self._redirect.__enter__()
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -40,6 +43,7 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
         self.file.close()
 
