@@ -60,6 +60,7 @@ def make_config(tmp_path, qwen_dir, pairs_file):
                 "format": {"prompt_type": "plaintext", "prompt_key": "prompt", "chosen_key": "chosen",
                            "rejected_key": "rejected"}}}},
             "trainer": {"trainer_config_path": "train_dpo.yaml", "save_interval": 0, "actor_use_kl_loss": True,
+                        "precision": "fp32",
                         "actor_kl_loss_coef": 0.1},
         }
         trainer_file = {"data": {"max_prompt_length": 128, "max_response_length": 64},
