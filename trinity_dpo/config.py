@@ -132,6 +132,9 @@ class TrainerInputConfig:
     """`buffer.trainer_input`."""
 
     experience_buffer: StorageConfig = field(default_factory=StorageConfig)  # the preference data
+    eval_buffer: StorageConfig = field(  # held-out pairs (path "" = none); format defaults to experience_buffer's
+        default_factory=lambda: StorageConfig(name="eval_buffer", split="test"))
+    eval_fraction: float = 0.0  # without an eval_buffer path: this fraction of the data is held out (by seed)
 
     IGNORED: ClassVar[tuple[str, ...]] = ("sft_warmup_dataset", "sft_warmup_steps", "auxiliary_buffers")
 
@@ -216,7 +219,7 @@ class VerlTrainer:
     """verl `trainer`."""
 
     total_training_steps: Optional[int] = None  # verl spelling of trainer.total_steps
-    logger: list[str] = field(default_factory=lambda: ["console"])  # metric sinks
+    logger: list[Literal["console", "tensorboard", "wandb"]] = field(default_factory=lambda: ["console"])  # sinks
     resume_mode: Optional[Literal["auto", "disable"]] = None  # verl spelling of trainer.resume_mode
 
     IGNORED: ClassVar[tuple[str, ...]] = (
@@ -263,12 +266,24 @@ class TrainerConfig:
     seed: int = 42  # seeds shuffling and any random init
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device has fast bf16
     log_interval: int = 10  # steps between plain log lines when output is not a terminal
+    eval_interval: int = 0  # steps between held-out evaluations (also before training and at the end); 0: only those
+    eval_samples: int = 3  # held-out prompts answered greedily before and after training (0: none)
+    eval_max_new_tokens: int = 96  # longest greedy answer for those prompts
 
     IGNORED: ClassVar[tuple[str, ...]] = (
         "sft_warmup_steps", "enable_preview", "actor_grad_clip", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep",
         "save_strategy", "name", "use_dynamic_bsz", "max_token_len_per_gpu", "ppo_max_token_len_per_gpu",
         "ulysses_sequence_parallel_size", "algorithm_type",
     )
+
+
+@dataclass
+class MonitorConfig:
+    """`monitor` (Trinity); verl's `trainer.logger` list adds to it."""
+
+    monitor_type: Optional[Literal["console", "tensorboard", "wandb"]] = None  # an extra metrics sink
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("monitor_args", "enable_ray_timeline", "project", "name")
 
 
 @dataclass
@@ -284,8 +299,9 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # processes and device
     buffer: BufferConfig = field(default_factory=BufferConfig)  # data and batch size
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, checkpoints, verl settings
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # where metrics go besides metrics.jsonl
 
-    IGNORED: ClassVar[tuple[str, ...]] = ("explorer", "synchronizer", "data_processor", "service", "monitor", "log",
+    IGNORED: ClassVar[tuple[str, ...]] = ("explorer", "synchronizer", "data_processor", "service", "log",
                                           "continue_from_checkpoint", "ray_namespace", "stages", "group")
 
 

@@ -233,6 +233,9 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
         if given:
             _set(cfg, canonical, next(iter(given.values())))
             provided.add(canonical)
+    inputs = cfg.buffer.trainer_input
+    if not any(k.startswith("buffer.trainer_input.eval_buffer.format.") for k in provided):
+        inputs.eval_buffer.format = dataclasses.replace(inputs.experience_buffer.format)
 
 
 def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
@@ -261,7 +264,12 @@ def validate(cfg: Config) -> None:
     for key in ("trainer.total_steps", "model.max_model_len", _ACTOR_MICRO):
         value = _get(cfg, key)
         _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
-    _check(cfg.trainer.save_interval >= 0, f"trainer.save_interval must be >= 0, got {cfg.trainer.save_interval}")
+    for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples"):
+        _check(_get(cfg, key) >= 0, f"{key} must be >= 0, got {_get(cfg, key)}")
+    _check(cfg.trainer.eval_max_new_tokens > 0,
+           f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
+    fraction = cfg.buffer.trainer_input.eval_fraction
+    _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
     _check(args.beta > 0, f"algorithm.policy_loss_fn_args.beta (the DPO beta) must be > 0, got {args.beta}")
     _check(0 <= args.label_smoothing < 0.5,
            f"algorithm.policy_loss_fn_args.label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
@@ -283,6 +291,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.cluster.gpu_per_node == 1,
            f"cluster.gpu_per_node={cfg.cluster.gpu_per_node}: several processes are not supported yet; use 1")
     _validate_paths(cfg)
+    from .metrics import check_sinks
+
+    check_sinks(cfg)
 
 
 _ACTOR_MICRO = "trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
@@ -300,8 +311,26 @@ def _validate_paths(cfg: Config) -> None:
     data = cfg.buffer.trainer_input.experience_buffer.path
     key = "buffer.trainer_input.experience_buffer.path"
     _check(bool(data), f"{key} is required: a .json/.jsonl/.parquet file or a dataset folder")
-    _check(Path(data).exists(), f"{key}: not found: {data}")
+    for key, data in ((key, data), ("buffer.trainer_input.eval_buffer.path", cfg.buffer.trainer_input.eval_buffer.path)):
+        _check(not data or builtin.is_builtin(data) or Path(data).exists(), f"{key}: not found: {data}")
     root = Path(cfg.checkpoint_root_dir)
     existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
     _check(existing.is_dir(), f"checkpoint_root_dir: {root} cannot be created: {existing} is not a folder")
     _check(os.access(existing, os.W_OK), f"checkpoint_root_dir: {root} is not writable ({existing} is read-only)")
+
+
+def config_for_eval(config: str | None, data: str | None, ref: str | None, overrides: list[str]) -> Config:
+    """The config `trinity eval` runs with: the given file's, or defaults reading `data`; `ref` names the base."""
+    model = [f"model.model_path={ref}"] if ref else []
+    if config:
+        return load_config(config, [*overrides, *model])
+    if not ref:
+        raise ConfigError("trinity eval --data needs --ref BASE: the model the checkpoint is compared with")
+    if overrides:
+        raise ConfigError("key=value overrides need --config")
+    cfg = Config()
+    cfg.model.model_path = ref
+    cfg.buffer.trainer_input.experience_buffer.path = data
+    cfg.trainer.trainer_config.trainer.logger = ["console"]
+    validate(cfg)
+    return cfg

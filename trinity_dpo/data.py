@@ -47,6 +47,10 @@ class DataReport:
     resplit: int = 0  # pairs whose prompt/response token boundary needed a separate tokenization
 
 
+    def as_dict(self) -> dict:
+        return {"source": self.source, "read": self.read, "kept": self.read - sum(self.dropped.values()),
+                "truncated": dict(self.truncated), "dropped": dict(self.dropped), "resplit": self.resplit}
+
     def summary(self) -> str:
         kept = self.read - sum(self.dropped.values())
         why = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"

@@ -1,27 +1,60 @@
-"""Metrics: one JSON object per optimizer step in `metrics.jsonl`, and a progress display.
+"""Metrics: one JSON object per optimizer step (and per evaluation) in `metrics.jsonl`, a progress display, and
+the optional sinks users pick with Trinity's `monitor.monitor_type` or verl's `trainer.logger` list: TensorBoard
+event files in the run folder and Weights & Biases (offline unless the user's environment says otherwise).
 
 On a terminal a tqdm bar shows the main figures; otherwise plain lines every `log_interval` steps, so logs
 written to files stay readable.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
+
+from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "lr")
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def sinks_of(cfg: Config) -> list[str]:
+    """The extra sinks asked for (console and metrics.jsonl are always on)."""
+    asked = list(cfg.trainer.trainer_config.trainer.logger)
+    if cfg.monitor.monitor_type:
+        asked.append(cfg.monitor.monitor_type)
+    return sorted({s for s in asked if s != "console"})
+
+
+def check_sinks(cfg: Config) -> None:
+    for sink in sinks_of(cfg):
+        if importlib.util.find_spec(PACKAGES[sink]) is None:
+            raise ConfigError(f"monitor '{sink}' needs the package '{PACKAGES[sink]}': pip install {PACKAGES[sink]}")
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, total_steps: int, first_step: int, log_interval: int):
+    def __init__(self, run_dir: Path, cfg: Config, total_steps: int, first_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
         self.file = open(self.path, "a", encoding="utf-8")
-        self.total, self.interval = total_steps, log_interval
-        self.bar = self._redirect = None
+        self.total, self.interval = total_steps, cfg.trainer.log_interval
+        self.bar = self._redirect = self.tb = self.wandb = None
+        sinks = sinks_of(cfg)
+        if "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if "wandb" in sinks:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user configured wandb for it
+            self.wandb = wandb.init(project=cfg.project, name=cfg.name, dir=str(run_dir),
+                                    config=dataclasses.asdict(cfg), reinit="finish_previous")
         if sys.stderr.isatty():
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -30,9 +63,20 @@ class MetricsLog:
             self._redirect = logging_redirect_tqdm()  # log lines print above the bar instead of through it
             self._redirect.__enter__()
 
-    def write(self, record: dict) -> None:
+    def _sinks(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key if key.startswith("eval/") else f"train/{key}", value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k if k.startswith("eval/") else f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def write(self, record: dict) -> None:
+        self._sinks(record)
         shown = {k: record[k] for k in SHOWN if k in record}
         if self.bar is not None:
             self.bar.set_postfix({k.split("/")[-1]: _short(v) for k, v in shown.items()}, refresh=False)
@@ -41,10 +85,20 @@ class MetricsLog:
             text = "  ".join(f"{k} {_short(v)}" for k, v in shown.items())
             log.info("step %d/%d  %s  %.1f tok/s", record["step"], self.total, text, record.get("tokens_per_s", 0))
 
+    def write_eval(self, step: int, record: dict) -> None:
+        self._sinks({"step": step, **record})
+        log.info("eval at step %d: loss %s  accuracy %s  margin %s  prefers chosen %s", step,
+                 *(_short(record[k]) for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+                                               "eval/prefers_chosen")))
+
     def close(self) -> None:
         if self.bar is not None:
             self._redirect.__exit__(None, None, None)
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         self.file.close()
 
 

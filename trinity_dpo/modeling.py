@@ -71,22 +71,22 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def load_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torch.dtype]:
-    """The policy in fp32 on `device`, dropout off; and the dtype its folder stores (checkpoints keep it)."""
+def load_model(cfg: Config, device: torch.device, path: str | None = None) -> tuple[torch.nn.Module, torch.dtype]:
+    """The model at `path` (default: the policy's) in fp32 on `device`, dropout off; and the dtype its folder
+    stores (checkpoints keep it)."""
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = path or cfg.model.model_path
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.model.model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-            use_safetensors=True)
+            path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.model_path: cannot load the model from {cfg.model.model_path}: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"cannot load the model from {path}: {str(e).strip().splitlines()[0]}") from None
     _disable_dropout(model)
     if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    stored = _stored_dtype(cfg.model.model_path)
+    stored = _stored_dtype(path)
     model.config.use_cache = False
     return model.to(device).train(), stored
 

@@ -1,22 +1,25 @@
-"""The training run: data -> pairs -> reference log-probs -> DPO steps -> checkpoints and metrics.
+"""The training run: data -> pairs -> reference log-probs -> DPO steps -> checkpoints, metrics and report.
 
 Entry point: `trinity run --config examples/dpo_humanlike/dpo.yaml` (see `cli.py`), which calls `run(cfg)`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import builtin, checkpoint
+from . import builtin, checkpoint, report
 from .batching import collate, split_micro, step_indices, steps_per_epoch
-from .config import Config, ConfigError
-from .data import DataError, load_conversations
+from .config import Config, ConfigError, StorageConfig
+from .data import Conversation, DataError, DataReport, load_conversations
+from .evaluate import comparison, evaluate, generate, side_by_side
 from .logprobs import sequence_logps
 from .losses import LOSSES
 from .metrics import MetricsLog
@@ -26,6 +29,16 @@ from .pairs import Limits, Pair, build_pairs
 from .reference import reference_logps
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Data:
+    """Tokenized training pairs, held-out pairs (possibly none) and the prompts answered before and after."""
+
+    train: list[Pair]
+    eval: list[Pair]
+    sample_prompts: list[list[dict]]
+    summary: dict
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -38,17 +51,40 @@ def total_steps_of(cfg: Config, n_pairs: int) -> int:
     return steps_per_epoch(n_pairs, cfg.buffer.train_batch_size) * cfg.buffer.total_epochs
 
 
-def load_pairs(cfg: Config, tokenizer) -> list[Pair]:
-    storage = cfg.buffer.trainer_input.experience_buffer
-    convs, report = load_conversations(storage)
-    verl_data = cfg.trainer.trainer_config.data
+def _tokenize(cfg: Config, tokenizer, convs: list[Conversation], report_: DataReport) -> list[Pair]:
     limits = Limits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens, cfg.model.max_model_len,
-                    verl_data.truncation)
-    pairs = build_pairs(convs, tokenizer, limits, report)
-    log.info(report.summary())
-    if not pairs:
-        raise DataError(f"{storage.path}: no usable preference pairs ({report.summary()})")
+                    cfg.trainer.trainer_config.data.truncation)
+    pairs = build_pairs(convs, tokenizer, limits, report_)
+    log.info(report_.summary())
     return pairs
+
+
+def load_data(cfg: Config, tokenizer) -> Data:
+    """Training and held-out pairs: the eval buffer if it has a path, else `eval_fraction` of the data."""
+    inputs = cfg.buffer.trainer_input
+    storage = dataclasses.replace(inputs.experience_buffer, path=builtin.data_path(inputs.experience_buffer.path))
+    convs, train_report = load_conversations(storage)
+    eval_convs, eval_report = [], None
+    if inputs.eval_buffer.path:
+        eval_storage = dataclasses.replace(inputs.eval_buffer, path=builtin.data_path(inputs.eval_buffer.path))
+        eval_convs, eval_report = load_conversations(eval_storage)
+    elif inputs.eval_fraction > 0 and convs:
+        order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.trainer.seed)).tolist()
+        n_eval = max(1, round(inputs.eval_fraction * len(convs)))
+        eval_convs = [convs[i] for i in sorted(order[:n_eval])]
+        convs = [convs[i] for i in sorted(order[n_eval:])]
+        eval_report = DataReport(f"{storage.path} (held-out {inputs.eval_fraction:g})", read=len(eval_convs))
+        train_report.read -= len(eval_convs)
+    pairs = _tokenize(cfg, tokenizer, convs, train_report)
+    if not pairs:
+        raise DataError(f"{storage.path}: no usable preference pairs ({train_report.summary()})")
+    eval_pairs = _tokenize(cfg, tokenizer, eval_convs, eval_report) if eval_report else []
+    if eval_report and not eval_pairs:
+        raise DataError(f"no usable held-out pairs ({eval_report.summary()})")
+    kept_rows = {p.row for p in eval_pairs}
+    samples = [c.prompt for c in eval_convs if c.row in kept_rows][:cfg.trainer.eval_samples]
+    summary = {"train": train_report.as_dict(), "eval": eval_report.as_dict() if eval_report else None}
+    return Data(pairs, eval_pairs, samples, summary)
 
 
 def pairs_used(cfg: Config, n_pairs: int, total_steps: int) -> list[int]:
@@ -65,7 +101,8 @@ def prepare_run_dir(cfg: Config) -> Path:
         raise ConfigError(f"run folder {run_dir} already holds checkpoints; resuming is not supported yet: choose "
                           "a new `name` or remove the folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    for stale in ("metrics.jsonl", "samples.json"):
+        (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return run_dir
 
@@ -76,34 +113,65 @@ def run(cfg: Config) -> Path:
     cfg.model.model_path = builtin.materialize(cfg.model.model_path)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
-    pairs = load_pairs(cfg, tokenizer)
+    data = load_data(cfg, tokenizer)
     run_dir = prepare_run_dir(cfg)
+    (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=1))
     model, save_dtype = load_model(cfg, runtime.device)
     log.info("model %s on %s, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device,
              "bf16 autocast" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
-    total = total_steps_of(cfg, len(pairs))
-    log.info("%d pairs, batch %d, %d optimizer steps", len(pairs), cfg.buffer.train_batch_size, total)
-    micro = cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu
+    total = total_steps_of(cfg, len(data.train))
+    log.info("%d pairs, batch %d, %d optimizer steps", len(data.train), cfg.buffer.train_batch_size, total)
+    pad = tokenizer.pad_token_id
+    batch_pairs = cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu or 8
     t0 = time.perf_counter()
-    used = pairs_used(cfg, len(pairs), total)
-    ref = reference_logps(model, [pairs[i] for i in used], tokenizer.pad_token_id, micro or 8, runtime)
-    log.info("reference log-probs of %d pairs in %.1f s", len(used), time.perf_counter() - t0)
+    used = pairs_used(cfg, len(data.train), total)
+    ref = reference_logps(model, [data.train[i] for i in used], pad, batch_pairs, runtime)
+    eval_ref = reference_logps(model, data.eval, pad, batch_pairs, runtime)
+    log.info("reference log-probs of %d pairs in %.1f s", len(used) + len(data.eval), time.perf_counter() - t0)
+
+    args = cfg.algorithm.policy_loss_fn_args
+
+    def run_eval(step: int) -> dict[str, float]:
+        result = evaluate(model, data.eval, eval_ref, cfg.algorithm.policy_loss_fn, args.beta,
+                          args.label_smoothing, runtime, pad, batch_pairs)
+        metrics.write_eval(step, result)
+        return result
+
+    def answer() -> list[str]:
+        return generate(model, tokenizer, data.sample_prompts, runtime, cfg.trainer.eval_max_new_tokens)
 
     optimizer = build_optimizer(model, cfg.algorithm.optimizer)
-    metrics = MetricsLog(run_dir, total, 0, cfg.trainer.log_interval)
+    metrics = MetricsLog(run_dir, cfg, total)
     try:
+        before = run_eval(0) if data.eval else None
+        base_answers = answer()
         for step in range(total):
             lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, total)
-            epoch, indices = step_indices(step, len(pairs), cfg.buffer.train_batch_size, cfg.trainer.seed)
-            record = train_step(model, optimizer, [pairs[i] for i in indices], ref, cfg, runtime, tokenizer.pad_token_id, lr)
+            epoch, indices = step_indices(step, len(data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
+            record = train_step(model, optimizer, [data.train[i] for i in indices], ref, cfg, runtime, pad, lr)
             metrics.write({"step": step + 1, "epoch": epoch, **record})
-            last = step + 1 == total
-            if last or (cfg.trainer.save_interval and (step + 1) % cfg.trainer.save_interval == 0):
-                path = checkpoint.save_hf(run_dir, step + 1, model, tokenizer, save_dtype)
-                log.info("saved %s", path)
+            done = step + 1
+            if data.eval and cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0 and done < total:
+                run_eval(done)
+            if done == total or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
+                log.info("saved %s", checkpoint.save_hf(run_dir, done, model, tokenizer, save_dtype))
+        after = run_eval(total) if data.eval else None
+        _finish(run_dir, data, before, after, base_answers, answer())
     finally:
         metrics.close()
+    report.write_report(run_dir)
     return run_dir
+
+
+def _finish(run_dir: Path, data: Data, before, after, base_answers: list[str], trained_answers: list[str]) -> None:
+    """Keep the before/after answers in the run folder and print the headline comparison."""
+    prompts = [messages[-1]["content"] for messages in data.sample_prompts]
+    samples = [{"prompt": p, "base": a, "trained": b} for p, a, b in zip(prompts, base_answers, trained_answers)]
+    (run_dir / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False))
+    if before is not None:
+        print(comparison(before, after, len(data.eval)), flush=True)
+    if samples:
+        print("\n" + side_by_side(prompts, base_answers, trained_answers) + "\n", flush=True)
 
 
 def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Config, runtime: Runtime,

@@ -1,0 +1,107 @@
+"""Pictures and a report of a run, rebuilt from the files in its run folder.
+
+    trinity report RUN_DIR
+
+Reads `metrics.jsonl` (and, where present, `config.yaml`, `data_summary.json`, `samples.json`) and writes PNG
+charts plus `report.html` into the run folder.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+CHARTS = [  # file, title, series (key, label) from train records, eval key drawn on the same axes
+    ("loss.png", "DPO loss", [("loss", "train")], "eval/loss"),
+    ("accuracies.png", "reward accuracy", [("rewards/accuracies", "train")], "eval/rewards/accuracies"),
+    ("margins.png", "reward margin", [("rewards/margins", "train")], "eval/rewards/margins"),
+    ("rewards.png", "implicit rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")], None),
+    ("lr.png", "learning rate", [("lr", "lr")], None),
+]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of `metrics.jsonl`."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval/loss" in r]
+
+
+def _plot(path: Path, title: str, train: list[dict], series, evals: list[dict], eval_key) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    for key, label in series:
+        points = [(r["step"], r[key]) for r in train if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, linewidth=1.4)
+    if eval_key and evals:
+        ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o--", label="held-out", linewidth=1.2)
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_charts(run_dir: Path) -> list[str]:
+    train, evals = read_metrics(run_dir)
+    names = []
+    for name, title, series, eval_key in CHARTS:
+        if any(key in r for r in train for key, _ in series):
+            _plot(run_dir / name, title, train, series, evals, eval_key)
+            names.append(name)
+    if evals:
+        eval_series = [("eval/rewards/accuracies", "reward accuracy"), ("eval/prefers_chosen", "prefers chosen")]
+        _plot(run_dir / "eval.png", "held-out evaluation", evals, eval_series, [], None)
+        names.append("eval.png")
+    return names
+
+
+def _read(run_dir: Path, name: str):
+    path = run_dir / name
+    if not path.is_file():
+        return None
+    return path.read_text() if path.suffix == ".yaml" else json.loads(path.read_text())
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write the charts and `report.html` of `run_dir`; return the HTML path."""
+    run_dir = Path(run_dir)
+    charts = write_charts(run_dir)
+    _, evals = read_metrics(run_dir)
+    e = html.escape
+    parts = [f"<h1>trinity-dpo run: {e(run_dir.name)}</h1>", f"<p><code>{e(str(run_dir.resolve()))}</code></p>"]
+    if len(evals) >= 1:
+        first, last = evals[0], evals[-1]
+        rows = "".join(f"<tr><td>{e(k[5:])}</td><td>{first[k]:.4f}</td><td>{last[k]:.4f}</td></tr>"
+                       for k in sorted(first) if k.startswith("eval/"))
+        parts.append(f"<h2>Held-out evaluation</h2><table><tr><th>metric</th><th>step {first['step']}</th>"
+                     f"<th>step {last['step']}</th></tr>{rows}</table>")
+    parts.append("<h2>Charts</h2>" + "".join(f'<img src="{c}" alt="{c}">' for c in charts))
+    samples = _read(run_dir, "samples.json")
+    if samples:
+        rows = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['base'])}</td><td>{e(s['trained'])}</td></tr>"
+                       for s in samples)
+        parts.append(f"<h2>Answers before and after</h2><table><tr><th>prompt</th><th>base model</th>"
+                     f"<th>trained model</th></tr>{rows}</table>")
+    summary = _read(run_dir, "data_summary.json")
+    if summary:
+        parts.append("<h2>Data</h2>" + "".join(
+            f"<h3>{e(split)}</h3><pre>{e(json.dumps(info, indent=1, ensure_ascii=False))}</pre>"
+            for split, info in summary.items() if info))
+    config = _read(run_dir, "config.yaml")
+    if config:
+        parts.append(f"<h2>Resolved configuration</h2><pre>{e(config)}</pre>")
+    style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto}img{margin:4px;border:1px solid #ddd}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
+             "pre{background:#f6f6f6;padding:8px;overflow:auto}")
+    out = run_dir / "report.html"
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>trinity-dpo {e(run_dir.name)}</title>"
+                   f"<style>{style}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")
+    return out
