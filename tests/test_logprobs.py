@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import trinity_dpo.logprobs as lp
+from trinity_dpo.attention import use_varlen
 from trinity_dpo.batching import collate
 from trinity_dpo.logprobs import sequence_logps, token_logprobs
 from trinity_dpo.pairs import Pair
@@ -31,9 +33,11 @@ def pairs():
             Pair(2, 3, [1, 5, 6, 7, 20, 21, 22], [8], [30, 31, 2])]
 
 
-def test_padded_batch_equals_each_sequence_alone(llama_dir):
+@pytest.mark.parametrize("pack", [False, True])
+def test_batch_equals_each_sequence_alone(llama_dir, pack):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
-    mb = collate(pairs(), pad_id=0)
+    use_varlen(model)
+    mb = collate(pairs(), pad_id=0, pack=pack)
     chosen, rejected = sequence_logps(model, mb, NO_AUTOCAST).chunk(2)
     for i, pair in enumerate(pairs()):
         c, r = naive_logps(model, pair)

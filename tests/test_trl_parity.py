@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trinity_dpo.attention import use_varlen
 from trinity_dpo.batching import collate
 from trinity_dpo.config_loader import load_config
 from trinity_dpo.data import Conversation, DataReport
@@ -17,7 +18,7 @@ from trinity_dpo.logprobs import sequence_logps
 from trinity_dpo.losses import dpo_sigmoid
 from trinity_dpo.modeling import Runtime
 from trinity_dpo.pairs import Limits, build_pairs
-from trinity_dpo.reference import reference_logps
+from trinity_dpo.reference import score
 from trinity_dpo import train
 
 trl = pytest.importorskip("trl")
@@ -70,7 +71,9 @@ def test_tokenization_logps_and_loss_equal_trl(request, tmp_path, fixture):
 
     cpu = Runtime(torch.device("cpu"), bf16=False)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref = reference_logps(reference, pairs, tok.pad_token_id, 4, cpu)
+    use_varlen(reference)
+    use_varlen(trainer.model)
+    ref = score(reference, [pairs], len(pairs), tok.pad_token_id, cpu)
     mb = collate(pairs, tok.pad_token_id)
     chosen, rejected = sequence_logps(trainer.model, mb, contextlib.nullcontext()).chunk(2)
     losses, _ = dpo_sigmoid(chosen, rejected, ref[:, 0], ref[:, 1], BETA)

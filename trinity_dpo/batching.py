@@ -27,25 +27,44 @@ def step_indices(step: int, n_pairs: int, batch_size: int, seed: int) -> tuple[i
     return epoch, order[offset * batch_size:(offset + 1) * batch_size].tolist()
 
 
-def split_micro(indices: list[int], micro_size: int | None) -> list[list[int]]:
-    """Consecutive groups of at most `micro_size` pairs (all of them when None)."""
-    size = micro_size or len(indices)
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+def plan_micro(batch: list[Pair], micro_pairs: int | None, token_budget: int | None = None) -> list[list[Pair]]:
+    """Split a step's pairs into micro-batches, never splitting a pair.
+
+    With `token_budget` (verl's `use_dynamic_bsz` + `ppo_max_token_len_per_gpu`), each micro-batch takes pairs,
+    longest first, while their tokens fit the budget (a pair over it goes alone); else groups of `micro_pairs`
+    pairs, longest first, so that similar lengths share a micro-batch. The loss is normalised by the step's pair
+    count, so any grouping gives the same step.
+    """
+    ordered = sorted(batch, key=lambda p: -p.n_tokens)
+    if not token_budget:
+        size = micro_pairs or len(ordered)
+        return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    groups, current, used = [], [], 0
+    for pair in ordered:
+        if current and used + pair.n_tokens > token_budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(pair)
+        used += pair.n_tokens
+    return groups + [current] if current else groups
 
 
 @dataclass
 class MicroBatch:
     """Model inputs for some pairs and the positions of their response tokens.
 
-    Shapes: `input_ids`, `position_ids`, `attention_mask`: [R, T] (R = 2 * n_pairs rows: chosen rows first, then
-    rejected rows; right padding, mask 1 on real tokens). `target_pos`, `target_ids`, `target_seq`: [N], one entry
-    per response token: the flat index into R*T of the position whose logits predict it, its id, and its sequence
-    (pair j's chosen is j, its rejected n_pairs + j). `pair_index`: [n_pairs] dataset indices.
+    Sequences: pair j's chosen is sequence j, its rejected n_pairs + j. Packed (the default), they lie end to end
+    in one row, `input_ids` and `position_ids` [1, T] with positions restarting at each sequence, and
+    `seq_bounds` (T's cut points, [2 * n_pairs + 1]) tells the attention where each sequence starts and ends: no
+    pad slot at all. Padded, each sequence is a row of `input_ids` [2 * n_pairs, W], right-padded, `seq_bounds`
+    None (causal attention never lets a real token see a pad). `target_pos`, `target_ids`, `target_seq`: [N], one
+    entry per response token: the flat index of the position whose logits predict it, its id, and its sequence.
+    `pair_index`: [n_pairs] dataset indices.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    seq_bounds: list[int] | None
     target_pos: torch.Tensor
     target_ids: torch.Tensor
     target_seq: torch.Tensor
@@ -66,28 +85,27 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
-def collate(pairs: list[Pair], pad_id: int) -> MicroBatch:
-    """Right-padded rows [chosen_0..chosen_{m-1}, rejected_0..rejected_{m-1}] of `pairs`."""
+def collate(pairs: list[Pair], pad_id: int, pack: bool = True) -> MicroBatch:
+    """The micro-batch of `pairs` (see `MicroBatch`), packed into one row or padded into one row per sequence."""
     seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(a) + len(b) for a, b in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    pos, ids, seq = [], [], []
-    for row, (prompt, response) in enumerate(seqs):
-        n_prompt, n = len(prompt), len(prompt) + len(response)
-        input_ids[row, :n] = torch.tensor(prompt + response, dtype=torch.long)
-        mask[row, :n] = 1
-        # Logits at position t predict token t + 1: the response tokens are predicted from n_prompt - 1 on.
-        pos.append(torch.arange(n_prompt - 1, n - 1) + row * width)
+    lengths = [len(a) + len(b) for a, b in seqs]
+    width = sum(lengths) if pack else max(lengths)
+    input_ids = torch.full((1 if pack else len(seqs), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros_like(input_ids)
+    bounds, pos, ids, seq = [0], [], [], []
+    for s, ((prompt, response), n) in enumerate(zip(seqs, lengths)):
+        row, start = (0, bounds[-1]) if pack else (s, 0)
+        input_ids[row, start:start + n] = torch.tensor(prompt + response, dtype=torch.long)
+        position_ids[row, start:start + n] = torch.arange(n)
+        # Logits at position t predict token t + 1: the response is predicted from the prompt's last token on.
+        pos.append(torch.arange(start + len(prompt) - 1, start + n - 1) + row * width)
         ids.extend(response)
-        seq.extend([row] * len(response))
+        seq.extend([s] * len(response))
+        bounds.append(bounds[-1] + n)
+    if not pack:
+        position_ids = torch.arange(width).expand(len(seqs), width).contiguous()
     return MicroBatch(
-        input_ids=input_ids,
-        position_ids=torch.arange(width).expand(len(seqs), width).contiguous(),
-        attention_mask=mask,
-        target_pos=torch.cat(pos),
-        target_ids=torch.tensor(ids, dtype=torch.long),
+        input_ids=input_ids, position_ids=position_ids, seq_bounds=bounds if pack else None,
+        target_pos=torch.cat(pos), target_ids=torch.tensor(ids, dtype=torch.long),
         target_seq=torch.tensor(seq, dtype=torch.long),
-        pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long),
-        n_tokens=int(mask.sum()),
-    )
+        pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long), n_tokens=sum(lengths))

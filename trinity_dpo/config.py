@@ -190,14 +190,15 @@ class VerlActor:
     """verl `actor_rollout_ref.actor`."""
 
     ppo_micro_batch_size_per_gpu: Optional[int] = None  # pairs per forward/backward; None: the whole batch
+    use_dynamic_bsz: bool = False  # micro-batches by token budget instead of pair count
+    ppo_max_token_len_per_gpu: int = 16384  # with use_dynamic_bsz: tokens (both sequences of each pair) per micro-batch
     grad_clip: Optional[float] = None  # verl spelling of trainer.grad_clip
     use_kl_loss: Optional[bool] = None  # verl flag that goes with kl_loss_coef
     kl_loss_coef: Optional[float] = None  # verl spelling of the DPO beta
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # verl spelling of algorithm.optimizer
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "strategy", "ppo_mini_batch_size", "ppo_micro_batch_size", "use_dynamic_bsz", "ppo_max_token_len_per_gpu",
-        "clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "entropy_coeff", "loss_agg_mode",
+        "strategy", "ppo_mini_batch_size", "ppo_micro_batch_size", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "entropy_coeff", "loss_agg_mode",
         "kl_loss_type", "ppo_epochs", "shuffle", "ulysses_sequence_parallel_size", "checkpoint", "fsdp_config",
         "use_torch_compile", "entropy_from_logits_with_chunking", "entropy_checkpointing", "policy_loss",
         "data_loader_seed", "profiler", "tau", "opmd_baseline", "use_uid", "alg_type",
@@ -269,11 +270,13 @@ class TrainerConfig:
     eval_interval: int = 0  # steps between held-out evaluations (also before training and at the end); 0: only those
     eval_samples: int = 3  # held-out prompts answered greedily before and after training (0: none)
     eval_max_new_tokens: int = 96  # longest greedy answer for those prompts
+    use_dynamic_bsz: Optional[bool] = None  # Trinity spelling of the actor's use_dynamic_bsz
+    ppo_max_token_len_per_gpu: Optional[int] = None  # Trinity spelling of the actor's token budget
+    max_token_len_per_gpu: Optional[int] = None  # newer Trinity spelling of the same budget
 
     IGNORED: ClassVar[tuple[str, ...]] = (
         "sft_warmup_steps", "enable_preview", "actor_grad_clip", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep",
-        "save_strategy", "name", "use_dynamic_bsz", "max_token_len_per_gpu", "ppo_max_token_len_per_gpu",
-        "ulysses_sequence_parallel_size", "algorithm_type",
+        "save_strategy", "name", "ulysses_sequence_parallel_size", "algorithm_type",
     )
 
 
@@ -317,6 +320,8 @@ ALIASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("trainer.total_steps", ("buffer.total_steps", _VERL + "trainer.total_training_steps",
                              _ACTOR + "optim.total_training_steps", "algorithm.optimizer.total_training_steps")),
     ("trainer.grad_clip", (_ACTOR + "grad_clip",)),
+    (_ACTOR + "use_dynamic_bsz", ("trainer.use_dynamic_bsz",)),
+    (_ACTOR + "ppo_max_token_len_per_gpu", ("trainer.ppo_max_token_len_per_gpu", "trainer.max_token_len_per_gpu")),
     ("trainer.resume_mode", (_VERL + "trainer.resume_mode",)),
     ("model.max_prompt_tokens", (_VERL + "data.max_prompt_length",)),
     ("model.max_response_tokens", (_VERL + "data.max_response_length",)),

@@ -283,7 +283,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.trainer.grad_clip >= 0, f"trainer.grad_clip must be >= 0, got {cfg.trainer.grad_clip}")
     micro = actor.ppo_micro_batch_size_per_gpu
     world = cfg.cluster.node_num * cfg.cluster.gpu_per_node
-    if micro is not None:
+    _check(actor.ppo_max_token_len_per_gpu > 0,
+           f"ppo_max_token_len_per_gpu must be a positive integer, got {actor.ppo_max_token_len_per_gpu}")
+    if micro is not None and not actor.use_dynamic_bsz:
         _check(cfg.buffer.train_batch_size % (micro * world) == 0,
                f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by "
                f"ppo_micro_batch_size_per_gpu ({micro}) x processes ({world})")

@@ -8,12 +8,9 @@ log-prob under the model, so it says where the model stands before training too.
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 
 import torch
 
-from .batching import collate, split_micro
-from .logprobs import sequence_logps
 from .losses import LOSSES
 from .modeling import Runtime
 from .pairs import Pair, render
@@ -31,25 +28,17 @@ def inference_mode(model):
         model.train(was_training)
 
 
-def evaluate(model, pairs: list[Pair], ref: torch.Tensor, loss_name: str, beta: float, label_smoothing: float,
-             runtime: Runtime, pad_id: int, batch_pairs: int) -> dict[str, float]:
-    """Means over `pairs` of the DPO metrics, named `eval/<TRL name>`, plus `eval/prefers_chosen`."""
-    sums: dict[str, float] = defaultdict(float)
-    with inference_mode(model):
-        for group in split_micro(list(range(len(pairs))), batch_pairs):
-            batch = [pairs[i] for i in group]
-            mb = collate(batch, pad_id).to(runtime.device)
-            chosen, rejected = sequence_logps(model, mb, runtime.autocast()).cpu().chunk(2)
-            ref_pairs = ref[mb.pair_index.cpu()]
-            losses, per_pair = LOSSES[loss_name](chosen, rejected, ref_pairs[:, 0], ref_pairs[:, 1], beta,
-                                                 label_smoothing)
-            n_chosen = torch.tensor([len(p.chosen_ids) for p in batch], dtype=torch.float32)
-            n_rejected = torch.tensor([len(p.rejected_ids) for p in batch], dtype=torch.float32)
-            sums["eval/loss"] += losses.sum().item()
-            for key, values in per_pair.items():
-                sums[f"eval/{key}"] += values.sum().item()
-            sums["eval/prefers_chosen"] += (chosen / n_chosen > rejected / n_rejected).float().sum().item()
-    return {k: v / len(pairs) for k, v in sums.items()}
+def eval_metrics(policy: torch.Tensor, ref: torch.Tensor, pairs: list[Pair], loss_name: str, beta: float,
+                 label_smoothing: float) -> dict[str, float]:
+    """Means over `pairs` of the DPO metrics, named `eval/<TRL name>`, plus `eval/prefers_chosen`, from the
+    [n, 2] (chosen, rejected) log-prob tables of the policy and the reference."""
+    losses, per_pair = LOSSES[loss_name](policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta, label_smoothing)
+    n_chosen = torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float32)
+    n_rejected = torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float32)
+    out = {"eval/loss": losses.mean().item()}
+    out.update({f"eval/{key}": values.mean().item() for key, values in per_pair.items()})
+    out["eval/prefers_chosen"] = (policy[:, 0] / n_chosen > policy[:, 1] / n_rejected).float().mean().item()
+    return out
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], runtime: Runtime, max_new_tokens: int) -> list[str]:
@@ -90,9 +79,10 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     import dataclasses
 
     from . import builtin
+    from .batching import plan_micro
     from .modeling import load_model, load_tokenizer, pick_runtime
-    from .reference import reference_logps
-    from .train import load_data
+    from .reference import score
+    from .train import load_data, micro_plan
 
     inputs = cfg.buffer.trainer_input
     if not inputs.eval_buffer.path and not inputs.eval_fraction:
@@ -103,16 +93,16 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     cfg.model.model_path = builtin.materialize(model_path)
     tokenizer = load_tokenizer(cfg)  # the checkpoint's own template and tokens
     data = load_data(cfg, tokenizer)
-    pad, batch, args, max_new = tokenizer.pad_token_id, 8, cfg.algorithm.policy_loss_fn_args, cfg.trainer.eval_max_new_tokens
-    figures, answers = [], []
+    pad, args, max_new = tokenizer.pad_token_id, cfg.algorithm.policy_loss_fn_args, cfg.trainer.eval_max_new_tokens
+    groups = plan_micro(data.eval, *micro_plan(cfg))
+    tables, answers = [], []
     for path in (ref_path, cfg.model.model_path):
         model, _ = load_model(cfg, runtime.device, path)
-        if not figures:
-            ref = reference_logps(model, data.eval, pad, batch, runtime)
-        figures.append(evaluate(model, data.eval, ref, cfg.algorithm.policy_loss_fn, args.beta, args.label_smoothing,
-                                runtime, pad, batch))
+        tables.append(score(model, groups, len(data.eval), pad, runtime))
         answers.append(generate(model, tokenizer, data.sample_prompts, runtime, max_new))
         del model
+    figures = [eval_metrics(t, tables[0], data.eval, cfg.algorithm.policy_loss_fn, args.beta, args.label_smoothing)
+               for t in tables]
     text = comparison(figures[0], figures[1], len(data.eval)).replace("before     after", "  base     model")
     if data.sample_prompts:
         prompts = [m[-1]["content"] for m in data.sample_prompts]

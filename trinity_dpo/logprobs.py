@@ -13,24 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import varlen_kwargs
 from .batching import MicroBatch
 
 _CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MiB of fp32, whatever the vocabulary
 
 
 def sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-    """Sum of response-token log-probs per sequence, fp32, shape [R] = [2 * n_pairs] (chosen rows, then rejected).
+    """Sum of response-token log-probs per sequence, fp32, shape [2 * n_pairs] (chosen sequences, then rejected).
 
-    No attention mask is passed: rows are right-padded and attention is causal, so a real token never attends to a
-    pad, and the causal kernel is the fast path.
+    A packed row carries its sequences' bounds to the attention (`attention.py`), which keeps each sequence to
+    itself; padded rows need no mask (right padding under causal attention).
     """
     backbone = getattr(model, model.base_model_prefix)
     with autocast:
-        hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).last_hidden_state
+        hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
+                          **varlen_kwargs(mb.seq_bounds, mb.input_ids.device)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.target_pos)  # [N, H]
     token_logps = token_logprobs(hidden, model.get_output_embeddings(), mb.target_ids, _logit_transform(model.config))
-    rows = mb.input_ids.shape[0]
-    return torch.zeros(rows, dtype=torch.float32, device=token_logps.device).index_add(0, mb.target_seq, token_logps)
+    n_seqs = 2 * mb.n_pairs
+    return torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, mb.target_seq, token_logps)
 
 
 def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, transform=None) -> torch.Tensor:

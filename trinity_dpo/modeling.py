@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import use_varlen
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None) -> tu
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model from {path}: {str(e).strip().splitlines()[0]}") from None
     _disable_dropout(model)
+    use_varlen(model)
     if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stored = _stored_dtype(path)

@@ -35,8 +35,8 @@ def _plot(path: Path, title: str, train: list[dict], series, evals: list[dict], 
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
     for key, label in series:
         points = [(r["step"], r[key]) for r in train if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, linewidth=1.4)
+        if points:  # markers where the points are few enough to tell apart (held-out curves)
+            ax.plot(*zip(*points), label=label, linewidth=1.4, marker="o" if len(points) <= 12 else None)
     if eval_key and evals:
         ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o--", label="held-out", linewidth=1.2)
     ax.set_title(title)

@@ -16,17 +16,17 @@ import torch
 import yaml
 
 from . import builtin, checkpoint, report
-from .batching import collate, split_micro, step_indices, steps_per_epoch
+from .batching import collate, plan_micro, step_indices, steps_per_epoch
 from .config import Config, ConfigError, StorageConfig
 from .data import Conversation, DataError, DataReport, load_conversations
-from .evaluate import comparison, evaluate, generate, side_by_side
+from .evaluate import comparison, eval_metrics, generate, side_by_side
 from .logprobs import sequence_logps
 from .losses import LOSSES
 from .metrics import MetricsLog
 from .modeling import Runtime, load_model, load_tokenizer, pick_runtime
 from .optim import build_optimizer, lr_factor, set_lr
 from .pairs import Limits, Pair, build_pairs
-from .reference import reference_logps
+from .reference import first_epoch_groups, score
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,6 @@ def load_data(cfg: Config, tokenizer) -> Data:
     return Data(pairs, eval_pairs, samples, summary)
 
 
-def pairs_used(cfg: Config, n_pairs: int, total_steps: int) -> list[int]:
-    """Indices of the pairs the run's steps will visit: all of them once a run covers an epoch."""
-    batch = cfg.buffer.train_batch_size
-    if total_steps >= steps_per_epoch(n_pairs, batch):
-        return list(range(n_pairs))
-    return sorted({i for s in range(total_steps) for i in step_indices(s, n_pairs, batch, cfg.trainer.seed)[1]})
-
-
 def prepare_run_dir(cfg: Config) -> Path:
     run_dir = run_dir_of(cfg)
     if run_dir.is_dir() and any(run_dir.glob("global_step_*")):
@@ -122,18 +114,22 @@ def run(cfg: Config) -> Path:
     total = total_steps_of(cfg, len(data.train))
     log.info("%d pairs, batch %d, %d optimizer steps", len(data.train), cfg.buffer.train_batch_size, total)
     pad = tokenizer.pad_token_id
-    batch_pairs = cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu or 8
+    plan = micro_plan(cfg)
     t0 = time.perf_counter()
-    used = pairs_used(cfg, len(data.train), total)
-    ref = reference_logps(model, [data.train[i] for i in used], pad, batch_pairs, runtime)
-    eval_ref = reference_logps(model, data.eval, pad, batch_pairs, runtime)
-    log.info("reference log-probs of %d pairs in %.1f s", len(used) + len(data.eval), time.perf_counter() - t0)
+    groups = first_epoch_groups(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, plan)
+    ref = score(model, groups, len(data.train), pad, runtime)
+    eval_groups = plan_micro(data.eval, *plan)
+    eval_ref = score(model, eval_groups, len(data.eval), pad, runtime)
+    log.info("reference log-probs of %d pairs in %.1f s", sum(map(len, groups)) + len(data.eval),
+             time.perf_counter() - t0)
 
     args = cfg.algorithm.policy_loss_fn_args
 
     def run_eval(step: int) -> dict[str, float]:
-        result = evaluate(model, data.eval, eval_ref, cfg.algorithm.policy_loss_fn, args.beta,
-                          args.label_smoothing, runtime, pad, batch_pairs)
+        # Before any update the policy is the reference: its scores are the reference table itself.
+        policy = eval_ref if step == 0 else score(model, eval_groups, len(data.eval), pad, runtime)
+        result = eval_metrics(policy, eval_ref, data.eval, cfg.algorithm.policy_loss_fn, args.beta,
+                              args.label_smoothing)
         metrics.write_eval(step, result)
         return result
 
@@ -174,16 +170,21 @@ def _finish(run_dir: Path, data: Data, before, after, base_answers: list[str], t
         print("\n" + side_by_side(prompts, base_answers, trained_answers) + "\n", flush=True)
 
 
+def micro_plan(cfg: Config) -> tuple[int | None, int | None]:
+    """(pairs per micro-batch, token budget per micro-batch) as the actor settings say."""
+    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
+    return actor.ppo_micro_batch_size_per_gpu, actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
+
+
 def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Config, runtime: Runtime,
                pad_id: int, lr: float) -> dict[str, float]:
     """One optimizer step over `batch`; returns the step's metrics (means over its pairs)."""
     start = time.perf_counter()
     args = cfg.algorithm.policy_loss_fn_args
     loss_fn = LOSSES[cfg.algorithm.policy_loss_fn]
-    micro = cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
-    tokens = 0
-    for group in split_micro(batch, micro):
+    tokens = slots = 0
+    for group in plan_micro(batch, *micro_plan(cfg)):
         mb = collate(group, pad_id).to(runtime.device)
         chosen, rejected = sequence_logps(model, mb, runtime.autocast()).chunk(2)
         ref_pairs = ref[mb.pair_index.cpu()].to(runtime.device)
@@ -195,6 +196,7 @@ def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Conf
         for key, values in per_pair.items():
             sums[key] += values.sum()
         tokens += mb.n_tokens
+        slots += mb.input_ids.numel()
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     set_lr(optimizer, lr)
@@ -202,6 +204,6 @@ def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Conf
     optimizer.zero_grad(set_to_none=True)
     record = {k: v.item() / len(batch) for k, v in sums.items()}  # one host sync per step
     elapsed = time.perf_counter() - start
-    record.update(grad_norm=grad_norm.item(), lr=lr, pairs=len(batch), tokens=tokens,
+    record.update(grad_norm=grad_norm.item(), lr=lr, pairs=len(batch), tokens=tokens, pad_share=1 - tokens / slots,
                   tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record

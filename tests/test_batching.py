@@ -1,0 +1,54 @@
+"""Micro-batch planning and packed layout: pairs never split, few pad slots, masks keep sequences apart."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from trinity_dpo.batching import collate, plan_micro
+from trinity_dpo.pairs import Pair
+
+
+def random_pairs(n, seed=0, lo=5, hi=120):
+    rng = random.Random(seed)
+    return [Pair(i, i + 1, [1] * rng.randint(lo, 40), [2] * rng.randint(lo, hi), [3] * rng.randint(lo, hi))
+            for i in range(n)]
+
+
+def test_plan_by_count_and_by_token_budget_keeps_pairs_whole():
+    pairs = random_pairs(37)
+    by_count = plan_micro(pairs, 4)
+    assert [len(g) for g in by_count] == [4] * 9 + [1]
+    by_budget = plan_micro(pairs, None, token_budget=1000)
+    for groups in (by_count, by_budget):
+        assert sorted(p.index for g in groups for p in g) == list(range(37))
+    assert all(sum(p.n_tokens for p in g) <= 1000 or len(g) == 1 for g in by_budget)
+    assert plan_micro(pairs, None) == [sorted(pairs, key=lambda p: -p.n_tokens)]
+
+
+def test_packed_micro_batches_have_no_padding():
+    pairs = random_pairs(64, seed=3)
+    for group in plan_micro(pairs, None, token_budget=4096):
+        packed, padded = collate(group, pad_id=0), collate(group, pad_id=0, pack=False)
+        assert packed.n_pad == 0 and packed.input_ids.shape[0] == 1
+        assert padded.n_tokens == packed.n_tokens and padded.n_pad > 0
+
+
+def test_layouts_positions_bounds_and_targets():
+    """Pair 0: prompt [1,1], chosen [2,2,2], rejected [3]; pair 1: prompt [1], chosen [2], rejected [3,3].
+    Sequences: 0 = [1,1,2,2,2], 1 = [1,2], 2 = [1,1,3], 3 = [1,3,3]; packed end to end: bounds 0,5,7,10,13.
+    Response tokens are predicted from one position earlier: seq 0 from 1,2,3; seq 1 from 5; seq 2 from 8;
+    seq 3 from 10,11 (padded, rows of width 5: 1,2,3; 5; 11; 15,16).
+    """
+    pairs = [Pair(0, 1, [1, 1], [2, 2, 2], [3]), Pair(1, 2, [1], [2], [3, 3])]
+    mb = collate(pairs, pad_id=0)
+    assert mb.input_ids.tolist() == [[1, 1, 2, 2, 2, 1, 2, 1, 1, 3, 1, 3, 3]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 0, 1, 2]]
+    assert mb.seq_bounds == [0, 5, 7, 10, 13]
+    assert mb.target_pos.tolist() == [1, 2, 3, 5, 8, 10, 11]
+    assert mb.target_seq.tolist() == [0, 0, 0, 1, 2, 3, 3]
+    assert mb.target_ids.tolist() == [2, 2, 2, 2, 3, 3, 3]
+    padded = collate(pairs, pad_id=0, pack=False)
+    assert padded.input_ids.tolist() == [[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [1, 1, 3, 0, 0], [1, 3, 3, 0, 0]]
+    assert padded.target_pos.tolist() == [1, 2, 3, 5, 11, 15, 16] and padded.seq_bounds is None
+    assert (mb.n_tokens, mb.n_pad, padded.n_pad) == (13, 0, 7)
