@@ -161,3 +161,38 @@ def test_chatpair_and_custom_template_end_to_end(make_config, tmp_path):
     run_dir = train.run(load_config(path))
     assert metrics(run_dir)[0]["pairs"] == 8
     assert AutoTokenizer.from_pretrained(run_dir / "global_step_1").chat_template == template
+
+
+def test_reference_cache_equals_on_the_fly_and_is_reused(make_config, monkeypatch, caplog):
+    import logging
+
+    from trinity_dpo import reference
+    from trinity_dpo.attention import use_varlen
+    from trinity_dpo.batching import collate
+    from trinity_dpo.logprobs import sequence_logps
+
+    path = make_config(main={"name": "first", "trainer": {"total_steps": 2}})
+    run_dir = train.run(load_config(path))
+    [cache] = list((run_dir / "ref_cache").glob("train-*.pt"))
+    table = torch.load(cache, weights_only=True)["table"]
+    # On the fly: the untouched model scoring each used pair alone, padded, as a separate reference would.
+    cfg = load_config(path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.model_path, dtype=torch.float32)
+    use_varlen(model)
+    tok = AutoTokenizer.from_pretrained(cfg.model.model_path)
+    data = train.load_data(cfg, tok)
+    used = [i for i in range(len(data.train)) if not torch.isnan(table[i, 0])]
+    assert len(used) == 16  # two steps of 8 pairs
+    with torch.no_grad():
+        for i in used:
+            logps = sequence_logps(model, collate([data.train[i]], tok.pad_token_id, pack=False), torch.autocast(
+                "cpu", enabled=False))
+            assert torch.allclose(table[i], logps, atol=1e-5)
+
+    calls = []
+    monkeypatch.setattr(reference, "score", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    with caplog.at_level(logging.INFO):
+        second = train.run(load_config(make_config(main={"name": "second", "trainer": {"total_steps": 2}})))
+    assert not calls and "reused from" in caplog.text
+    assert metrics(second) and (second / "ref_cache" / cache.name).is_file()
+    assert [r["loss"] for r in metrics(second)] == [r["loss"] for r in metrics(run_dir)]

@@ -26,7 +26,7 @@ from .metrics import MetricsLog
 from .modeling import Runtime, load_model, load_tokenizer, pick_runtime
 from .optim import build_optimizer, lr_factor, set_lr
 from .pairs import Limits, Pair, build_pairs
-from .reference import first_epoch_groups, score
+from .reference import cached_score, first_epoch_groups, score
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ def run(cfg: Config) -> Path:
     plan = micro_plan(cfg)
     t0 = time.perf_counter()
     groups = first_epoch_groups(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, plan)
-    ref = score(model, groups, len(data.train), pad, runtime)
+    ref = cached_score(model, cfg.model.model_path, groups, len(data.train), pad, runtime, run_dir, "train")
     eval_groups = plan_micro(data.eval, *plan)
-    eval_ref = score(model, eval_groups, len(data.eval), pad, runtime)
+    eval_ref = cached_score(model, cfg.model.model_path, eval_groups, len(data.eval), pad, runtime, run_dir, "eval")
     log.info("reference log-probs of %d pairs in %.1f s", sum(map(len, groups)) + len(data.eval),
              time.perf_counter() - t0)
 
