@@ -24,6 +24,7 @@ def test_plan_by_count_and_by_token_budget_keeps_pairs_whole():
         assert sorted(p.index for g in groups for p in g) == list(range(37))
     assert all(sum(p.n_tokens for p in g) <= 1000 or len(g) == 1 for g in by_budget)
     assert plan_micro(pairs, None) == [sorted(pairs, key=lambda p: -p.n_tokens)]
+    assert plan_micro([], None) == [] and plan_micro([], None, token_budget=100) == []
 
 
 def test_packed_micro_batches_have_no_padding():

@@ -37,7 +37,7 @@ def plan_micro(batch: list[Pair], micro_pairs: int | None, token_budget: int | N
     """
     ordered = sorted(batch, key=lambda p: -p.n_tokens)
     if not token_budget:
-        size = micro_pairs or len(ordered)
+        size = micro_pairs or max(1, len(ordered))
         return [ordered[i:i + size] for i in range(0, len(ordered), size)]
     groups, current, used = [], [], 0
     for pair in ordered:
