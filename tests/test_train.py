@@ -111,8 +111,8 @@ def test_gradient_checkpointing_and_bf16(make_config):
 
 def test_user_errors_before_training(make_config, tmp_path):
     train.run(load_config(make_config(main={"trainer": {"total_steps": 1}})))
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
-        train.run(load_config(make_config(main={"trainer": {"total_steps": 1}})))
+    with pytest.raises(ConfigError, match="is not empty and trainer.resume_mode is 'disable': choose a new `name`"):
+        train.run(load_config(make_config(main={"trainer": {"total_steps": 1, "resume_mode": "disable"}})))
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps([{"prompt": "q", "chosen": "same", "rejected": "same"}]))
     with pytest.raises(DataError, match="no usable preference pairs"):
@@ -134,7 +134,7 @@ def test_cli_runs(make_config):
     proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path), "name=cli"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "step 2/2" in proc.stderr and proc.stdout.startswith("done: ")
+    assert "step 2/2" in proc.stderr and proc.stdout.startswith("run folder: ")
 
 
 def test_document_yaml_with_trinity_trainer_file(tmp_path, qwen_dir, pairs_file):

@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"trinity: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .checkpoint import CheckpointError
+        from .train import NumericError
+
+        if not isinstance(e, (CheckpointError, NumericError)):
+            raise
+        print(f"trinity: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -57,7 +65,7 @@ def _run(args) -> str:
     from . import train
     from .config_loader import load_config
 
-    return f"done: {train.run(load_config(args.config, args.overrides))}"
+    return f"run folder: {train.run(load_config(args.config, args.overrides))}"
 
 
 def _eval(args) -> str:

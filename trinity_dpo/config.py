@@ -221,13 +221,15 @@ class VerlTrainer:
 
     total_training_steps: Optional[int] = None  # verl spelling of trainer.total_steps
     logger: list[Literal["console", "tensorboard", "wandb"]] = field(default_factory=lambda: ["console"])  # sinks
-    resume_mode: Optional[Literal["auto", "disable"]] = None  # verl spelling of trainer.resume_mode
+    resume_mode: Optional[Literal["auto", "disable", "resume_path"]] = None  # verl spelling of trainer.resume_mode
+    resume_from_path: Optional[str] = None  # verl spelling of trainer.resume_from_path
+    max_actor_ckpt_to_keep: Optional[int] = None  # verl spelling of trainer.max_checkpoints_to_keep
 
     IGNORED: ClassVar[tuple[str, ...]] = (
         "balance_batch", "total_epochs", "project_name", "experiment_name", "log_val_generations", "nnodes",
-        "n_gpus_per_node", "save_freq", "resume_from_path", "test_freq", "critic_warmup", "default_hdfs_dir",
+        "n_gpus_per_node", "save_freq", "test_freq", "critic_warmup", "default_hdfs_dir",
         "remove_previous_ckpt_in_save", "del_local_ckpt_after_load", "default_local_dir", "val_before_train",
-        "val_only", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep", "ray_wait_register_center_timeout",
+        "val_only", "max_critic_ckpt_to_keep", "ray_wait_register_center_timeout",
         "device", "profile_steps", "rollout_data_dir", "validation_data_dir", "sync_freq", "training_rollout_mode",
         "enable_exp_buffer", "steps_per_epoch", "esi_redundant_time", "log_val_generations_interval", "npu_profile",
         "use_legacy_worker_impl", "hfmodel_save_interval", "val_generations_to_log_to_wandb",
@@ -263,7 +265,11 @@ class TrainerConfig:
     actor_kl_loss_coef: Optional[float] = None  # the document's spelling of the DPO beta
     total_steps: Optional[int] = None  # optimizer steps; None: ceil(pairs / batch) * total_epochs
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
-    resume_mode: Literal["auto", "disable"] = "auto"  # auto: continue from the newest checkpoint
+    resume_mode: Literal["auto", "disable", "resume_path"] = "auto"  # auto: continue from the newest checkpoint
+    resume_from_path: Optional[str] = None  # resume from this checkpoint folder (global_step_<N>)
+    max_checkpoints_to_keep: Optional[int] = None  # keep the newest N checkpoints (never the one resumed from)
+    max_actor_ckpt_to_keep: Optional[int] = None  # Trinity spelling of max_checkpoints_to_keep
+    max_consecutive_skips: int = 5  # abort after this many optimizer steps in a row with a non-finite loss or norm
     seed: int = 42  # seeds shuffling and any random init
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device has fast bf16
     log_interval: int = 10  # steps between plain log lines when output is not a terminal
@@ -275,7 +281,7 @@ class TrainerConfig:
     max_token_len_per_gpu: Optional[int] = None  # newer Trinity spelling of the same budget
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "sft_warmup_steps", "enable_preview", "actor_grad_clip", "max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep",
+        "sft_warmup_steps", "enable_preview", "actor_grad_clip", "max_critic_ckpt_to_keep",
         "save_strategy", "name", "ulysses_sequence_parallel_size", "algorithm_type",
     )
 
@@ -323,6 +329,8 @@ ALIASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (_ACTOR + "use_dynamic_bsz", ("trainer.use_dynamic_bsz",)),
     (_ACTOR + "ppo_max_token_len_per_gpu", ("trainer.ppo_max_token_len_per_gpu", "trainer.max_token_len_per_gpu")),
     ("trainer.resume_mode", (_VERL + "trainer.resume_mode",)),
+    ("trainer.resume_from_path", (_VERL + "trainer.resume_from_path",)),
+    ("trainer.max_checkpoints_to_keep", ("trainer.max_actor_ckpt_to_keep", _VERL + "trainer.max_actor_ckpt_to_keep")),
     ("model.max_prompt_tokens", (_VERL + "data.max_prompt_length",)),
     ("model.max_response_tokens", (_VERL + "data.max_response_length",)),
     ("model.custom_chat_template", ("buffer.trainer_input.experience_buffer.format.chat_template",)),

@@ -258,10 +258,10 @@ def validate(cfg: Config) -> None:
     """Range and path checks, all before any model or data loads."""
     opt, args = cfg.algorithm.optimizer, cfg.algorithm.policy_loss_fn_args
     actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
-    for key in ("buffer.train_batch_size", "buffer.total_epochs", "model.max_prompt_tokens",
+    for key in ("buffer.train_batch_size", "buffer.total_epochs", "model.max_prompt_tokens", "trainer.max_consecutive_skips",
                 "model.max_response_tokens", "cluster.node_num", "cluster.gpu_per_node", "trainer.log_interval"):
         _check(_get(cfg, key) > 0, f"{key} must be a positive integer, got {_get(cfg, key)}")
-    for key in ("trainer.total_steps", "model.max_model_len", _ACTOR_MICRO):
+    for key in ("trainer.total_steps", "model.max_model_len", _ACTOR_MICRO, "trainer.max_checkpoints_to_keep"):
         value = _get(cfg, key)
         _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
     for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples"):
@@ -292,6 +292,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.cluster.node_num == 1, "cluster.node_num > 1 (several nodes) is not supported yet")
     _check(cfg.cluster.gpu_per_node == 1,
            f"cluster.gpu_per_node={cfg.cluster.gpu_per_node}: several processes are not supported yet; use 1")
+    resume = cfg.trainer.resume_from_path
+    _check(cfg.trainer.resume_mode != "resume_path" or bool(resume),
+           "trainer.resume_mode is 'resume_path' but trainer.resume_from_path is not set")
+    _check(not resume or Path(resume, "trainer_state", "state.json").is_file(),
+           f"trainer.resume_from_path: {resume} is not a checkpoint folder of this tool (global_step_<N> with "
+           "trainer_state/)")
     _validate_paths(cfg)
     from .metrics import check_sinks
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import shutil
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -87,26 +90,52 @@ def load_data(cfg: Config, tokenizer) -> Data:
     return Data(pairs, eval_pairs, samples, summary)
 
 
-def prepare_run_dir(cfg: Config) -> Path:
+def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """The run folder, and the checkpoint to resume from (None: a fresh start) as `trainer.resume_mode` says."""
     run_dir = run_dir_of(cfg)
-    if run_dir.is_dir() and any(run_dir.glob("global_step_*")):
-        raise ConfigError(f"run folder {run_dir} already holds checkpoints; resuming is not supported yet: choose "
-                          "a new `name` or remove the folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "samples.json"):
+    checkpoint.clean_incomplete(run_dir)
+    if cfg.trainer.resume_from_path:
+        return run_dir, Path(cfg.trainer.resume_from_path)
+    if cfg.trainer.resume_mode == "auto":
+        found = checkpoint.latest(run_dir)
+        if found is not None:
+            return run_dir, found
+    elif any(run_dir.glob("global_step_*")) or (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
+                          "`name`, remove the folder, or set resume_mode: auto to continue it")
+    for stale in ("metrics.jsonl", "samples.json", "samples_base.json"):
         (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    return run_dir
+    return run_dir, None
+
+
+class _Stop:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second one is not caught."""
+
+    def __init__(self):
+        self.asked = None
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.asked = signal.Signals(signum).name
+        log.warning("%s: finishing the current step, then saving a checkpoint", self.asked)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def run(cfg: Config) -> Path:
-    """Train offline DPO as `cfg` says; return the run folder."""
+    """Train offline DPO as `cfg` says (resuming where the run folder says so); return the run folder."""
     runtime = pick_runtime(cfg)
     cfg.model.model_path = builtin.materialize(cfg.model.model_path)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
     data = load_data(cfg, tokenizer)
-    run_dir = prepare_run_dir(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg)
     (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=1))
     model, save_dtype = load_model(cfg, runtime.device)
     log.info("model %s on %s, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device,
@@ -114,15 +143,14 @@ def run(cfg: Config) -> Path:
     total = total_steps_of(cfg, len(data.train))
     log.info("%d pairs, batch %d, %d optimizer steps", len(data.train), cfg.buffer.train_batch_size, total)
     pad = tokenizer.pad_token_id
-    plan = micro_plan(cfg)
-    t0 = time.perf_counter()
-    groups = first_epoch_groups(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, plan)
-    ref = cached_score(model, cfg.model.model_path, groups, len(data.train), pad, runtime, run_dir, "train")
-    eval_groups = plan_micro(data.eval, *plan)
-    eval_ref = cached_score(model, cfg.model.model_path, eval_groups, len(data.eval), pad, runtime, run_dir, "eval")
-    log.info("reference log-probs of %d pairs in %.1f s", sum(map(len, groups)) + len(data.eval),
-             time.perf_counter() - t0)
-
+    ref, eval_groups, eval_ref = _reference_tables(cfg, model, data, total, runtime, run_dir, pad)
+    optimizer = build_optimizer(model, cfg.algorithm.optimizer)
+    state = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
+    if resume_from is not None:
+        state = checkpoint.restore(resume_from, model, optimizer)
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+        _carry_history(resume_from.parent, run_dir)
+        _truncate_metrics(run_dir, state["step"])
     args = cfg.algorithm.policy_loss_fn_args
 
     def run_eval(step: int) -> dict[str, float]:
@@ -136,36 +164,102 @@ def run(cfg: Config) -> Path:
     def answer() -> list[str]:
         return generate(model, tokenizer, data.sample_prompts, runtime, cfg.trainer.eval_max_new_tokens)
 
-    optimizer = build_optimizer(model, cfg.algorithm.optimizer)
-    metrics = MetricsLog(run_dir, cfg, total)
+    def save(step: int) -> None:
+        path = checkpoint.save(run_dir, step, model, tokenizer, save_dtype, optimizer, {**state, "total": total})
+        checkpoint.prune(run_dir, cfg.trainer.max_checkpoints_to_keep, resume_from)
+        log.info("saved %s", path)
+
+    metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"])
+    stop = _Stop()
     try:
-        before = run_eval(0) if data.eval else None
-        base_answers = answer()
-        for step in range(total):
+        if state["step"] == 0:
+            if data.eval:
+                run_eval(0)
+            _write_json(run_dir / "samples_base.json", answer())
+        for step in range(state["step"], total):
             lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, total)
             epoch, indices = step_indices(step, len(data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
             record = train_step(model, optimizer, [data.train[i] for i in indices], ref, cfg, runtime, pad, lr)
-            metrics.write({"step": step + 1, "epoch": epoch, **record})
-            done = step + 1
-            if data.eval and cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0 and done < total:
+            _count_skips(state, record, cfg.trainer.max_consecutive_skips)
+            state["step"] = done = step + 1
+            metrics.write({"step": done, "epoch": epoch, **record, "skipped_steps": state["skipped_steps"]})
+            if data.eval and (done == total or (cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0)):
                 run_eval(done)
-            if done == total or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
-                log.info("saved %s", checkpoint.save_hf(run_dir, done, model, tokenizer, save_dtype))
-        after = run_eval(total) if data.eval else None
-        _finish(run_dir, data, before, after, base_answers, answer())
+            if done == total or stop.asked or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
+                save(done)
+            if stop.asked and done < total:
+                log.warning("stopped by %s after step %d of %d; run the same command again to resume",
+                            stop.asked, done, total)
+                return run_dir
+        _finish(run_dir, data, answer())
     finally:
+        stop.restore()
         metrics.close()
     report.write_report(run_dir)
     return run_dir
 
 
-def _finish(run_dir: Path, data: Data, before, after, base_answers: list[str], trained_answers: list[str]) -> None:
+def _reference_tables(cfg: Config, model, data: Data, total: int, runtime: Runtime, run_dir: Path, pad: int):
+    """(training reference table, held-out micro-batches, held-out reference table), cached in the run folder."""
+    plan = micro_plan(cfg)
+    t0 = time.perf_counter()
+    groups = first_epoch_groups(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, plan)
+    ref = cached_score(model, cfg.model.model_path, groups, len(data.train), pad, runtime, run_dir, "train")
+    eval_groups = plan_micro(data.eval, *plan)
+    eval_ref = cached_score(model, cfg.model.model_path, eval_groups, len(data.eval), pad, runtime, run_dir, "eval")
+    log.info("reference log-probs of %d pairs in %.1f s", sum(map(len, groups)) + len(data.eval),
+             time.perf_counter() - t0)
+    return ref, eval_groups, eval_ref
+
+
+def _count_skips(state: dict, record: dict, limit: int) -> None:
+    if not record["skipped"]:
+        state["consecutive_skips"] = 0
+        return
+    state["skipped_steps"] += 1
+    state["consecutive_skips"] += 1
+    log.warning("step %d: non-finite loss or gradient norm; optimizer step skipped", state["step"] + 1)
+    if state["consecutive_skips"] >= limit:
+        raise NumericError(f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (last at step "
+                           f"{state['step'] + 1}); stopping. Lower the learning rate or check the data; the last "
+                           "checkpoint is intact")
+
+
+class NumericError(RuntimeError):
+    """Training diverged: one line for the user, exit code 1."""
+
+
+def _carry_history(source: Path, run_dir: Path) -> None:
+    """Resuming another run's checkpoint into a new folder: start from that run's metrics and base answers."""
+    for name in ("metrics.jsonl", "samples_base.json"):
+        if (source / name).is_file() and not (run_dir / name).is_file() and source.resolve() != run_dir.resolve():
+            shutil.copyfile(source / name, run_dir / name)
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop what was logged after the checkpoint resumed from, so the file reads as one uninterrupted run."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def _finish(run_dir: Path, data: Data, trained_answers: list[str]) -> None:
     """Keep the before/after answers in the run folder and print the headline comparison."""
+    from .report import read_metrics
+
     prompts = [messages[-1]["content"] for messages in data.sample_prompts]
+    base_path = run_dir / "samples_base.json"
+    base_answers = json.loads(base_path.read_text()) if base_path.is_file() else [""] * len(prompts)
     samples = [{"prompt": p, "base": a, "trained": b} for p, a, b in zip(prompts, base_answers, trained_answers)]
-    (run_dir / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False))
-    if before is not None:
-        print(comparison(before, after, len(data.eval)), flush=True)
+    _write_json(run_dir / "samples.json", samples)
+    _, evals = read_metrics(run_dir)
+    if evals:
+        print(comparison(evals[0], evals[-1], len(data.eval)), flush=True)
     if samples:
         print("\n" + side_by_side(prompts, base_answers, trained_answers) + "\n", flush=True)
 
@@ -199,11 +293,14 @@ def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Conf
         slots += mb.input_ids.numel()
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    set_lr(optimizer, lr)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     record = {k: v.item() / len(batch) for k, v in sums.items()}  # one host sync per step
+    # A non-finite loss or norm would poison the weights and Adam's moments: drop this step's update entirely.
+    skipped = not (math.isfinite(record["loss"]) and math.isfinite(grad_norm.item()))
+    if not skipped:
+        set_lr(optimizer, lr)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
-    record.update(grad_norm=grad_norm.item(), lr=lr, pairs=len(batch), tokens=tokens, pad_share=1 - tokens / slots,
+    record.update(grad_norm=grad_norm.item(), lr=lr, skipped=int(skipped), pairs=len(batch), tokens=tokens, pad_share=1 - tokens / slots,
                   tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record

@@ -1,0 +1,180 @@
+"""Never lose a run: exact resume after a crash or SIGKILL, atomic checkpoints, clean stops, numeric faults."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trinity_dpo import checkpoint, losses, train
+from trinity_dpo.config import ConfigError
+from trinity_dpo.config_loader import load_config
+
+TIMING = ("tokens_per_s", "step_time_s")
+
+
+def records(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir, step):
+    return load_file(str(run_dir / f"global_step_{step}" / "model.safetensors"))
+
+
+def assert_same_run(a, b, step):
+    assert records(a) == records(b)
+    wa, wb = final_weights(a, step), final_weights(b, step)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bitwise
+
+
+@pytest.fixture()
+def six_steps(make_config):
+    """A 6-step run (24 pairs, batch 8, 2 epochs) with checkpoints every 2 steps and held-out evals."""
+    def make(name, **trainer):
+        return make_config(main={"name": name, "buffer": {"total_epochs": 2, "trainer_input": {"eval_fraction": 0.25}},
+                                 "trainer": {"save_interval": 2, "eval_interval": 3, "eval_samples": 1,
+                                             "eval_max_new_tokens": 4, **trainer}})
+    return make
+
+
+def test_crash_mid_run_then_resume_equals_uninterrupted(six_steps, monkeypatch):
+    whole = train.run(load_config(six_steps("whole")))
+    real_step, calls = train.train_step, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # dies inside step 4: the newest checkpoint is step 2, metrics has steps 1-3
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(load_config(six_steps("crashed")))
+    monkeypatch.setattr(train, "train_step", real_step)
+    run_dir = whole.parent / "crashed"
+    assert checkpoint.latest(run_dir).name == "global_step_2"
+    assert max(json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    train.run(load_config(six_steps("crashed")))
+    assert_same_run(whole, run_dir, 6)
+    assert json.loads((run_dir / "samples.json").read_text()) == json.loads((whole / "samples.json").read_text())
+
+
+def _cli(config, *extra):
+    return [sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(config), *extra]
+
+
+def _wait_for_lines(path, n, proc, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_at_any_moment_then_same_command(make_config):
+    def config(name):
+        return make_config(main={"name": name, "buffer": {"total_epochs": 20},
+                                 "trainer": {"save_interval": 7, "eval_samples": 0}})
+
+    whole = train.run(load_config(config("whole")))
+    run_dir = whole.parent / "killed"
+    for lines in (9, 23):  # twice: once mid-run, once again after resuming
+        proc = subprocess.Popen(_cli(config("killed")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_lines(run_dir / "metrics.jsonl", lines, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(_cli(config("killed")), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(whole, run_dir, 60)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(make_config):
+    config = make_config(main={"name": "stopped", "buffer": {"total_epochs": 40},
+                               "trainer": {"save_interval": 0, "eval_samples": 0}})
+    run_dir = config.parent / "ckpt" / "proj" / "stopped"
+    proc = subprocess.Popen(_cli(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_lines(run_dir / "metrics.jsonl", 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "run the same command again to resume" in err
+    saved = checkpoint.latest(run_dir)
+    assert saved is not None and int(saved.name[12:]) == len(records(run_dir)) < 120
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(six_steps, monkeypatch):
+    real_write, calls = checkpoint._write, []
+
+    def disk_full(tmp, *args):
+        calls.append(1)
+        if len(calls) == 2:  # the second save (step 4) runs out of space half-way
+            (tmp / "trainer_state").mkdir(parents=True)
+            (tmp / "config.json").write_text("{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(tmp, *args)
+
+    monkeypatch.setattr(checkpoint, "_write", disk_full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"saving checkpoint 4 .* failed \(No space left on device\); "
+                                                         r"the previous checkpoint global_step_2 is intact"):
+        train.run(load_config(six_steps("full")))
+    run_dir = load_config(six_steps("full")).checkpoint_root_dir
+    folder = next(p for p in __import__("pathlib").Path(run_dir).glob("*/full"))
+    assert not list(folder.glob(".tmp_*")) and checkpoint.latest(folder).name == "global_step_2"
+    (folder / ".tmp_global_step_4").mkdir()  # what a SIGKILL during a write leaves
+    monkeypatch.setattr(checkpoint, "_write", real_write)
+    train.run(load_config(six_steps("full")))
+    assert not list(folder.glob(".tmp_*")) and checkpoint.latest(folder).name == "global_step_6"
+
+
+def test_keep_newest_checkpoints_but_never_the_resumed_one(six_steps):
+    run_dir = train.run(load_config(six_steps("keep", total_steps=4, max_actor_ckpt_to_keep=1)))
+    assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_4"]
+    train.run(load_config(six_steps("keep", max_actor_ckpt_to_keep=1)))  # resumes from 4, runs to 6
+    assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_4", "global_step_6"]
+
+
+def test_resume_from_path_and_errors(six_steps):
+    first = train.run(load_config(six_steps("src", total_steps=2)))
+    path = first / "global_step_2"
+    run_dir = train.run(load_config(six_steps("from_path", resume_from_path=str(path))))
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the source run's history up to its checkpoint, then this run's steps
+    assert records(run_dir)[:3] == records(first)[:3]
+    with pytest.raises(ConfigError, match="is not a checkpoint folder of this tool"):
+        load_config(six_steps("x", resume_from_path=str(first)))
+    with pytest.raises(ConfigError, match="resume_mode is 'resume_path' but trainer.resume_from_path is not set"):
+        load_config(six_steps("x", resume_mode="resume_path"))
+
+
+def test_non_finite_steps_are_skipped_and_counted_then_abort(six_steps, monkeypatch):
+    real, real_step, current = losses.LOSSES["dpo"], train.train_step, {"step": 0}
+
+    def counting(*args, **kwargs):
+        current["step"] += 1
+        return real_step(*args, **kwargs)
+
+    def sometimes_nan(*args):
+        out, metrics = real(*args)
+        return (out * float("nan"), metrics) if current["step"] == 2 else (out, metrics)
+
+    monkeypatch.setattr(train, "train_step", counting)
+    monkeypatch.setitem(losses.LOSSES, "dpo", sometimes_nan)
+    run_dir = train.run(load_config(six_steps("nan", total_steps=2, save_interval=1)))
+    rows = [r for r in records(run_dir) if "loss" in r]
+    assert [r["skipped"] for r in rows] == [0, 1] and rows[1]["skipped_steps"] == 1 and math.isnan(rows[1]["loss"])
+    w1, w2 = final_weights(run_dir, 1), final_weights(run_dir, 2)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step left the weights untouched
+
+    monkeypatch.setitem(losses.LOSSES, "dpo", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    with pytest.raises(train.NumericError, match="2 optimizer steps in a row had a non-finite loss"):
+        train.run(load_config(six_steps("diverge", max_consecutive_skips=2)))
