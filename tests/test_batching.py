@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 
-import torch
 
 from trinity_dpo.batching import collate, plan_micro
 from trinity_dpo.pairs import Pair

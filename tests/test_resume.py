@@ -178,3 +178,21 @@ def test_non_finite_steps_are_skipped_and_counted_then_abort(six_steps, monkeypa
     monkeypatch.setitem(losses.LOSSES, "dpo", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
     with pytest.raises(train.NumericError, match="2 optimizer steps in a row had a non-finite loss"):
         train.run(load_config(six_steps("diverge", max_consecutive_skips=2)))
+
+
+def test_fail_fast_unwritable_root_and_rows_not_matching_prompt_type(make_config, monkeypatch, tmp_path):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
+    with pytest.raises(ConfigError, match=r"checkpoint_root_dir: .* is not writable"):
+        load_config(make_config())
+    monkeypatch.setattr(os, "access", real_access)
+    # A plaintext file read as prompt_type messages: every row is skipped, and the run stops before training.
+    path = make_config(main={"buffer": {"trainer_input": {"experience_buffer": {"format": {"prompt_type": "messages"}}}}})
+    with pytest.raises(ConfigError, match=r"no usable preference pairs .*dropped: 24 'prompt' not messages"):
+        train.run(load_config(path))
+
+
+def test_security_defaults():
+    from trinity_dpo.config import Config
+
+    assert Config().model.trust_remote_code is False

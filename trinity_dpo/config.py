@@ -198,7 +198,8 @@ class VerlActor:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # verl spelling of algorithm.optimizer
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "strategy", "ppo_mini_batch_size", "ppo_micro_batch_size", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "entropy_coeff", "loss_agg_mode",
+        "strategy", "ppo_mini_batch_size", "ppo_micro_batch_size", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
+        "clip_ratio_c", "entropy_coeff", "loss_agg_mode",
         "kl_loss_type", "ppo_epochs", "shuffle", "ulysses_sequence_parallel_size", "checkpoint", "fsdp_config",
         "use_torch_compile", "entropy_from_logits_with_chunking", "entropy_checkpointing", "policy_loss",
         "data_loader_seed", "profiler", "tau", "opmd_baseline", "use_uid", "alg_type",

@@ -82,7 +82,8 @@ def read_rows(path: str, split: str = "train", subset: str | None = None) -> lis
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"{path}: cannot read data: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot read data: {reason}") from None
     return ds.to_list()
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from . import builtin, checkpoint, report
 from .batching import collate, plan_micro, step_indices, steps_per_epoch
-from .config import Config, ConfigError, StorageConfig
+from .config import Config, ConfigError
 from .data import Conversation, DataError, DataReport, load_conversations
 from .evaluate import comparison, eval_metrics, generate, side_by_side
 from .logprobs import sequence_logps
@@ -301,6 +301,7 @@ def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Conf
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
-    record.update(grad_norm=grad_norm.item(), lr=lr, skipped=int(skipped), pairs=len(batch), tokens=tokens, pad_share=1 - tokens / slots,
+    record.update(grad_norm=grad_norm.item(), lr=lr, skipped=int(skipped), pairs=len(batch), tokens=tokens,
+                  pad_share=1 - tokens / slots,
                   tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record
