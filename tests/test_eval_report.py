@@ -123,3 +123,13 @@ def test_builtin_errors(monkeypatch, tmp_path):
         builtin.check("builtin:smollm2-135m-instruct")
     with pytest.raises(ConfigError, match="unknown built-in dataset 'nope'"):
         builtin.data_path("builtin:nope")
+
+
+def test_trinity_models_lists_builtins(monkeypatch, capsys):
+    from trinity_dpo import cli
+
+    monkeypatch.setattr(builtin, "materialize", lambda name: f"/cache/{name[len(builtin.PREFIX):]}")
+    assert cli.main(["models"]) == 0
+    assert capsys.readouterr().out.strip() == "builtin:smollm2-135m-instruct\t/cache/smollm2-135m-instruct"
+    assert cli.main(["report", "/nonexistent"]) == 2
+    assert "no metrics.jsonl here" in capsys.readouterr().err
