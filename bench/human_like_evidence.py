@@ -75,7 +75,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/human_like_dpo_dataset"))
     parser.add_argument("--out", default=str(REPO / "docs/results.md"))
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     if not Path(args.data).exists():
@@ -94,7 +94,7 @@ def main() -> int:
                   "max_response_tokens": 256},
         "buffer": {"total_epochs": 1, "train_batch_size": args.batch, "trainer_input": {
             "experience_buffer": {"path": str(train_path)}, "eval_buffer": {"path": str(eval_path)}}},
-        "trainer": {"save_interval": 0, "eval_samples": 32, "eval_max_new_tokens": 96,
+        "trainer": {"save_interval": 0, "eval_samples": 32, "eval_max_new_tokens": 128,
                     "trainer_config": {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 4}}}},
     }
     (work / "dpo.yaml").write_text(yaml.safe_dump(config))
