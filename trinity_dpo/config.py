@@ -71,15 +71,14 @@ class ModelConfig:
     """`model`."""
 
     model_path: str = ""  # local Hugging Face model folder (required)
-    critic_model_path: str = ""  # Trinity key; unused by DPO
     custom_chat_template: Optional[str] = None  # Jinja chat template that replaces the tokenizer's
     max_prompt_tokens: int = 512  # longer prompts keep their end (the generation header survives)
     max_response_tokens: int = 512  # longer responses are cut at their end
     max_model_len: Optional[int] = None  # cap on prompt + response tokens; the response is cut to fit
     trust_remote_code: bool = False  # run model code shipped inside the model folder (off: safety)
 
-    IGNORED: ClassVar[tuple[str, ...]] = ("min_response_tokens", "temperature", "top_p", "top_k", "logprobs",
-                                          "lora_configs", "enable_thinking")
+    IGNORED: ClassVar[tuple[str, ...]] = ("critic_model_path", "min_response_tokens", "temperature", "top_p", "top_k",
+                                          "logprobs", "lora_configs", "enable_thinking")
 
 
 @dataclass
