@@ -88,8 +88,14 @@ def latest(run_dir: Path) -> Path | None:
         path = step_dir(run_dir, int(marker.read_text()))
         if is_complete(path):
             return path
+    found = _complete(run_dir)
+    return found[-1] if found else None
+
+
+def _complete(run_dir: Path) -> list[Path]:
+    """The complete `global_step_<N>` folders of `run_dir`, oldest step first."""
     found = [p for p in run_dir.glob("global_step_*") if p.name[12:].isdigit() and is_complete(p)]
-    return max(found, key=lambda p: int(p.name[12:]), default=None)
+    return sorted(found, key=lambda p: int(p.name[12:]))
 
 
 def clean_incomplete(run_dir: Path) -> None:
@@ -103,9 +109,7 @@ def prune(run_dir: Path, keep: int | None, protect: Path | None) -> None:
     """Keep the newest `keep` complete checkpoints (never `protect`, the one this run resumed from)."""
     if not keep:
         return
-    steps = sorted((p for p in run_dir.glob("global_step_*") if p.name[12:].isdigit() and is_complete(p)),
-                   key=lambda p: int(p.name[12:]))
-    for path in steps[:-keep]:
+    for path in _complete(run_dir)[:-keep]:
         if protect is None or path.resolve() != protect.resolve():
             shutil.rmtree(path, ignore_errors=True)
 

@@ -7,25 +7,11 @@ log-prob under the model, so it says where the model stands before training too.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .losses import LOSSES
-from .modeling import Runtime
+from .modeling import Runtime, inference_mode
 from .pairs import Pair, render
-
-
-@contextlib.contextmanager
-def inference_mode(model):
-    """Eval mode (so generation may use its KV cache even with gradient checkpointing on), restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def eval_metrics(policy: torch.Tensor, ref: torch.Tensor, pairs: list[Pair], loss_name: str, beta: float,

@@ -31,6 +31,18 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def inference_mode(model):
+    """No grad, eval mode (generation may use its KV cache even with gradient checkpointing on), restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def pick_runtime(cfg: Config) -> Runtime:
     want = cfg.cluster.device
     if want == "cuda" and not torch.cuda.is_available():

@@ -17,27 +17,22 @@ import torch
 
 from .batching import collate, plan_micro, step_indices, steps_per_epoch
 from .logprobs import sequence_logps
-from .modeling import Runtime
+from .modeling import Runtime, inference_mode
 from .pairs import Pair
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def score(model, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime) -> torch.Tensor:
     """fp32 [n_rows, 2]: summed response log-probs of chosen and rejected under the current weights, in the row of
     each pair's index, one no-grad pass per group; rows of pairs in no group are NaN, so a use shows at once."""
     table = torch.full((n_rows, 2), float("nan"), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
+    with inference_mode(model):
         for group in groups:
             mb = collate(group, pad_id).to(runtime.device)
             chosen, rejected = sequence_logps(model, mb, runtime.autocast()).float().cpu().chunk(2)
             table[mb.pair_index.cpu(), 0] = chosen
             table[mb.pair_index.cpu(), 1] = rejected
-    finally:
-        model.train(was_training)
     return table
 
 

@@ -292,16 +292,16 @@ def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Conf
         tokens += mb.n_tokens
         slots += mb.input_ids.numel()
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
     record = {k: v.item() / len(batch) for k, v in sums.items()}  # one host sync per step
     # A non-finite loss or norm would poison the weights and Adam's moments: drop this step's update entirely.
-    skipped = not (math.isfinite(record["loss"]) and math.isfinite(grad_norm.item()))
+    skipped = not (math.isfinite(record["loss"]) and math.isfinite(grad_norm))
     if not skipped:
         set_lr(optimizer, lr)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
-    record.update(grad_norm=grad_norm.item(), lr=lr, skipped=int(skipped), pairs=len(batch), tokens=tokens,
+    record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), pairs=len(batch), tokens=tokens,
                   pad_share=1 - tokens / slots,
                   tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record
