@@ -120,8 +120,7 @@ class _Stop:
     def _handle(self, signum, frame):
         self.asked = signal.Signals(signum).name
         log.warning("%s: finishing the current step, then saving a checkpoint", self.asked)
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self.restore()
 
     def restore(self):
         for sig, old in self._old.items():
@@ -136,7 +135,7 @@ def run(cfg: Config) -> Path:
     tokenizer = load_tokenizer(cfg)
     data = load_data(cfg, tokenizer)
     run_dir, resume_from = prepare_run_dir(cfg)
-    (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=1))
+    _write_json(run_dir / "data_summary.json", data.summary)
     model, save_dtype = load_model(cfg, runtime.device)
     log.info("model %s on %s, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device,
              "bf16 autocast" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
