@@ -196,3 +196,35 @@ def test_security_defaults():
     from trinity_dpo.config import Config
 
     assert Config().model.trust_remote_code is False
+
+
+def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_path, monkeypatch):
+    """A model folder that declares bf16 gets bf16 HF checkpoints; resuming must use the fp32 master copy."""
+    import shutil
+
+    bf16_dir = tmp_path / "bf16_model"
+    shutil.copytree(qwen_dir, bf16_dir)
+    config = json.loads((bf16_dir / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (bf16_dir / "config.json").write_text(json.dumps(config))
+
+    def cfg(name):
+        return make_config(main={"name": name, "trainer": {"total_steps": 4, "save_interval": 2, "eval_samples": 0}},
+                           model=bf16_dir)
+
+    whole = train.run(load_config(cfg("whole")))
+    assert load_file(str(whole / "global_step_4" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+    real_step, calls = train.train_step, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(load_config(cfg("crashed")))
+    monkeypatch.setattr(train, "train_step", real_step)
+    run_dir = train.run(load_config(cfg("crashed")))
+    assert_same_run(whole, run_dir, 4)
