@@ -113,8 +113,11 @@ ERRORS = [
     (None, {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 0}}}, "must be a positive integer, got 0"),
     ({"algorithm": {"policy_loss_fn_args": {"beta": 0.2}}}, None, "conflicting values for one setting: "
      "algorithm.policy_loss_fn_args.beta=0.2, trainer.actor_kl_loss_coef=0.1"),
-    ({"cluster": {"gpu_per_node": 2}}, None, "cluster.gpu_per_node=2: several processes are not supported yet"),
-    ({"cluster": {"node_num": 2}}, None, "cluster.node_num > 1 (several nodes) is not supported yet"),
+    ({"cluster": {"gpu_per_node": 3}}, None, "buffer.batch_size (8) must be divisible by the number of processes, "
+     "cluster.node_num x cluster.gpu_per_node (3)"),
+    ({"cluster": {"node_num": 2, "gpu_per_node": 2}}, {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 4}}},
+     "buffer.batch_size (8) must be divisible by ppo_micro_batch_size_per_gpu (4) x processes (4)"),
+    (None, {"actor_rollout_ref": {"nccl_timeout": 0}}, "nccl_timeout must be a positive number of seconds"),
     ({"model": {"model_path": ""}}, None, "model.model_path is required"),
     ({"model": {"model_path": "/no/such/model"}}, None, "model.model_path: folder not found: /no/such/model"),
     ({"model": {"model_path": "/tmp"}}, None, "model.model_path: /tmp has no config.json"),

@@ -7,6 +7,7 @@ sequences as rows of one forward pass.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,6 +48,41 @@ def plan_micro(batch: list[Pair], micro_pairs: int | None, token_budget: int | N
         current.append(pair)
         used += pair.n_tokens
     return groups + [current] if current else groups
+
+
+def shard_step(batch: list[Pair], world: int, micro_pairs: int | None,
+               token_budget: int | None = None) -> list[list[list[Pair]]]:
+    """Each process's micro-batches of one step, `[rank][micro-batch]`; every process sees distinct pairs.
+
+    Pairs are dealt longest first, round-robin, so the shares are equal in pairs and close in tokens; each share is
+    then planned by `plan_micro`. FSDP runs collectives in every forward and backward, so all processes must run
+    the same number of micro-batches: a share planned into fewer is split further (its largest group in halves),
+    and a process short of pairs (a short last step) runs padding micro-batches (`is_padding`) that add nothing.
+    With one process this is `[plan_micro(batch, ...)]`.
+    """
+    ordered = sorted(batch, key=lambda p: -p.n_tokens)
+    plans = [plan_micro(ordered[rank::world], micro_pairs, token_budget) for rank in range(world)]
+    count = max(map(len, plans))
+    filler = [dataclasses.replace(ordered[0], index=-1)]
+    return [_stretch(groups, count, filler) for groups in plans]
+
+
+def _stretch(groups: list[list[Pair]], count: int, filler: list[Pair]) -> list[list[Pair]]:
+    groups = list(groups)
+    while len(groups) < count:
+        splittable = [i for i, g in enumerate(groups) if len(g) > 1]
+        if not splittable:
+            groups.append(filler)
+            continue
+        i = max(splittable, key=lambda j: sum(p.n_tokens for p in groups[j]))
+        half = (len(groups[i]) + 1) // 2
+        groups[i:i + 1] = [groups[i][:half], groups[i][half:]]
+    return groups
+
+
+def is_padding(group: list[Pair]) -> bool:
+    """A micro-batch run only so that this process joins the others' collectives (see `shard_step`)."""
+    return group[0].index < 0
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 A checkpoint is written into a hidden temporary folder, flushed to disk and renamed into place, so a folder named
 `global_step_<N>` is always complete; `latest_checkpointed_iteration.txt` (verl's marker) is updated last.
-`global_step_<N>/trainer_state/` holds what exact resumption needs beyond the HF weights: the fp32 master weights
-(when the HF copy is stored in a narrower dtype), the optimizer state, RNG states and the loop position. State files
-are read back only with `torch.load(weights_only=True)` and weights only through safetensors.
+`global_step_<N>/trainer_state/` holds what exact resumption needs beyond the HF weights: `dcp/`, the fp32 master
+weights and the optimizer state in torch.distributed.checkpoint's format (each process writes its shards; any number
+of processes can load them), plus RNG states and the loop position. With several processes, rank 0 gathers and
+writes the one HF copy and does the renaming; all of them agree on success before anyone goes on. State files are
+read back only with `torch.load(weights_only=True)` and DCP, weights only through safetensors.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 
+from . import distributed
 from .config import ConfigError
+from .distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +37,49 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"global_step_{step}"
 
 
-def save(run_dir: Path, step: int, model, tokenizer, save_dtype: torch.dtype, optimizer, state: dict) -> Path:
-    """Write `global_step_<step>/` atomically: HF folder (weights in `save_dtype`) plus `trainer_state/`."""
+def save(run_dir: Path, step: int, model, tokenizer, save_dtype: torch.dtype, optimizer, state: dict,
+         d: Dist) -> Path:
+    """Write `global_step_<step>/` atomically: HF folder (weights in `save_dtype`) plus `trainer_state/`. Every
+    process must call it; a failure anywhere raises CheckpointError everywhere."""
     final = step_dir(run_dir, step)
     tmp = run_dir / f".tmp_global_step_{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write(tmp, model, tokenizer, save_dtype, optimizer, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        marker_tmp = run_dir / f".{MARKER}"
-        marker_tmp.write_text(str(step))
-        os.replace(marker_tmp, run_dir / MARKER)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    weights = distributed.full_state_dict(model, d.main)  # a collective: before anything can fail
+    error = _attempt(lambda: _write(tmp, model, weights, tokenizer, save_dtype, state) if d.main else None)
+    error = d.first_error(error)  # the folder exists everywhere before the shards go in
+    if error is None:
+        error = d.first_error(_attempt(lambda: distributed.save_state(tmp / STATE / "dcp", model, optimizer)))
+    if error is None and d.main:
+        error = _attempt(lambda: _publish(tmp, final, run_dir, step))
+    error = d.first_error(error)
+    if error is not None:
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(run_dir)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"saving checkpoint {step} into {run_dir} failed ({e.strerror or e}); {kept}; free "
-                              "space and run the same command again to resume") from None
+        raise CheckpointError(f"saving checkpoint {step} into {run_dir} failed ({error}); {kept}; free "
+                              "space and run the same command again to resume")
     return final
 
 
-def _write(tmp: Path, model, tokenizer, save_dtype: torch.dtype, optimizer, state: dict) -> None:
+def _attempt(write) -> str | None:
+    """Run `write`; the reason it failed, or None."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        write()
+    except OSError as e:
+        return e.strerror or str(e)
+    except CheckpointException as e:  # DCP wraps each process's OSError
+        causes = [f for f in e.failures.values() if isinstance(f, OSError)]
+        return (causes[0].strerror or str(causes[0])) if causes else str(e).splitlines()[0]
+    return None
+
+
+def _write(tmp: Path, model, weights: dict, tokenizer, save_dtype: torch.dtype, state: dict) -> None:
+    """Rank 0's part: the HF folder and the small state files, into the fresh temporary folder `tmp`."""
+    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / STATE).mkdir(parents=True)
-    weights = {k: v.detach().to("cpu", save_dtype) for k, v in model.state_dict().items()}
+    weights = {k: v.to(save_dtype) for k, v in weights.items()}
     original_dtype = model.config.dtype
     model.config.dtype = save_dtype
     try:
@@ -66,19 +87,26 @@ def _write(tmp: Path, model, tokenizer, save_dtype: torch.dtype, optimizer, stat
     finally:
         model.config.dtype = original_dtype
     tokenizer.save_pretrained(tmp)
-    if save_dtype != torch.float32:  # exact resumption needs the fp32 master weights
-        save_model(model, str(tmp / STATE / "model_fp32.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / STATE / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}, tmp / STATE / "rng.pt")
     (tmp / STATE / "state.json").write_text(json.dumps(state, indent=1))
-    for f in [*tmp.iterdir(), *(tmp / STATE).iterdir()]:
+
+
+def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:
+    """Flush every file of `tmp`, rename it to `final`, then move the marker: a crash leaves either checkpoint."""
+    for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    marker_tmp = run_dir / f".{MARKER}"
+    marker_tmp.write_text(str(step))
+    os.replace(marker_tmp, run_dir / MARKER)
 
 
 def is_complete(path: Path) -> bool:
-    return (path / STATE / "state.json").is_file() and (path / "config.json").is_file()
+    return all((path / f).is_file() for f in (f"{STATE}/state.json", f"{STATE}/dcp/.metadata", "config.json"))
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -115,18 +143,11 @@ def prune(run_dir: Path, keep: int | None, protect: Path | None) -> None:
 
 
 def restore(path: Path, model, optimizer) -> dict:
-    """Load weights, optimizer state and RNG states from checkpoint `path`; return its loop state."""
+    """Load fp32 weights, optimizer state (whatever number of processes wrote them) and RNG states from checkpoint
+    `path`; return its loop state."""
     if not is_complete(path):
         raise ConfigError(f"{path} is not a complete checkpoint of this tool (no {STATE}/state.json)")
-    fp32 = path / STATE / "model_fp32.safetensors"
-    if fp32.is_file():
-        load_model(model, str(fp32), device=str(next(model.parameters()).device))
-    else:
-        from transformers import AutoModelForCausalLM
-
-        saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(torch.load(path / STATE / "optimizer.pt", map_location="cpu", weights_only=True))
+    distributed.load_state(path / STATE / "dcp", model, optimizer)
     rng = torch.load(path / STATE / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate((3, tuple(rng["python"]), None))

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-shard bars would drown the run's own lines
     try:
-        print(COMMANDS[args.command](args), flush=True)
+        text = COMMANDS[args.command](args)
+        if text:
+            print(text, flush=True)
     except ConfigError as e:
         print(f"trinity: error: {e}", file=sys.stderr)
         return 2
@@ -62,10 +64,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> str:
-    from . import train
+    from . import distributed, train
     from .config_loader import load_config
 
-    return f"run folder: {train.run(load_config(args.config, args.overrides))}"
+    cfg = load_config(args.config, args.overrides)
+    code = distributed.launch(args.config, args.overrides, cfg)  # several processes: torchrun runs this again
+    if code is not None:  # worker 0 has printed the run folder
+        if code:
+            raise SystemExit(code)
+        return ""
+    run_dir = train.run(cfg)
+    return f"run folder: {run_dir}" if distributed.is_main_process() else ""
 
 
 def _eval(args) -> str:

@@ -85,8 +85,8 @@ class ModelConfig:
 class ClusterConfig:
     """`cluster`."""
 
-    node_num: int = 1  # nodes
-    gpu_per_node: int = 1  # worker processes per node
+    node_num: int = 1  # nodes (more than one: start each with torchrun, see the README)
+    gpu_per_node: int = 1  # worker processes per node: one per GPU, or CPU processes where the device is cpu
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where available, else cpu
 
 
@@ -211,6 +211,7 @@ class VerlActorRolloutRef:
 
     model: VerlModel = field(default_factory=VerlModel)  # model-side switches
     actor: VerlActor = field(default_factory=VerlActor)  # the trained policy
+    nccl_timeout: int = 600  # seconds a collective waits for the other processes (NCCL or gloo) before failing
 
     IGNORED: ClassVar[tuple[str, ...]] = ("hybrid_engine", "rollout", "ref", "synchronizer")
 

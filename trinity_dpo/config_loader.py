@@ -285,13 +285,15 @@ def validate(cfg: Config) -> None:
     world = cfg.cluster.node_num * cfg.cluster.gpu_per_node
     _check(actor.ppo_max_token_len_per_gpu > 0,
            f"ppo_max_token_len_per_gpu must be a positive integer, got {actor.ppo_max_token_len_per_gpu}")
+    _check(cfg.buffer.train_batch_size % world == 0,
+           f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by the number of processes, "
+           f"cluster.node_num x cluster.gpu_per_node ({world}): each takes an equal share of every step's pairs")
     if micro is not None and not actor.use_dynamic_bsz:
         _check(cfg.buffer.train_batch_size % (micro * world) == 0,
                f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by "
                f"ppo_micro_batch_size_per_gpu ({micro}) x processes ({world})")
-    _check(cfg.cluster.node_num == 1, "cluster.node_num > 1 (several nodes) is not supported yet")
-    _check(cfg.cluster.gpu_per_node == 1,
-           f"cluster.gpu_per_node={cfg.cluster.gpu_per_node}: several processes are not supported yet; use 1")
+    _check(cfg.trainer.trainer_config.actor_rollout_ref.nccl_timeout > 0,
+           "trainer.trainer_config.actor_rollout_ref.nccl_timeout must be a positive number of seconds")
     resume = cfg.trainer.resume_from_path
     _check(cfg.trainer.resume_mode != "resume_path" or bool(resume),
            "trainer.resume_mode is 'resume_path' but trainer.resume_from_path is not set")

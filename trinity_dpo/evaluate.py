@@ -27,15 +27,19 @@ def eval_metrics(policy: torch.Tensor, ref: torch.Tensor, pairs: list[Pair], los
     return out
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], runtime: Runtime, max_new_tokens: int) -> list[str]:
-    """Greedy answers to chat `prompts` (one at a time: no padding to get wrong, and only a few are asked for)."""
+def generate(model, tokenizer, prompts: list[list[dict]], runtime: Runtime, max_new_tokens: int,
+             synced: bool = False) -> list[str]:
+    """Greedy answers to chat `prompts` (one at a time: no padding to get wrong, and only a few are asked for).
+    `synced`: the model is sharded over processes that all answer the same prompts; each keeps stepping until
+    all are done, so that their forward passes (and FSDP's collectives) stay matched."""
     answers = []
     with inference_mode(model), runtime.autocast():
         for messages in prompts:
             ids = tokenizer(render(tokenizer, messages, True), add_special_tokens=False,
                             return_tensors="pt")["input_ids"].to(runtime.device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                 synced_gpus=synced)
             answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
 

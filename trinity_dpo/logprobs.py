@@ -8,6 +8,7 @@ reach the head.
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from .batching import MicroBatch
 # Logits per chunk: 16 MiB of fp32 whatever the vocabulary (85 tokens of a 49k vocabulary). Backward holds about
 # three such blocks; larger chunks were measured no faster on CPU and cost hundreds of MB at peak.
 _CHUNK_ELEMENTS = 1 << 22
+METHOD = "trinity_sequence_logps"
 
 
 def sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
@@ -27,6 +29,18 @@ def sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextMa
     A packed row carries its sequences' bounds to the attention (`attention.py`), which keeps each sequence to
     itself; padded rows need no mask (right padding under causal attention).
     """
+    bound = getattr(model, METHOD, None)
+    return bound(mb, autocast) if bound is not None else _sequence_logps(model, mb, autocast)
+
+
+def bind(model) -> str:
+    """Make `sequence_logps` a method of `model` and return its name: FSDP2 gathers the root's parameters (the
+    embeddings and the LM head) only inside methods registered with it (`distributed.shard`)."""
+    setattr(model, METHOD, types.MethodType(_sequence_logps, model))
+    return METHOD
+
+
+def _sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
     backbone = getattr(model, model.base_model_prefix)
     with autocast:
         hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,

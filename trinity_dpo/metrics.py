@@ -102,6 +102,19 @@ class MetricsLog:
         self.file.close()
 
 
+class NullLog:
+    """The metrics log of processes other than rank 0: the figures are reduced over processes, rank 0 writes them."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def write_eval(self, step: int, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _short(v: float) -> str:
     if isinstance(v, float) and (abs(v) >= 1e-3 or v == 0 or not math.isfinite(v)):
         return f"{v:.4f}"

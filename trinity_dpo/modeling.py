@@ -41,6 +41,10 @@ def inference_mode(model):
             yield
     finally:
         model.train(was_training)
+        if hasattr(model, "reshard"):
+            # FSDP2 leaves the root's parameters gathered after a forward when no backward follows: give them
+            # back, or the optimizer and checkpoints would meet other tensors than their own.
+            model.reshard()
 
 
 def pick_runtime(cfg: Config) -> Runtime:
@@ -48,8 +52,9 @@ def pick_runtime(cfg: Config) -> Runtime:
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("cluster.device: cuda was asked for but no CUDA device is available")
     device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":  # a worker process uses the GPU of its local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)
     precision = cfg.trainer.precision
     if precision == "auto":
         bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()

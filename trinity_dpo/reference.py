@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .batching import collate, plan_micro, step_indices, steps_per_epoch
+from .batching import collate, is_padding, shard_step, step_indices, steps_per_epoch
+from .distributed import Dist
 from .logprobs import sequence_logps
 from .modeling import Runtime, inference_mode
 from .pairs import Pair
@@ -25,63 +26,76 @@ log = logging.getLogger(__name__)
 
 def score(model, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime) -> torch.Tensor:
     """fp32 [n_rows, 2]: summed response log-probs of chosen and rejected under the current weights, in the row of
-    each pair's index, one no-grad pass per group; rows of pairs in no group are NaN, so a use shows at once."""
+    each pair's index, one no-grad pass per group; rows of pairs in no group are NaN, so a use shows at once.
+    Padding groups (`shard_step`) are run and dropped."""
     table = torch.full((n_rows, 2), float("nan"), dtype=torch.float32)
     with inference_mode(model):
         for group in groups:
             mb = collate(group, pad_id).to(runtime.device)
             chosen, rejected = sequence_logps(model, mb, runtime.autocast()).float().cpu().chunk(2)
-            table[mb.pair_index.cpu(), 0] = chosen
-            table[mb.pair_index.cpu(), 1] = rejected
+            if not is_padding(group):
+                table[mb.pair_index.cpu(), 0] = chosen
+                table[mb.pair_index.cpu(), 1] = rejected
     return table
 
 
-def first_epoch_groups(pairs: list[Pair], batch_size: int, seed: int, total_steps: int,
-                       plan: tuple[int | None, int | None]) -> list[list[Pair]]:
-    """The micro-batches of the first epoch's steps (at most `total_steps` of them): every pair the run visits."""
+def first_epoch_plan(pairs: list[Pair], batch_size: int, seed: int, total_steps: int, world: int,
+                     plan: tuple[int | None, int | None]) -> list[list[list[Pair]]]:
+    """`[rank][micro-batch]` over the first epoch's steps (at most `total_steps`): every pair the run visits, in
+    the micro-batches each process will train it in."""
     steps = min(total_steps, steps_per_epoch(len(pairs), batch_size))
-    groups = []
+    per_rank: list[list[list[Pair]]] = [[] for _ in range(world)]
     for step in range(steps):
         _, indices = step_indices(step, len(pairs), batch_size, seed)
-        groups += plan_micro([pairs[i] for i in indices], *plan)
-    return groups
+        for rank, groups in enumerate(shard_step([pairs[i] for i in indices], world, *plan)):
+            per_rank[rank] += groups
+    return per_rank
 
 
-def fingerprint(model_path: str, groups: list[list[Pair]], runtime: Runtime, extra: str = "") -> str:
+def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime, extra: str = "") -> str:
     """A digest of everything the reference numbers depend on: the weight files, the token ids of every pair
-    (which carry the tokenizer, chat template, data and length settings), the micro-batch composition (bf16
-    sums depend on it) and the precision."""
+    (which carry the tokenizer, chat template, data and length settings), the micro-batch composition on each
+    process (bf16 sums depend on it) and the precision."""
     h = hashlib.blake2b(digest_size=16)
     for f in sorted(Path(model_path).glob("*.safetensors")):
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
-    h.update(f"{runtime.device.type}|{runtime.bf16}|{extra}".encode())
-    for group in groups:
+    h.update(f"{runtime.device.type}|{runtime.bf16}|{extra}|{len(plan)}".encode())
+    for group in (g for groups in plan for g in groups):
         h.update(b"|")
         for p in group:
             h.update(repr((p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
     return h.hexdigest()
 
 
-def cached_score(model, model_path: str, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime,
-                 run_dir: Path, label: str) -> torch.Tensor:
-    """`score`, read from `ref_cache/<fingerprint>.pt` of this run or a sibling run when there, else computed and
-    stored there. The file is written to a temporary name and renamed, so a reader never sees half of one."""
-    fp = fingerprint(model_path, groups, runtime, extra=f"{label}|{n_rows}")
+def cached_score(model, model_path: str, plan: list[list[list[Pair]]], n_rows: int, pad_id: int, runtime: Runtime,
+                 run_dir: Path, label: str, d: Dist) -> torch.Tensor:
+    """`score` of the `[rank][micro-batch]` plan (each process scores its own part; the parts are merged), read
+    from `ref_cache/<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
+    rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one."""
+    fp = fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}")
     name = f"ref_cache/{label}-{fp}.pt"
+    saved = d.from_main(_find(run_dir, name, fp, n_rows) if d.main else None)  # rank 0 decides for all
+    if saved is not None:
+        if d.main and not (run_dir / name).is_file():
+            _save(run_dir / name, saved)
+        return saved["table"]
+    table = d.merge_rows(score(model, plan[d.rank], n_rows, pad_id, runtime))
+    if d.main:
+        _save(run_dir / name, {"fingerprint": fp, "table": table})
+    return table
+
+
+def _find(run_dir: Path, name: str, fp: str, n_rows: int) -> dict | None:
     for path in (run_dir / name, *sorted(run_dir.parent.parent.glob(f"*/*/{name}"))):
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved["fingerprint"] == fp and saved["table"].shape == (n_rows, 2):
-                log.info("reference log-probs (%s) reused from %s", label, path)
-                if path != run_dir / name:
-                    _save(run_dir / name, saved)
-                return saved["table"]
-    table = score(model, groups, n_rows, pad_id, runtime)
-    _save(run_dir / name, {"fingerprint": fp, "table": table})
-    return table
+                log.info("reference log-probs reused from %s", path)
+                return saved
+    return None
 
 
 def _save(path: Path, obj: dict) -> None:

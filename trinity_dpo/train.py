@@ -18,18 +18,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import builtin, checkpoint, report
-from .batching import collate, plan_micro, step_indices, steps_per_epoch
+from . import builtin, checkpoint, distributed, logprobs, report
+from .batching import collate, is_padding, shard_step, step_indices, steps_per_epoch
 from .config import Config, ConfigError
+from .distributed import Dist
 from .data import Conversation, DataError, DataReport, load_conversations
 from .evaluate import comparison, eval_metrics, generate, side_by_side
 from .logprobs import sequence_logps
 from .losses import LOSSES
-from .metrics import MetricsLog
+from .metrics import MetricsLog, NullLog
 from .modeling import Runtime, load_model, load_tokenizer, pick_runtime
 from .optim import build_optimizer, lr_factor, set_lr
 from .pairs import Limits, Pair, build_pairs
-from .reference import cached_score, first_epoch_groups, score
+from .reference import cached_score, first_epoch_plan, score
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +91,40 @@ def load_data(cfg: Config, tokenizer) -> Data:
     return Data(pairs, eval_pairs, samples, summary)
 
 
-def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """The run folder, and the checkpoint to resume from (None: a fresh start) as `trainer.resume_mode` says."""
+def prepare_run_dir(cfg: Config, d: Dist) -> tuple[Path, Path | None]:
+    """The run folder, and the checkpoint to resume from (None: a fresh start) as `trainer.resume_mode` says.
+    Rank 0 decides and tidies; every process must see the same folder (shared storage across nodes)."""
     run_dir = run_dir_of(cfg)
+    decision = None
+    if d.main:
+        decision = _prepare_run_dir(cfg, run_dir)
+        (run_dir / ".launch").write_text(str(time.time_ns()))
+    decision, launch = d.from_main((decision, (run_dir / ".launch").read_text() if d.main else None))
+    if isinstance(decision, ConfigError):
+        raise decision
+    seen = run_dir / ".launch"
+    if not seen.is_file() or seen.read_text() != launch:
+        raise ConfigError(f"checkpoint_root_dir: this process does not see rank 0's run folder {run_dir}; with "
+                          "several nodes it must be on storage they all share")
+    return run_dir, None if decision is None else Path(decision)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> str | None | ConfigError:
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.clean_incomplete(run_dir)
     if cfg.trainer.resume_from_path:
-        return run_dir, Path(cfg.trainer.resume_from_path)
+        return cfg.trainer.resume_from_path
     if cfg.trainer.resume_mode == "auto":
         found = checkpoint.latest(run_dir)
         if found is not None:
-            return run_dir, found
+            return str(found)
     elif any(run_dir.glob("global_step_*")) or (run_dir / "metrics.jsonl").is_file():
-        raise ConfigError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
-                          "`name`, remove the folder, or set resume_mode: auto to continue it")
+        return ConfigError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
+                           "`name`, remove the folder, or set resume_mode: auto to continue it")
     for stale in ("metrics.jsonl", "samples.json", "samples_base.json"):
         (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    return run_dir, None
+    return None
 
 
 class _Stop:
@@ -128,87 +145,121 @@ class _Stop:
 
 
 def run(cfg: Config) -> Path:
-    """Train offline DPO as `cfg` says (resuming where the run folder says so); return the run folder."""
+    """Train offline DPO as `cfg` says (resuming where the run folder says so); return the run folder. Under
+    torchrun every worker process runs this, each on its share of every step (`distributed.py`)."""
     runtime = pick_runtime(cfg)
-    cfg.model.model_path = builtin.materialize(cfg.model.model_path)
+    d = distributed.setup(cfg, runtime.device)
+    try:
+        return _train(cfg, runtime, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: Config, runtime: Runtime, d: Dist) -> Path:
+    _materialize_builtins(cfg, d)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
     data = load_data(cfg, tokenizer)
-    run_dir, resume_from = prepare_run_dir(cfg)
-    _write_json(run_dir / "data_summary.json", data.summary)
+    run_dir, resume_from = prepare_run_dir(cfg, d)
+    if d.main:
+        _write_json(run_dir / "data_summary.json", data.summary)
     model, save_dtype = load_model(cfg, runtime.device)
-    log.info("model %s on %s, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device,
-             "bf16 autocast" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
+    distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
+    log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
+             "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
     total = total_steps_of(cfg, len(data.train))
     log.info("%d pairs, batch %d, %d optimizer steps", len(data.train), cfg.buffer.train_batch_size, total)
     pad = tokenizer.pad_token_id
-    ref, eval_groups, eval_ref = _reference_tables(cfg, model, data, total, runtime, run_dir, pad)
+    ref, eval_groups, eval_ref = _reference_tables(cfg, model, data, total, runtime, run_dir, pad, d)
     optimizer = build_optimizer(model, cfg.algorithm.optimizer)
     state = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
     if resume_from is not None:
         state = checkpoint.restore(resume_from, model, optimizer)
         log.info("resumed from %s at step %d", resume_from, state["step"])
-        _carry_history(resume_from.parent, run_dir)
-        _truncate_metrics(run_dir, state["step"])
+        if d.main:
+            _carry_history(resume_from.parent, run_dir)
+            _truncate_metrics(run_dir, state["step"])
     args = cfg.algorithm.policy_loss_fn_args
 
-    def run_eval(step: int) -> dict[str, float]:
+    def run_eval(step: int) -> None:
         # Before any update the policy is the reference: its scores are the reference table itself.
-        policy = eval_ref if step == 0 else score(model, eval_groups, len(data.eval), pad, runtime)
-        result = eval_metrics(policy, eval_ref, data.eval, cfg.algorithm.policy_loss_fn, args.beta,
-                              args.label_smoothing)
-        metrics.write_eval(step, result)
-        return result
+        policy = eval_ref if step == 0 else d.merge_rows(score(model, eval_groups, len(data.eval), pad, runtime))
+        metrics.write_eval(step, eval_metrics(policy, eval_ref, data.eval, cfg.algorithm.policy_loss_fn, args.beta,
+                                              args.label_smoothing))
 
     def answer() -> list[str]:
-        return generate(model, tokenizer, data.sample_prompts, runtime, cfg.trainer.eval_max_new_tokens)
+        return generate(model, tokenizer, data.sample_prompts, runtime, cfg.trainer.eval_max_new_tokens, d.world > 1)
 
     def save(step: int) -> None:
-        path = checkpoint.save(run_dir, step, model, tokenizer, save_dtype, optimizer, {**state, "total": total})
-        checkpoint.prune(run_dir, cfg.trainer.max_checkpoints_to_keep, resume_from)
+        path = checkpoint.save(run_dir, step, model, tokenizer, save_dtype, optimizer, {**state, "total": total}, d)
+        if d.main:
+            checkpoint.prune(run_dir, cfg.trainer.max_checkpoints_to_keep, resume_from)
         log.info("saved %s", path)
 
-    metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"])
+    metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"]) if d.main else NullLog()
     stop = _Stop()
     try:
         if state["step"] == 0:
             if data.eval:
                 run_eval(0)
-            _write_json(run_dir / "samples_base.json", answer())
+            base_answers = answer()
+            if d.main:
+                _write_json(run_dir / "samples_base.json", base_answers)
         for step in range(state["step"], total):
             lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, total)
             epoch, indices = step_indices(step, len(data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
-            record = train_step(model, optimizer, [data.train[i] for i in indices], ref, cfg, runtime, pad, lr)
+            groups = shard_step([data.train[i] for i in indices], d.world, *micro_plan(cfg))[d.rank]
+            record = train_step(model, optimizer, groups, len(indices), ref, cfg, runtime, pad, lr, d)
             _count_skips(state, record, cfg.trainer.max_consecutive_skips)
             state["step"] = done = step + 1
             metrics.write({"step": done, "epoch": epoch, **record, "skipped_steps": state["skipped_steps"]})
             if data.eval and (done == total or (cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0)):
                 run_eval(done)
-            if done == total or stop.asked or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
+            stopping = d.any(stop.asked is not None)  # every process stops after the same step
+            if done == total or stopping or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
                 save(done)
-            if stop.asked and done < total:
+            if stopping and done < total:
                 log.warning("stopped by %s after step %d of %d; run the same command again to resume",
-                            stop.asked, done, total)
+                            stop.asked or "a signal to another process", done, total)
                 return run_dir
-        _finish(run_dir, data, answer())
+        trained_answers = answer()
+        if d.main:
+            _finish(run_dir, data, trained_answers)
     finally:
         stop.restore()
         metrics.close()
-    report.write_report(run_dir)
+    if d.main:
+        report.write_report(run_dir)
     return run_dir
 
 
-def _reference_tables(cfg: Config, model, data: Data, total: int, runtime: Runtime, run_dir: Path, pad: int):
-    """(training reference table, held-out micro-batches, held-out reference table), cached in the run folder."""
+def _materialize_builtins(cfg: Config, d: Dist) -> None:
+    """Convert the built-in model and write the built-in data where asked, one process per node first (they would
+    all do the same work), then point the config at the local folders."""
+    inputs = cfg.buffer.trainer_input
+    if distributed.local_rank() == 0:
+        builtin.materialize(cfg.model.model_path)
+        for path in (inputs.experience_buffer.path, inputs.eval_buffer.path):
+            if path:
+                builtin.data_path(path)
+    d.any(False)  # the others wait here
+    cfg.model.model_path = builtin.materialize(cfg.model.model_path)
+
+
+def _reference_tables(cfg: Config, model, data: Data, total: int, runtime: Runtime, run_dir: Path, pad: int,
+                      d: Dist):
+    """(training reference table, this process's held-out micro-batches, held-out reference table), both tables
+    cached in the run folder; each process scores its own share."""
     plan = micro_plan(cfg)
     t0 = time.perf_counter()
-    groups = first_epoch_groups(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, plan)
-    ref = cached_score(model, cfg.model.model_path, groups, len(data.train), pad, runtime, run_dir, "train")
-    eval_groups = plan_micro(data.eval, *plan)
-    eval_ref = cached_score(model, cfg.model.model_path, eval_groups, len(data.eval), pad, runtime, run_dir, "eval")
-    log.info("reference log-probs of %d pairs in %.1f s", sum(map(len, groups)) + len(data.eval),
+    train_plan = first_epoch_plan(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, d.world, plan)
+    model_path = cfg.model.model_path
+    ref = cached_score(model, model_path, train_plan, len(data.train), pad, runtime, run_dir, "train", d)
+    eval_plan = shard_step(data.eval, d.world, *plan) if data.eval else [[] for _ in range(d.world)]
+    eval_ref = cached_score(model, model_path, eval_plan, len(data.eval), pad, runtime, run_dir, "eval", d)
+    log.info("reference log-probs of %d pairs in %.1f s", int((~ref.isnan()).all(1).sum()) + len(data.eval),
              time.perf_counter() - t0)
-    return ref, eval_groups, eval_ref
+    return ref, eval_plan[d.rank], eval_ref
 
 
 def _count_skips(state: dict, record: dict, limit: int) -> None:
@@ -269,30 +320,37 @@ def micro_plan(cfg: Config) -> tuple[int | None, int | None]:
     return actor.ppo_micro_batch_size_per_gpu, actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
 
 
-def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Config, runtime: Runtime,
-               pad_id: int, lr: float) -> dict[str, float]:
-    """One optimizer step over `batch`; returns the step's metrics (means over its pairs)."""
+def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: torch.Tensor, cfg: Config,
+               runtime: Runtime, pad_id: int, lr: float, d: Dist) -> dict[str, float]:
+    """One optimizer step: this process's micro-batches `groups` (`shard_step`) of a step of `n_pairs` pairs in
+    all; returns the step's metrics, means over all `n_pairs` pairs (the same on every process)."""
     start = time.perf_counter()
     args = cfg.algorithm.policy_loss_fn_args
     loss_fn = LOSSES[cfg.algorithm.policy_loss_fn]
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
+    names = ["loss", *loss_fn(*[torch.zeros(0)] * 4, args.beta, args.label_smoothing)[1]]
+    # Sums over this process's pairs, then tokens and token slots; summed over processes in one collective.
+    sums = torch.zeros(len(names) + 2, dtype=torch.float64, device=runtime.device)
     tokens = slots = 0
-    for group in plan_micro(batch, *micro_plan(cfg)):
+    for group in groups:
         mb = collate(group, pad_id).to(runtime.device)
-        chosen, rejected = sequence_logps(model, mb, runtime.autocast()).chunk(2)
+        logps = sequence_logps(model, mb, runtime.autocast())
+        if is_padding(group):
+            (logps.sum() * 0).backward()  # joins the other processes' collectives; adds nothing
+            continue
+        chosen, rejected = logps.chunk(2)
         ref_pairs = ref[mb.pair_index.cpu()].to(runtime.device)
         losses, per_pair = loss_fn(chosen, rejected, ref_pairs[:, 0], ref_pairs[:, 1], args.beta, args.label_smoothing)
-        # Each micro-batch adds its share of the mean over the whole step's pairs: the summed gradients equal
-        # those of one full-batch step.
-        (losses.sum() / len(batch)).backward()
-        sums["loss"] += losses.detach().sum()
-        for key, values in per_pair.items():
-            sums[key] += values.sum()
-        tokens += mb.n_tokens
-        slots += mb.input_ids.numel()
+        # Each micro-batch adds its share of the mean over the whole step's pairs: the summed gradients (over
+        # micro-batches and processes) equal those of one full-batch step.
+        (losses.sum() / n_pairs).backward()
+        sums[:len(names)] += torch.stack([losses.detach().sum(), *(per_pair[k].sum() for k in names[1:])])
+        tokens, slots = tokens + mb.n_tokens, slots + mb.input_ids.numel()
+    sums[len(names):] = torch.tensor([tokens, slots], dtype=torch.float64)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    record = {k: v.item() / len(batch) for k, v in sums.items()}  # one host sync per step
+    grad_norm = distributed.clip_grad_norm(model, clip)
+    totals = d.all_sum(sums).tolist()  # one host sync per step
+    record = {name: total / n_pairs for name, total in zip(names, totals)}
+    tokens, slots = totals[len(names):]
     # A non-finite loss or norm would poison the weights and Adam's moments: drop this step's update entirely.
     skipped = not (math.isfinite(record["loss"]) and math.isfinite(grad_norm))
     if not skipped:
@@ -300,7 +358,6 @@ def train_step(model, optimizer, batch: list[Pair], ref: torch.Tensor, cfg: Conf
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
-    record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), pairs=len(batch), tokens=tokens,
-                  pad_share=1 - tokens / slots,
-                  tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+    record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), pairs=n_pairs, tokens=int(tokens),
+                  pad_share=1 - tokens / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record

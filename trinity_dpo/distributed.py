@@ -1,0 +1,229 @@
+"""Several processes: the launch, FSDP2 sharding and the few collectives the loop needs; the one module that knows
+about ranks.
+
+    trinity run --config dpo.yaml cluster.gpu_per_node=2        # one node: trinity starts the workers itself
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port 29500 \\
+        -m trinity_dpo.cli run --config dpo.yaml                 # several nodes: the same command on every node
+
+Workers come from PyTorch's own elastic launcher (`torch.distributed.run`); NCCL joins them on GPUs and gloo on CPUs.
+With one process there is no process group and every helper is the identity, so the loop reads the same either way.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def launched() -> bool:
+    """True inside a worker that torchrun (or another launcher setting RANK and WORLD_SIZE) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launch(config_path: str, overrides: list[str], cfg: Config) -> int | None:
+    """Start `cluster.gpu_per_node` workers running this same command through `torch.distributed.run`, when the
+    config asks for several processes on this node and this process is not one of them. Returns their exit code,
+    or None when training should run right here."""
+    if launched() or cfg.cluster.node_num * cfg.cluster.gpu_per_node == 1:
+        return None
+    n = cfg.cluster.gpu_per_node
+    if cfg.cluster.node_num > 1:
+        raise ConfigError(f"cluster.node_num={cfg.cluster.node_num}: start the run on every node with torchrun "
+                          f"--nnodes {cfg.cluster.node_num} --nproc-per-node {n} --node-rank R --master-addr HOST "
+                          "--master-port PORT -m trinity_dpo.cli run --config ... (README, 'Several GPUs and nodes')")
+    if cfg.cluster.device == "cuda" and torch.cuda.device_count() < n:
+        raise ConfigError(f"cluster.gpu_per_node={n} but this machine has {torch.cuda.device_count()} CUDA devices")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # torchrun would give each CPU worker one thread; share the cores instead (an explicit OMP_NUM_THREADS wins).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    log.info("starting %d worker processes (torch.distributed.run)", n)
+    args = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(n), "--module",
+                                         "trinity_dpo.cli", "run", "--config", config_path, *overrides])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"trinity: stopped: worker {rank} exited with code {failure.exitcode}{_failure_text(failure)}; every "
+              "worker was stopped", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def _failure_text(failure) -> str:
+    message = failure.message if isinstance(failure.message, str) else ""
+    return f" ({message.strip().splitlines()[-1]})" if message and "<N/A>" not in message else ""
+
+
+@dataclass
+class Dist:
+    """This process's place among the workers; with `world == 1` every method is the identity."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # the DeviceMesh FSDP2 shards over; None with one process
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes the run folder (metrics, checkpoints' HF copy, reference cache) and prints."""
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def merge_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of a NaN-initialised table in one table: a row is the mean of the processes that
+        filled it (one, or several with the same numbers: (v + v) / 2 == v exactly)."""
+        if self.world == 1:
+            return table
+        filled = ~table.isnan()
+        values = self.all_sum(torch.where(filled, table, 0.0).to(self.device, torch.float64))
+        counts = self.all_sum(filled.to(self.device, torch.float64))
+        return (values / counts).float().cpu()  # 0 / 0: rows nobody filled stay NaN
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on some process: decisions that must be the same everywhere (stopping, saving)."""
+        return bool(self.all_sum(torch.tensor([float(flag)], device=self.device)).item())
+
+    def first_error(self, error: str | None) -> str | None:
+        """The first process's error text among all processes' (None: none failed), known to every process."""
+        if self.world == 1:
+            return error
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, error)
+        return next((e for e in gathered if e), None)
+
+    def from_main(self, obj):
+        """Rank 0's `obj`, on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup(cfg: Config, device: torch.device) -> Dist:
+    """Join the other workers (if torchrun started some) and check they are as many as the config says."""
+    if not launched():
+        return Dist(device=device)
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    expected = cfg.cluster.node_num * cfg.cluster.gpu_per_node
+    if world != expected:
+        raise ConfigError(f"{world} worker processes were started but cluster.node_num x cluster.gpu_per_node is "
+                          f"{expected}; make them agree")
+    if world == 1:
+        return Dist(device=device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    timeout = datetime.timedelta(seconds=cfg.trainer.trainer_config.actor_rollout_ref.nccl_timeout)
+    # A process that dies takes the others down through the launcher; one that hangs, through this timeout.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports; the others speak only of trouble
+    return Dist(rank=rank, world=world, device=device, mesh=init_device_mesh(device.type, (world,)))
+
+
+def teardown(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, d: Dist, bf16: bool, forward_method: str) -> None:
+    """FSDP2 over all processes: each decoder layer is one unit, the root (embeddings, final norm, LM head) another;
+    parameters, gradients and Adam's moments are sharded. On GPU a mixed-precision policy computes in bf16 and
+    reduces gradients in fp32. `forward_method` is the model's method that scores micro-batches outside `forward`."""
+    if d.mesh is None:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy()
+    if d.device.type == "cuda" and bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = getattr(getattr(model, model.base_model_prefix), "layers", None)
+    if layers is None:
+        raise ConfigError(f"{type(model).__name__}: no decoder layers at {model.base_model_prefix}.layers to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=d.mesh, mp_policy=policy)
+    fully_shard(model, mesh=d.mesh, mp_policy=policy)
+    # The root's parameters are gathered only inside a forward FSDP knows of; scoring calls the backbone and the
+    # head itself, so its method is registered as one.
+    register_fsdp_forward_method(model, forward_method)
+    for module in model.modules():
+        if hasattr(module, "set_force_sum_reduction_for_comms"):
+            # Gradients are summed, not averaged: each micro-batch's loss is already divided by the global pair
+            # count, so the sum over processes is the full-batch gradient (gloo has no pre-scaled reduction).
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients to `max_norm` in total; returns the norm before clipping, the same on every process."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: each process holds a partial sum
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+def full_state_dict(model: torch.nn.Module, main: bool) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU ({} elsewhere); every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if main else {}
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied parameters come back as separate copies; make them one tensor again so the HF copy stores it once.
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and name in weights:
+            weights[name] = weights[first[id(param)]]
+        first.setdefault(id(param), name)
+    return weights
+
+
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """fp32 weights and optimizer state with torch.distributed.checkpoint: each process writes its shards, and the
+    files can be loaded by any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+
+def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read what `save_state` wrote (by however many processes) into this process's shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
