@@ -104,4 +104,6 @@ def _models(args) -> str:
 COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models}
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .distributed import launched, worker_main
+
+    sys.exit(worker_main(main) if launched() else main())

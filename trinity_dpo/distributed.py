@@ -11,9 +11,11 @@ With one process there is no process group and every helper is the identity, so 
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,27 +54,59 @@ def launch(config_path: str, overrides: list[str], cfg: Config) -> int | None:
                           "--master-port PORT -m trinity_dpo.cli run --config ... (README, 'Several GPUs and nodes')")
     if cfg.cluster.device == "cuda" and torch.cuda.device_count() < n:
         raise ConfigError(f"cluster.gpu_per_node={n} but this machine has {torch.cuda.device_count()} CUDA devices")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     # torchrun would give each CPU worker one thread; share the cores instead (an explicit OMP_NUM_THREADS wins).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    # On SIGINT/SIGTERM the launcher passes the signal on, then waits this long before killing the workers: time
+    # to finish the step and save (it is 30 s otherwise).
+    timeout = cfg.trainer.trainer_config.actor_rollout_ref.nccl_timeout
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(timeout))
     log.info("starting %d worker processes (torch.distributed.run)", n)
     args = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(n), "--module",
                                          "trinity_dpo.cli", "run", "--config", config_path, *overrides])
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        print(f"trinity: stopped: worker {rank} exited with code {failure.exitcode}{_failure_text(failure)}; every "
-              "worker was stopped", file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
+        # Earliest first; a worker that failed because a peer vanished comes after the peer's own error.
+        failures = sorted(e.failures.items(), key=lambda item: (
+            item[1].timestamp, "remote worker" in _failure_text(item[1]), item[0]))
+        lines = [f"  worker {rank} exited with code {f.exitcode}{_failure_text(f)}" for rank, f in failures]
+        print("\n".join([f"trinity: stopped: {len(failures)} of {n} workers failed, so every worker was stopped "
+                          "(their output is above):", *lines]), file=sys.stderr)
+        code = failures[0][1].exitcode
+        return code if code > 0 else 1
+    except SignalException as e:  # the workers were told too: they finish the step, save and exit
+        log.warning("stopped by %s", e.sigval.name)
     return 0
 
 
+def worker_main(main) -> int:
+    """Run `main` in a worker that torchrun started. `record` hands an uncaught exception to the launcher, which
+    names it when it stops the others; then the worker leaves at once (os._exit), because Python's own shutdown
+    aborts (SIGABRT) while gloo threads still hold tensors of an interrupted collective, hiding the error."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    try:
+        return record(main)()
+    except (Exception, KeyboardInterrupt):
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def _failure_text(failure) -> str:
-    message = failure.message if isinstance(failure.message, str) else ""
-    return f" ({message.strip().splitlines()[-1]})" if message and "<N/A>" not in message else ""
+    """The failed worker's exception in one line, from the error file `record` (cli.py) wrote; '' without one."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    lines = str(message or "").strip().splitlines()
+    if not lines or "<N/A>" in lines[-1]:
+        return ""
+    return ": " + (lines[-1] if len(lines[-1]) <= 200 else lines[-1][:197] + "...")
 
 
 @dataclass
@@ -143,12 +177,17 @@ def setup(cfg: Config, device: torch.device) -> Dist:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports; the others speak only of trouble
+        logging.getLogger().setLevel(logging.ERROR)  # rank 0 reports for all; the others' failures raise
     return Dist(rank=rank, world=world, device=device, mesh=init_device_mesh(device.type, (world,)))
 
 
 def teardown(d: Dist) -> None:
+    """Leave the process group together, the sharded model freed first. The last collective is a barrier, which
+    holds no tensor: a gloo thread dropping a Python-owned tensor after Python began shutting down aborts the
+    process (seen as SIGABRT/SIGSEGV at exit after an all-reduce)."""
     if d.world > 1 and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -149,10 +149,9 @@ def run(cfg: Config) -> Path:
     torchrun every worker process runs this, each on its share of every step (`distributed.py`)."""
     runtime = pick_runtime(cfg)
     d = distributed.setup(cfg, runtime.device)
-    try:
-        return _train(cfg, runtime, d)
-    finally:
-        distributed.teardown(d)
+    run_dir = _train(cfg, runtime, d)
+    distributed.teardown(d)  # only after a clean finish: a failing worker just exits, the launcher stops the rest
+    return run_dir
 
 
 def _train(cfg: Config, runtime: Runtime, d: Dist) -> Path:

@@ -1,0 +1,210 @@
+"""Several processes (CPU, gloo, two workers, a tiny model): equal to one process, checkpoints that cross process
+counts, failures that stop every worker within a bound, and the rules that split a step between workers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from trinity_dpo import checkpoint, distributed, train
+from trinity_dpo.batching import is_padding, plan_micro, shard_step
+from trinity_dpo.config import ConfigError
+from trinity_dpo.config_loader import load_config
+from trinity_dpo.pairs import Pair
+
+from conftest import REPO
+from tiny import write_pairs
+
+TIMING = ("tokens_per_s", "step_time_s")
+
+
+def cli(config, *overrides, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(config), *overrides],
+                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir, step):
+    return load_file(str(run_dir / f"global_step_{step}" / "model.safetensors"))
+
+
+def assert_close_runs(a, b, step, tol=1e-5):
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for key in x.keys() - set(TIMING):
+            assert abs(x[key] - y[key]) <= tol * max(1.0, abs(x[key])), (x["step"], key, x[key], y[key])
+    wa, wb = weights(a, step), weights(b, step)
+    assert wa.keys() == wb.keys()  # tied embeddings are stored once by both
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, qwen_dir):
+    """23 pairs, 6 held out: 17 train pairs in steps of 8, 8 and 1, so in the short step the second worker has no
+    pair and runs a padding micro-batch. Two pairs per micro-batch, gradient checkpointing on, fp32."""
+    root = tmp_path_factory.mktemp("dist")
+    data = write_pairs(root / "pairs.json", n=23)
+    cfg = {
+        "project": "proj", "name": "run", "mode": "train", "algorithm": {"algorithm_type": "dpo"},
+        "checkpoint_root_dir": str(root / "ckpt"), "model": {"model_path": str(qwen_dir)},
+        "cluster": {"node_num": 1, "gpu_per_node": 1},
+        "buffer": {"total_epochs": 2, "batch_size": 8, "trainer_input": {"eval_fraction": 0.25, "experience_buffer": {
+            "name": "dpo_buffer", "storage_type": "file", "path": str(data),
+            "format": {"prompt_type": "plaintext", "prompt_key": "prompt", "chosen_key": "chosen",
+                       "rejected_key": "rejected"}}}},
+        "trainer": {"trainer_config_path": "train_dpo.yaml", "save_interval": 2, "eval_interval": 3,
+                    "eval_samples": 1, "eval_max_new_tokens": 4, "precision": "fp32", "actor_use_kl_loss": True,
+                    "actor_kl_loss_coef": 0.1},
+    }
+    (root / "train_dpo.yaml").write_text(yaml.safe_dump({
+        "data": {"max_prompt_length": 128, "max_response_length": 64},
+        "actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True},
+                              "actor": {"ppo_micro_batch_size_per_gpu": 2, "optim": {"lr": 1e-3}}}}))
+    (root / "dpo.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "dpo.yaml"
+
+
+@pytest.fixture(scope="module")
+def runs(config):
+    """The same run in one process and in two."""
+    one = train.run(load_config(config, ["name=one"]))
+    proc = cli(config, "cluster.gpu_per_node=2", "name=two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting 2 worker processes" in proc.stderr
+    return one, one.parent / "two"
+
+
+def test_two_processes_equal_one(runs):
+    one, two = runs
+    assert_close_runs(one, two, 6)
+    assert [r["pairs"] for r in records(two) if "pairs" in r] == [8, 8, 1] * 2
+    assert abs(records(two)[1]["loss"] - 0.6931471805599453) < 1e-6  # step 1: policy = reference
+
+
+def test_reference_scored_in_shares_and_gathered_into_one_cache(runs):
+    one, two = runs
+    tables = [torch.load(next(d.glob("ref_cache/train-*.pt")), weights_only=True)["table"] for d in runs]
+    assert not tables[1].isnan().any()  # every pair scored by one of the two workers
+    torch.testing.assert_close(tables[1], tables[0], rtol=1e-6, atol=1e-5)
+
+
+def test_checkpoint_of_two_processes_loads_in_one(runs, config):
+    one, two = runs
+    model = AutoModelForCausalLM.from_pretrained(two / "global_step_6")  # the consolidated HF copy
+    saved = weights(one, 6)
+    assert max((model.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
+    # The resumable state (DCP, written in two shards) resumes in one process, and the reverse.
+    crossed = train.run(load_config(config, ["name=two_to_one", f"trainer.resume_from_path={two / 'global_step_2'}"]))
+    assert_close_runs(two, crossed, 6)
+    proc = cli(config, "cluster.gpu_per_node=2", "name=one_to_two", f"trainer.resume_from_path={one / 'global_step_2'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_runs(one, one.parent / "one_to_two", 6)
+
+
+def fault_env(how: str) -> dict:
+    env = dict(os.environ, TRINITY_TEST_FAIL_RANK="1", TRINITY_TEST_FAIL_HOW=how)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests" / "faults"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_exception_in_one_worker_stops_all_with_its_error(config):
+    start = time.time()
+    proc = cli(config, "cluster.gpu_per_node=2", "name=raises", env=fault_env("raise"), timeout=180)
+    assert proc.returncode == 1
+    assert "workers failed, so every worker was stopped (their output is above):" in proc.stderr
+    assert "  worker 1 exited with code 1: RuntimeError: simulated failure in rank 1" in proc.stderr
+    assert time.time() - start < 120
+
+
+def test_hung_worker_is_bounded_by_the_timeout(config):
+    start = time.time()
+    proc = cli(config, "cluster.gpu_per_node=2", "name=hangs", "trainer.trainer_config.actor_rollout_ref.nccl_timeout=5",
+               env=fault_env("hang"), timeout=180)
+    assert proc.returncode == 1
+    assert "workers failed, so every worker was stopped" in proc.stderr and "Timed out" in proc.stderr
+    assert time.time() - start < 120
+
+
+def test_sigterm_stops_every_worker_after_the_same_step(config):
+    run_dir = config.parent / "ckpt" / "proj" / "stopped"
+    cmd = [sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(config), "cluster.gpu_per_node=2",
+           "name=stopped", "buffer.total_epochs=40", "trainer.save_interval=0", "trainer.eval_samples=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 120
+    while time.time() < end and proc.poll() is None and not (
+            (run_dir / "metrics.jsonl").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "run the same command again to resume" in err
+    saved = checkpoint.latest(run_dir)
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert saved is not None and int(saved.name[12:]) == steps[-1] < 120
+
+
+def test_several_nodes_are_started_by_torchrun(config):
+    proc = cli(config, "cluster.node_num=2", timeout=120)
+    assert proc.returncode == 2
+    assert "cluster.node_num=2: start the run on every node with torchrun --nnodes 2 --nproc-per-node 1" in proc.stderr
+
+
+def test_worker_count_must_match_the_config(config, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = load_config(config, ["cluster.gpu_per_node=2"])
+    with pytest.raises(ConfigError, match="3 worker processes were started but cluster.node_num x "
+                                          "cluster.gpu_per_node is 2; make them agree"):
+        distributed.setup(cfg, torch.device("cpu"))
+
+
+def test_run_folder_must_be_shared_storage(config):
+    """A worker on a node that cannot see rank 0's run folder stops with a clear error instead of a split run."""
+    cfg = load_config(config, ["name=unshared"])
+    other = types.SimpleNamespace(main=False, from_main=lambda obj: (None, "rank 0's launch token"))
+    with pytest.raises(ConfigError, match="does not see rank 0's run folder .* it must be on storage they all share"):
+        train.prepare_run_dir(cfg, other)
+
+
+def _pairs(n: int, seed: int = 0) -> list[Pair]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 30, (n, 3), generator=gen).tolist()
+    return [Pair(i, i + 1, [5] * a, [6] * b, [7] * c) for i, (a, b, c) in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("world,micro,budget", [(2, 2, None), (3, None, 120), (4, 1, None), (2, None, None)])
+def test_shard_step_gives_distinct_pairs_and_equal_micro_batch_counts(world, micro, budget):
+    for n in (12, 5, 1):  # a full step, then short last steps (fewer pairs than workers)
+        batch = _pairs(n)
+        shares = shard_step(batch, world, micro, budget)
+        assert len(shares) == world and len({len(groups) for groups in shares}) == 1
+        real = [p.index for groups in shares for g in groups if not is_padding(g) for p in g]
+        assert sorted(real) == list(range(n))  # every pair once, on one worker
+        sizes = [sum(len(g) for g in groups if not is_padding(g)) for groups in shares]
+        assert max(sizes) - min(sizes) <= 1
+        for groups in shares:
+            for g in groups:
+                assert g and (is_padding(g) == (len(g) == 1 and g[0].index == -1))
+                if budget and len(g) > 1:
+                    assert sum(p.n_tokens for p in g) <= budget
+
+
+def test_shard_step_with_one_process_is_plan_micro():
+    batch = _pairs(12)
+    assert shard_step(batch, 1, 4) == [plan_micro(batch, 4)]
+    assert shard_step(batch, 1, None, 150) == [plan_micro(batch, None, 150)]
