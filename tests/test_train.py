@@ -17,6 +17,7 @@ from trinity_dpo.batching import step_indices
 from trinity_dpo.config import ConfigError
 from trinity_dpo.config_loader import load_config
 from trinity_dpo.data import DataError
+from trinity_dpo.modeling import load_model
 
 from test_config import doc_config
 from conftest import REPO
@@ -101,6 +102,8 @@ def test_gradient_checkpointing_and_bf16(make_config):
         main={"name": "gc", "trainer": {"total_steps": 2}},
         verl={"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True}}}))))
     assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in base], abs=1e-6)
+    cfg = load_config(make_config(verl={"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True}}}))
+    assert load_model(cfg, torch.device("cpu"))[0].is_activation_checkpointing  # the switch really took
     bf16 = metrics(train.run(load_config(make_config(main={"name": "bf16", "trainer": {"total_steps": 2,
                                                                                        "precision": "bf16"}}))))
     # The reference pass ran the very micro-batches of step 1: policy and reference agree to the bit in bf16 too.

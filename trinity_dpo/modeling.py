@@ -104,7 +104,11 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None) -> tu
     _disable_dropout(model)
     use_varlen(model)
     if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; 4.x has only the old one
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     stored = _stored_dtype(path)
     model.config.use_cache = False
     return model.to(device).train(), stored

@@ -11,7 +11,6 @@ import math
 import shutil
 import signal
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,17 +143,58 @@ class _Stop:
             signal.signal(sig, old)
 
 
+@dataclass
+class Session:
+    """Everything a run works with, built once by `_start`; `state` is the loop position a checkpoint keeps."""
+
+    cfg: Config
+    runtime: Runtime
+    d: Dist
+    tokenizer: object
+    data: Data
+    run_dir: Path
+    resume_from: Path | None
+    model: torch.nn.Module
+    save_dtype: torch.dtype
+    optimizer: torch.optim.Optimizer
+    ref: torch.Tensor  # [n_train, 2] reference log-probs (chosen, rejected)
+    eval_groups: list[list[Pair]]  # this process's held-out micro-batches
+    eval_ref: torch.Tensor  # [n_eval, 2]
+    total: int  # optimizer steps of the whole run
+    state: dict
+    metrics: MetricsLog | NullLog
+
+
 def run(cfg: Config) -> Path:
     """Train offline DPO as `cfg` says (resuming where the run folder says so); return the run folder. Under
     torchrun every worker process runs this, each on its share of every step (`distributed.py`)."""
     runtime = pick_runtime(cfg)
     d = distributed.setup(cfg, runtime.device)
-    run_dir = _train(cfg, runtime, d)
+    s = _start(cfg, runtime, d)
+    stop = _Stop()
+    try:
+        if s.state["step"] == 0:
+            _evaluate(s, 0)
+            base_answers = _answer(s)
+            if d.main:
+                _write_json(s.run_dir / "samples_base.json", base_answers)
+        finished = _loop(s, stop)
+        if finished:
+            trained_answers = _answer(s)
+            if d.main:
+                _finish(s.run_dir, s.data, trained_answers)
+    finally:
+        stop.restore()
+        s.metrics.close()
+    if finished and d.main:
+        report.write_report(s.run_dir)
     distributed.teardown(d)  # only after a clean finish: a failing worker just exits, the launcher stops the rest
-    return run_dir
+    return s.run_dir
 
 
-def _train(cfg: Config, runtime: Runtime, d: Dist) -> Path:
+def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
+    """Data, run folder, model (sharded over the processes), reference tables, optimizer; restored from the
+    checkpoint the run folder says to resume from."""
     _materialize_builtins(cfg, d)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
@@ -168,8 +208,9 @@ def _train(cfg: Config, runtime: Runtime, d: Dist) -> Path:
              "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
     total = total_steps_of(cfg, len(data.train))
     log.info("%d pairs, batch %d, %d optimizer steps", len(data.train), cfg.buffer.train_batch_size, total)
-    pad = tokenizer.pad_token_id
-    ref, eval_groups, eval_ref = _reference_tables(cfg, model, data, total, runtime, run_dir, pad, d)
+    # Before the optimizer exists and before any restore: the reference is the initial weights.
+    ref, eval_groups, eval_ref = _reference_tables(cfg, model, data, total, runtime, run_dir,
+                                                   tokenizer.pad_token_id, d)
     optimizer = build_optimizer(model, cfg.algorithm.optimizer)
     state = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
     if resume_from is not None:
@@ -178,58 +219,58 @@ def _train(cfg: Config, runtime: Runtime, d: Dist) -> Path:
         if d.main:
             _carry_history(resume_from.parent, run_dir)
             _truncate_metrics(run_dir, state["step"])
-    args = cfg.algorithm.policy_loss_fn_args
-
-    def run_eval(step: int) -> None:
-        # Before any update the policy is the reference: its scores are the reference table itself.
-        policy = eval_ref if step == 0 else d.merge_rows(score(model, eval_groups, len(data.eval), pad, runtime))
-        metrics.write_eval(step, eval_metrics(policy, eval_ref, data.eval, cfg.algorithm.policy_loss_fn, args.beta,
-                                              args.label_smoothing))
-
-    def answer() -> list[str]:
-        return generate(model, tokenizer, data.sample_prompts, runtime, cfg.trainer.eval_max_new_tokens, d.world > 1)
-
-    def save(step: int) -> None:
-        path = checkpoint.save(run_dir, step, model, tokenizer, save_dtype, optimizer, {**state, "total": total}, d)
-        if d.main:
-            checkpoint.prune(run_dir, cfg.trainer.max_checkpoints_to_keep, resume_from)
-        log.info("saved %s", path)
-
     metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"]) if d.main else NullLog()
-    stop = _Stop()
-    try:
-        if state["step"] == 0:
-            if data.eval:
-                run_eval(0)
-            base_answers = answer()
-            if d.main:
-                _write_json(run_dir / "samples_base.json", base_answers)
-        for step in range(state["step"], total):
-            lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, total)
-            epoch, indices = step_indices(step, len(data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
-            groups = shard_step([data.train[i] for i in indices], d.world, *micro_plan(cfg))[d.rank]
-            record = train_step(model, optimizer, groups, len(indices), ref, cfg, runtime, pad, lr, d)
-            _count_skips(state, record, cfg.trainer.max_consecutive_skips)
-            state["step"] = done = step + 1
-            metrics.write({"step": done, "epoch": epoch, **record, "skipped_steps": state["skipped_steps"]})
-            if data.eval and (done == total or (cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0)):
-                run_eval(done)
-            stopping = d.any(stop.asked is not None)  # every process stops after the same step
-            if done == total or stopping or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
-                save(done)
-            if stopping and done < total:
-                log.warning("stopped by %s after step %d of %d; run the same command again to resume",
-                            stop.asked or "a signal to another process", done, total)
-                return run_dir
-        trained_answers = answer()
-        if d.main:
-            _finish(run_dir, data, trained_answers)
-    finally:
-        stop.restore()
-        metrics.close()
-    if d.main:
-        report.write_report(run_dir)
-    return run_dir
+    return Session(cfg, runtime, d, tokenizer, data, run_dir, resume_from, model, save_dtype, optimizer, ref,
+                   eval_groups, eval_ref, total, state, metrics)
+
+
+def _loop(s: Session, stop: _Stop) -> bool:
+    """Optimizer steps from the state's step on, with evals and checkpoints; False when stopped by a signal."""
+    cfg, d = s.cfg, s.d
+    for step in range(s.state["step"], s.total):
+        lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, s.total)
+        epoch, indices = step_indices(step, len(s.data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
+        groups = shard_step([s.data.train[i] for i in indices], d.world, *micro_plan(cfg))[d.rank]
+        record = train_step(s.model, s.optimizer, groups, len(indices), s.ref, cfg, s.runtime,
+                            s.tokenizer.pad_token_id, lr, d)
+        _count_skips(s.state, record, cfg.trainer.max_consecutive_skips)
+        s.state["step"] = done = step + 1
+        s.metrics.write({"step": done, "epoch": epoch, **record, "skipped_steps": s.state["skipped_steps"]})
+        if done == s.total or (cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0):
+            _evaluate(s, done)
+        stopping = d.any(stop.asked is not None)  # every process stops after the same step
+        if done == s.total or stopping or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
+            _save(s, done)
+        if stopping and done < s.total:
+            log.warning("stopped by %s after step %d of %d; run the same command again to resume",
+                        stop.asked or "a signal to another process", done, s.total)
+            return False
+    return True
+
+
+def _evaluate(s: Session, step: int) -> None:
+    """Held-out figures at `step` (nothing without held-out pairs)."""
+    if not s.data.eval:
+        return
+    # Before any update the policy is the reference: its scores are the reference table itself.
+    policy = s.eval_ref if step == 0 else s.d.merge_rows(
+        score(s.model, s.eval_groups, len(s.data.eval), s.tokenizer.pad_token_id, s.runtime))
+    args = s.cfg.algorithm.policy_loss_fn_args
+    s.metrics.write_eval(step, eval_metrics(policy, s.eval_ref, s.data.eval, s.cfg.algorithm.policy_loss_fn,
+                                            args.beta, args.label_smoothing))
+
+
+def _answer(s: Session) -> list[str]:
+    return generate(s.model, s.tokenizer, s.data.sample_prompts, s.runtime, s.cfg.trainer.eval_max_new_tokens,
+                    synced=s.d.world > 1)
+
+
+def _save(s: Session, step: int) -> None:
+    path = checkpoint.save(s.run_dir, step, s.model, s.tokenizer, s.save_dtype, s.optimizer,
+                           {**s.state, "total": s.total}, s.d)
+    if s.d.main:
+        checkpoint.prune(s.run_dir, s.cfg.trainer.max_checkpoints_to_keep, s.resume_from)
+    log.info("saved %s", path)
 
 
 def _materialize_builtins(cfg: Config, d: Dist) -> None:
