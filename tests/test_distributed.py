@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -114,6 +115,22 @@ def test_checkpoint_of_two_processes_loads_in_one(runs, config):
     proc = cli(config, "cluster.gpu_per_node=2", "name=one_to_two", f"trainer.resume_from_path={one / 'global_step_2'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_close_runs(one, one.parent / "one_to_two", 6)
+
+
+def test_readme_multi_node_command_as_two_nodes_on_one_machine(runs, config):
+    """The README's torchrun line, once per "node" (node_num 2 x gpu_per_node 1), trains what 2 workers on one
+    node train."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "trinity_dpo.cli", "run",
+         "--config", str(config), "cluster.node_num=2", "name=nodes"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert_close_runs(runs[1], runs[1].parent / "nodes", 6)
 
 
 def fault_env(how: str) -> dict:
