@@ -175,10 +175,14 @@ def test_sigterm_stops_every_worker_after_the_same_step(config):
     assert saved is not None and int(saved.name[12:]) == steps[-1] < 120
 
 
-def test_several_nodes_are_started_by_torchrun(config):
+def test_several_nodes_are_started_by_torchrun_and_gpus_must_exist(config):
     proc = cli(config, "cluster.node_num=2", timeout=120)
     assert proc.returncode == 2
     assert "cluster.node_num=2: start the run on every node with torchrun --nnodes 2 --nproc-per-node 1" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = cli(config, "cluster.gpu_per_node=2", "cluster.device=cuda", timeout=120)
+        assert proc.returncode == 2
+        assert "cluster.gpu_per_node=2 but this machine has 0 CUDA devices; lower gpu_per_node" in proc.stderr
 
 
 def test_worker_count_must_match_the_config(config, monkeypatch):

@@ -52,8 +52,10 @@ def launch(config_path: str, overrides: list[str], cfg: Config) -> int | None:
         raise ConfigError(f"cluster.node_num={cfg.cluster.node_num}: start the run on every node with torchrun "
                           f"--nnodes {cfg.cluster.node_num} --nproc-per-node {n} --node-rank R --master-addr HOST "
                           "--master-port PORT -m trinity_dpo.cli run --config ... (README, 'Several GPUs and nodes')")
-    if cfg.cluster.device == "cuda" and torch.cuda.device_count() < n:
-        raise ConfigError(f"cluster.gpu_per_node={n} but this machine has {torch.cuda.device_count()} CUDA devices")
+    on_gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and torch.cuda.is_available())
+    if on_gpu and torch.cuda.device_count() < n:
+        raise ConfigError(f"cluster.gpu_per_node={n} but this machine has {torch.cuda.device_count()} CUDA devices; "
+                          "lower gpu_per_node (or set cluster.device: cpu for CPU processes)")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
