@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,28 @@ def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_
     monkeypatch.setattr(train, "train_step", real_step)
     run_dir = train.run(load_config(cfg("crashed")))
     assert_same_run(whole, run_dir, 4)
+
+
+def test_checkpoint_of_the_earlier_single_file_layout_still_resumes(six_steps):
+    """Checkpoints from before `trainer_state/dcp/` (fp32 weights in the HF copy, the optimizer's own
+    optimizer.pt) resume exactly: a run cut back to such a step 2 finishes as it first did."""
+    from trinity_dpo import distributed
+    from trinity_dpo.modeling import load_model
+    from trinity_dpo.optim import build_optimizer
+
+    cfg = load_config(six_steps("legacy"))
+    run_dir = train.run(cfg)
+    expected, expected_weights = records(run_dir), final_weights(run_dir, 6)
+    for step in (4, 6):
+        shutil.rmtree(run_dir / f"global_step_{step}")
+    old = run_dir / "global_step_2" / "trainer_state"
+    model, _ = load_model(cfg, torch.device("cpu"), str(run_dir / "global_step_2"))
+    optimizer = build_optimizer(model, cfg.algorithm.optimizer)
+    distributed.load_state(old / "dcp", model, optimizer)
+    torch.save(optimizer.state_dict(), old / "optimizer.pt")
+    shutil.rmtree(old / "dcp")
+    assert checkpoint.latest(run_dir).name == "global_step_2"
+    train.run(load_config(six_steps("legacy")))
+    assert records(run_dir) == expected
+    weights = final_weights(run_dir, 6)
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)

@@ -69,6 +69,8 @@ def _attempt(write) -> str | None:
         write()
     except OSError as e:
         return e.strerror or str(e)
+    except RuntimeError as e:  # torch.save reports a full disk this way
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     except CheckpointException as e:  # DCP wraps each process's OSError
         causes = [f for f in e.failures.values() if isinstance(f, OSError)]
         return (causes[0].strerror or str(causes[0])) if causes else str(e).splitlines()[0]
@@ -106,7 +108,9 @@ def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in (f"{STATE}/state.json", f"{STATE}/dcp/.metadata", "config.json"))
+    state = path / STATE
+    return ((state / "state.json").is_file() and (path / "config.json").is_file()
+            and ((state / "dcp" / ".metadata").is_file() or (state / "optimizer.pt").is_file()))
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -147,8 +151,30 @@ def restore(path: Path, model, optimizer) -> dict:
     `path`; return its loop state."""
     if not is_complete(path):
         raise ConfigError(f"{path} is not a complete checkpoint of this tool (no {STATE}/state.json)")
-    distributed.load_state(path / STATE / "dcp", model, optimizer)
+    if (path / STATE / "dcp").is_dir():
+        distributed.load_state(path / STATE / "dcp", model, optimizer)
+    else:
+        _restore_single_file(path, model, optimizer)
     rng = torch.load(path / STATE / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate((3, tuple(rng["python"]), None))
     return json.loads((path / STATE / "state.json").read_text())
+
+
+def _restore_single_file(path: Path, model, optimizer) -> None:
+    """The layout of checkpoints written before `dcp/`: fp32 weights in `model_fp32.safetensors` (else the HF copy)
+    and the optimizer's own `optimizer.pt`, which only an unsharded model can take."""
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        raise ConfigError(f"{path} was written by an earlier version in a single-process layout: resume it once with "
+                          "cluster.gpu_per_node=1; its next checkpoint resumes with any number of processes")
+    from safetensors.torch import load_model
+
+    fp32 = path / STATE / "model_fp32.safetensors"
+    if fp32.is_file():
+        load_model(model, str(fp32), device=str(next(model.parameters()).device))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(torch.load(path / STATE / "optimizer.pt", map_location="cpu", weights_only=True))

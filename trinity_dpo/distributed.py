@@ -62,10 +62,10 @@ def launch(config_path: str, overrides: list[str], cfg: Config) -> int | None:
 
     # torchrun would give each CPU worker one thread; share the cores instead (an explicit OMP_NUM_THREADS wins).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    # On SIGINT/SIGTERM the launcher passes the signal on, then waits this long before killing the workers: time
-    # to finish the step and save (it is 30 s otherwise).
-    timeout = cfg.trainer.trainer_config.actor_rollout_ref.nccl_timeout
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(timeout))
+    # The launcher passes SIGINT/SIGTERM on, and after a worker's failure sends SIGTERM to the others; either way
+    # it kills what still runs after this many seconds: time to finish a step and save (torch's 30 s is short),
+    # and the bound on survivors that wait on a dead peer (the variable is torch's own: set it to change this).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "180")
     log.info("starting %d worker processes (torch.distributed.run)", n)
     args = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(n), "--module",
                                          "trinity_dpo.cli", "run", "--config", config_path, *overrides])
@@ -195,21 +195,23 @@ def teardown(d: Dist) -> None:
 
 def shard(model: torch.nn.Module, d: Dist, bf16: bool, forward_method: str) -> None:
     """FSDP2 over all processes: each decoder layer is one unit, the root (embeddings, final norm, LM head) another;
-    parameters, gradients and Adam's moments are sharded. On GPU a mixed-precision policy computes in bf16 and
-    reduces gradients in fp32. `forward_method` is the model's method that scores micro-batches outside `forward`."""
+    parameters, gradients and Adam's moments are sharded. On GPU with bf16 the layers' mixed-precision policy
+    gathers and computes in bf16 and reduces gradients in fp32. `forward_method` is the model's method that scores
+    micro-batches outside `forward`."""
     if d.mesh is None:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    policy = MixedPrecisionPolicy()
+    layer_policy = MixedPrecisionPolicy()
     if d.device.type == "cuda" and bf16:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        layer_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     layers = getattr(getattr(model, model.base_model_prefix), "layers", None)
     if layers is None:
         raise ConfigError(f"{type(model).__name__}: no decoder layers at {model.base_model_prefix}.layers to shard")
     for layer in layers:
-        fully_shard(layer, mesh=d.mesh, mp_policy=policy)
-    fully_shard(model, mesh=d.mesh, mp_policy=policy)
+        fully_shard(layer, mesh=d.mesh, mp_policy=layer_policy)
+    # The root keeps fp32 parameters: the LM head's log-softmax runs in fp32 (logprobs.py), as on one process.
+    fully_shard(model, mesh=d.mesh, mp_policy=MixedPrecisionPolicy())
     # The root's parameters are gathered only inside a forward FSDP knows of; scoring calls the backbone and the
     # head itself, so its method is registered as one.
     register_fsdp_forward_method(model, forward_method)
