@@ -1,6 +1,12 @@
 """trinity-dpo and TRL's DPOTrainer side by side on the same job.
 
     python bench/compare_trl.py [--steps 6] [--batch 4] [--max-length 512] [--out docs/benchmarks.md]
+    python bench/compare_trl.py --device cuda --model qwen2.5-1.5b-shape --precisions bf16 --batch 8 --max-length 1024
+
+The second line is issue 4's GPU job: the Qwen2.5-1.5B-Instruct architecture with random weights from its published
+config (hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960, vocabulary 151936, tied embeddings),
+tokenized with SmolLM2's tokenizer (its ids fit the larger vocabulary). Each run replaces its own section of the
+output file (one per device and model), so CPU and GPU results sit side by side.
 
 Same model (the built-in SmolLM2-135M-Instruct), same pairs (the first steps x batch pairs of the real Human-Like
 data, or of the demo set where that is absent: one epoch for both), same batch, maximum length, precision and
@@ -29,16 +35,46 @@ sys.path.insert(0, str(REPO))
 REAL = REPO.parent / "shared" / "data" / "human_like_dpo_dataset"
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    """FLOP/s of an n x n x n matrix product in `dtype` on this CPU (best of `reps`)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+QWEN_SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6)
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", reps: int = 8) -> float:
+    """FLOP/s of a square matrix product in `dtype` on `device` (best of `reps`)."""
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(name: str, work: Path, layers: int | None) -> str:
+    """The model folder of `--model`: the built-in SmolLM2, or the Qwen2.5-1.5B shape with seeded random weights."""
+    from trinity_dpo import builtin
+
+    smollm2 = builtin.materialize("builtin:smollm2-135m-instruct")
+    if name == "smollm2":
+        return smollm2
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**{**QWEN_SHAPE, **({"num_hidden_layers": layers} if layers else {})})
+    folder = work / "qwen2.5-1.5b-shape"
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    return str(folder)
 
 
 def pairs_file(work: Path, n: int) -> tuple[Path, str]:
@@ -63,6 +99,7 @@ def run_ours(model: str, data: Path, args, work: Path) -> dict:
                      "max_model_len": args.max_length},
            "buffer": {"train_batch_size": args.batch, "total_epochs": 1, "trainer_input": {"experience_buffer": {
                "path": str(data)}}},
+           "cluster": {"device": args.device},
            "trainer": {"precision": args.precision, "save_interval": 0, "eval_samples": 0, "trainer_config": {
                "actor_rollout_ref": {"model": {"enable_gradient_checkpointing": args.checkpointing}}}}}
     (work / "ours.yaml").write_text(yaml.safe_dump(cfg))
@@ -89,14 +126,16 @@ def run_trl(model: str, data: Path, args, work: Path) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            _sync(args.device)
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            _sync(args.device)
             times.append(time.perf_counter() - self.t)
 
     config = DPOConfig(output_dir=str(work / "trl"), report_to=[], per_device_train_batch_size=args.batch,
                        max_length=args.max_length, max_steps=args.steps, learning_rate=1e-6, logging_steps=1,
-                       save_strategy="no", use_cpu=True, bf16=args.precision == "bf16", disable_tqdm=True,
+                       save_strategy="no", use_cpu=args.device == "cpu", bf16=args.precision == "bf16", disable_tqdm=True,
                        lr_scheduler_type="constant", seed=42)
     start = time.perf_counter()
     trainer = DPOTrainer(model=policy, args=config, train_dataset=Dataset.from_list(conv), processing_class=tok,
@@ -118,13 +157,14 @@ def run_trl(model: str, data: Path, args, work: Path) -> dict:
 
 def side(args) -> None:
     """Run one side in this process and print its figures as JSON."""
-    from trinity_dpo import builtin
-
-    model = builtin.materialize("builtin:smollm2-135m-instruct")
+    model = args.model_path
     work = Path(tempfile.mkdtemp(prefix=f"bench_{args.side}_"))
     data, source = pairs_file(work, args.steps * args.batch)
     result = (run_ours if args.side == "ours" else run_trl)(model, data, args, work)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    if args.device == "cuda":  # the GPU's memory is what limits a GPU job
+        result["peak_rss_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     result["params"] = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         model).parameters())
     result["source"] = source
@@ -151,17 +191,24 @@ def main() -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                         help="trinity-dpo without gradient checkpointing (faster here, more memory)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-1.5b-shape"])
+    parser.add_argument("--layers", type=int, help="fewer layers of the Qwen shape (a smoke test of this script)")
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)  # set for the side processes
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     args = parser.parse_args()
     if args.side:
         side(args)
         return 0
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    args.model_path = build_model(args.model, Path(tempfile.mkdtemp(prefix="bench_model_")), args.layers)
+    peaks = {p: matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[p]), args.device)
+             for p in args.precisions.split(",")}
     table = {}
     for precision in args.precisions.split(","):
         for who in ("trl", "ours"):
             cmd = [sys.executable, __file__, "--side", who, "--precision", precision, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--max-length", str(args.max_length)]
+                   "--batch", str(args.batch), "--max-length", str(args.max_length), "--device", args.device,
+                   "--model-path", args.model_path]
             if not args.checkpointing:
                 cmd.append("--no-checkpointing")
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -177,15 +224,36 @@ def main() -> int:
 
 
 def write_doc(out: Path, args, peaks, table, source) -> None:
+    """Replace (or add) this device's and model's section of `out`; the rest of the file is kept."""
+    key = f"{args.device}-{args.model}" + ("" if args.checkpointing else "-no-checkpointing")
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    text = out.read_text() if out.is_file() else "# Benchmarks\n"
+    section = "\n".join([begin, *_section(args, peaks, table, source), end])
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    out.write_text(text)
+
+
+def _section(args, peaks, table, source) -> list[str]:
     keys = ["pairs/s", "tokens/s", "s/step", "MFU", "peak memory (GB)", "step-1 loss", "wall (s)"]
-    lines = ["# Benchmarks", "", "## trinity-dpo vs TRL DPOTrainer on CPU", "",
+    flags = f"--steps {args.steps} --batch {args.batch} --max-length {args.max_length} --precisions {args.precisions}"
+    flags += f" --device {args.device} --model {args.model}" + ("" if args.checkpointing else " --no-checkpointing")
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        machine = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), torch {torch.__version__}; peak memory is"
+        machine += " the GPU's (max allocated)"
+    else:
+        machine = (f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads; peak memory is the process's max RSS")
+    peak_text = ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in peaks)
+    model = "SmolLM2-135M-Instruct" if args.model == "smollm2" else "the Qwen2.5-1.5B architecture (random weights)"
+    lines = [f"## trinity-dpo vs TRL DPOTrainer on {'a CUDA GPU' if args.device == 'cuda' else 'CPU'}, {model}", "",
              "Command (repository root, after the README's test install):", "", "```shell",
-             f"python bench/compare_trl.py --steps {args.steps} --batch {args.batch} --max-length {args.max_length}",
-             "```", "",
-             f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads. Matrix-product peaks measured in the same run: "
-             f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s.", "",
-             f"Job: SmolLM2-135M-Instruct, {args.steps} optimizer steps of {args.batch} pairs (one epoch over the same "
+             f"python bench/compare_trl.py {flags}", "```", "",
+             f"Machine: {machine}. Matrix-product peaks measured in the same run: {peak_text}.", "",
+             f"Job: {model}, {args.steps} optimizer steps of {args.batch} pairs (one epoch over the same "
              f"{args.steps * args.batch} pairs of `{Path(source).name}`), max length {args.max_length}. Rates are over "
              "the steps after the first. trinity-dpo computes the reference log-probs once before training (their "
              "time is in its wall time, not in its steps); TRL runs its reference model inside every step, so its "
@@ -199,7 +267,7 @@ def write_doc(out: Path, args, peaks, table, source) -> None:
             fmt = "{:.4f}" if k in ("step-1 loss", "MFU") else "{:.2f}"
             lines.append(f"| {k} | {fmt.format(trl[k])} | {fmt.format(ours[k])} | {ratio:.2f}x |")
         lines.append("")
-    out.write_text("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

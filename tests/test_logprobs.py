@@ -56,6 +56,7 @@ def test_chunked_values_and_gradients_equal_naive(monkeypatch):
     hidden.grad = None
     head.weight.grad = None
     monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 50 * 5)  # 5 rows per chunk: 5 chunks, the last one short
+    monkeypatch.setattr(lp, "_MIN_ROWS", 1)
     chunked = token_logprobs(hidden, head, labels)
     (chunked * weights).sum().backward()
     assert torch.allclose(chunked, naive, atol=1e-6)

@@ -17,9 +17,14 @@ from torch.utils.checkpoint import checkpoint
 from .attention import varlen_kwargs
 from .batching import MicroBatch
 
-# Logits per chunk: 16 MiB of fp32 whatever the vocabulary (85 tokens of a 49k vocabulary). Backward holds about
-# three such blocks; larger chunks were measured no faster on CPU and cost hundreds of MB at peak.
+# Logits per chunk: 16 MiB of fp32 on CPU (85 tokens of a 49k vocabulary), 512 MiB on GPU. Backward holds about
+# three such blocks; larger chunks were measured no faster on CPU and cost hundreds of MB at peak. Each chunk reads
+# the whole head weight, so a chunk needs enough rows to be compute-bound rather than memory-bound: at least
+# _MIN_ROWS (a 152k vocabulary would otherwise give 27-row chunks), and on GPU, with its far higher FLOP per byte,
+# the larger budget (~880 rows at 152k).
 _CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS_GPU = 1 << 27
+_MIN_ROWS = 64
 METHOD = "trinity_sequence_logps"
 
 
@@ -54,7 +59,8 @@ def _sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextM
 def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, transform=None) -> torch.Tensor:
     """log softmax(head(hidden))[label] for each row of `hidden` [N, H] and `labels` [N]; fp32 [N]."""
     weight, bias = head.weight, getattr(head, "bias", None)
-    chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    budget = _CHUNK_ELEMENTS_GPU if hidden.is_cuda else _CHUNK_ELEMENTS
+    chunk = max(_MIN_ROWS, budget // weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk):
         args = (hidden[start:start + chunk], weight, bias, labels[start:start + chunk], transform)
