@@ -37,6 +37,22 @@ def assert_same_run(a, b, step):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bitwise
 
 
+def run_killed_in_step(config, step: int, monkeypatch) -> None:
+    """Run `config` until a simulated kill inside the `step`-th optimizer step this run takes."""
+    real_step, calls = train.train_step, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(load_config(config))
+    monkeypatch.setattr(train, "train_step", real_step)
+
+
 @pytest.fixture()
 def six_steps(make_config):
     """A 6-step run (24 pairs, batch 8, 2 epochs) with checkpoints every 2 steps and held-out evals."""
@@ -49,18 +65,8 @@ def six_steps(make_config):
 
 def test_crash_mid_run_then_resume_equals_uninterrupted(six_steps, monkeypatch):
     whole = train.run(load_config(six_steps("whole")))
-    real_step, calls = train.train_step, []
-
-    def crashing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # dies inside step 4: the newest checkpoint is step 2, metrics has steps 1-3
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(load_config(six_steps("crashed")))
-    monkeypatch.setattr(train, "train_step", real_step)
+    # dies inside step 4: the newest checkpoint is step 2, metrics has steps 1-3
+    run_killed_in_step(six_steps("crashed"), 4, monkeypatch)
     run_dir = whole.parent / "crashed"
     assert checkpoint.latest(run_dir).name == "global_step_2"
     assert max(json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()) == 3
@@ -215,18 +221,7 @@ def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_
 
     whole = train.run(load_config(cfg("whole")))
     assert load_file(str(whole / "global_step_4" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
-    real_step, calls = train.train_step, []
-
-    def crashing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(load_config(cfg("crashed")))
-    monkeypatch.setattr(train, "train_step", real_step)
+    run_killed_in_step(cfg("crashed"), 3, monkeypatch)
     run_dir = train.run(load_config(cfg("crashed")))
     assert_same_run(whole, run_dir, 4)
 
