@@ -37,8 +37,9 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+def local_rank(default: int = 0) -> int:
+    """This worker's index on its node (the launcher's LOCAL_RANK), else `default`."""
+    return int(os.environ.get("LOCAL_RANK", default))
 
 
 def launch(config_path: str, overrides: list[str], cfg: Config) -> int | None:
@@ -142,6 +143,8 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` holds on some process: decisions that must be the same everywhere (stopping, saving)."""
+        if self.world == 1:  # no tensor: on a GPU its .item() would be a host sync every step
+            return bool(flag)
         return bool(self.all_sum(torch.tensor([float(flag)], device=self.device)).item())
 
     def first_error(self, error: str | None) -> str | None:

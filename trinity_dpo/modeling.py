@@ -14,6 +14,7 @@ import torch
 
 from .attention import use_varlen
 from .config import Config, ConfigError
+from .distributed import local_rank
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def pick_runtime(cfg: Config) -> Runtime:
         raise ConfigError("cluster.device: cuda was asked for but no CUDA device is available")
     device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type == "cuda":  # a worker process uses the GPU of its local rank
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        device = torch.device("cuda", local_rank(default=torch.cuda.current_device()))
         torch.cuda.set_device(device)
     precision = cfg.trainer.precision
     if precision == "auto":

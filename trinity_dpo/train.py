@@ -94,11 +94,11 @@ def prepare_run_dir(cfg: Config, d: Dist) -> tuple[Path, Path | None]:
     """The run folder, and the checkpoint to resume from (None: a fresh start) as `trainer.resume_mode` says.
     Rank 0 decides and tidies; every process must see the same folder (shared storage across nodes)."""
     run_dir = run_dir_of(cfg)
-    decision = None
+    decision = launch = None
     if d.main:
-        decision = _prepare_run_dir(cfg, run_dir)
-        (run_dir / ".launch").write_text(str(time.time_ns()))
-    decision, launch = d.from_main((decision, (run_dir / ".launch").read_text() if d.main else None))
+        decision, launch = _prepare_run_dir(cfg, run_dir), str(time.time_ns())
+        (run_dir / ".launch").write_text(launch)
+    decision, launch = d.from_main((decision, launch))
     if isinstance(decision, ConfigError):
         raise decision
     seen = run_dir / ".launch"
