@@ -11,6 +11,7 @@ import sys
 import time
 import types
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -157,16 +158,23 @@ def test_hung_worker_is_bounded_by_the_timeout(config):
     assert time.time() - start < 120
 
 
-def test_sigterm_stops_every_worker_after_the_same_step(config):
-    run_dir = config.parent / "ckpt" / "proj" / "stopped"
+@pytest.mark.parametrize("target", ["launcher", "one worker"])
+def test_sigterm_stops_every_worker_after_the_same_step(config, target):
+    """SIGTERM to the launcher reaches every worker; SIGTERM to one worker alone (a node told to go) must stop the
+    others after the same step too, or the save, a collective, would find them gone on."""
+    name = f"stopped_{target.replace(' ', '_')}"
+    run_dir = config.parent / "ckpt" / "proj" / name
     cmd = [sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(config), "cluster.gpu_per_node=2",
-           "name=stopped", "buffer.total_epochs=40", "trainer.save_interval=0", "trainer.eval_samples=0"]
+           f"name={name}", "buffer.total_epochs=40", "trainer.save_interval=0", "trainer.eval_samples=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     end = time.time() + 120
     while time.time() < end and proc.poll() is None and not (
             (run_dir / "metrics.jsonl").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if target == "launcher":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "run the same command again to resume" in err
@@ -221,6 +229,8 @@ def test_shard_step_gives_distinct_pairs_and_equal_micro_batch_counts(world, mic
         for groups in shares:
             for g in groups:
                 assert g and (is_padding(g) == (len(g) == 1 and g[0].index == -1))
+            if any(is_padding(g) for g in groups):  # padding only where no group is left to split
+                assert all(len(g) == 1 for g in groups)
                 if budget and len(g) > 1:
                     assert sum(p.n_tokens for p in g) <= budget
 
