@@ -44,23 +44,47 @@ def test_batch_equals_each_sequence_alone(llama_dir, pack):
         assert torch.allclose(chosen[i], c, atol=1e-5) and torch.allclose(rejected[i], r, atol=1e-5)
 
 
-def test_chunked_values_and_gradients_equal_naive(monkeypatch):
+def _softcap(logits):
+    return torch.tanh(logits / 3.0) * 3.0
+
+
+@pytest.mark.parametrize("bias, transform", [(False, None), (True, None), (True, _softcap)])
+def test_chunked_values_and_gradients_equal_naive(monkeypatch, bias, transform):
+    """Values and the gradients of hidden states, weight and bias equal autograd through full logits, for a plain
+    head, one with a bias, and a Gemma-style soft cap (its derivative 1 - tanh^2 goes through the chunks)."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
+    head = torch.nn.Linear(16, 50, bias=bias)
     hidden = torch.randn(23, 16, requires_grad=True)
     labels = torch.randint(0, 50, (23,))
     weights = torch.randn(23)
-    naive = F.log_softmax(head(hidden), -1).gather(-1, labels[:, None]).squeeze(-1)
+    logits = head(hidden) if transform is None else transform(head(hidden))
+    naive = F.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
     (naive * weights).sum().backward()
-    g_hidden, g_head = hidden.grad.clone(), head.weight.grad.clone()
-    hidden.grad = None
-    head.weight.grad = None
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
     monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 50 * 5)  # 5 rows per chunk: 5 chunks, the last one short
     monkeypatch.setattr(lp, "_MIN_ROWS", 1)
-    chunked = token_logprobs(hidden, head, labels)
+    chunked = token_logprobs(hidden, head, labels, transform)
     (chunked * weights).sum().backward()
     assert torch.allclose(chunked, naive, atol=1e-6)
-    assert torch.allclose(hidden.grad, g_hidden, atol=1e-6) and torch.allclose(head.weight.grad, g_head, atol=1e-6)
+    for p, want in zip(params, expected):
+        assert torch.allclose(p.grad, want, atol=1e-6)
+
+
+def test_bf16_hidden_states_get_bf16_gradients_from_fp32_logits():
+    """Under autocast the backbone hands over bf16 hidden states: the head still works in fp32 and returns each
+    input's gradient in that input's dtype."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(7, 16).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 50, (7,))
+    out = token_logprobs(hidden, head, labels)
+    out.sum().backward()
+    naive = F.log_softmax(head(hidden.detach().float()), -1).gather(-1, labels[:, None]).squeeze(-1)
+    assert out.dtype == torch.float32 and torch.allclose(out, naive, atol=1e-6)
+    assert hidden.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.float32
 
 
 def test_prompt_positions_never_reach_the_head(llama_dir):
@@ -68,12 +92,12 @@ def test_prompt_positions_never_reach_the_head(llama_dir):
     seen = []
     model.get_output_embeddings().register_forward_hook(lambda *a: seen.append(1))  # the head module is bypassed
     calls = []
-    original = lp._chunk_logprobs
+    original = lp._chunk_logits
     lp_rows = lambda h, *rest: calls.append(h.shape[0]) or original(h, *rest)  # noqa: E731
-    lp._chunk_logprobs = lp_rows
+    lp._chunk_logits = lp_rows
     try:
-        sequence_logps(model, collate(pairs(), pad_id=0), NO_AUTOCAST)
+        sequence_logps(model, collate(pairs(), pad_id=0), NO_AUTOCAST).sum().backward()
     finally:
-        lp._chunk_logprobs = original
+        lp._chunk_logits = original
     n_response = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs())
-    assert sum(calls) == n_response and not seen
+    assert sum(calls) == 2 * n_response and not seen  # forward, then backward's rebuild
