@@ -6,6 +6,7 @@ update do not depend on the compute precision.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,16 @@ from .distributed import local_rank
 log = logging.getLogger(__name__)
 
 
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 @dataclass
 class Runtime:
     """Where and how the computation runs."""
@@ -30,6 +41,13 @@ class Runtime:
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def release_host_memory(self) -> None:
+        """Hand the C heap's free pages back to the OS (CPU runs on glibc). glibc keeps the pages of freed
+        activations mapped while the next phase allocates elsewhere: measured on SmolLM2 in fp32, the process's peak
+        RSS sat 0.3 GB above its live tensors without this call between forward, backward and optimizer step."""
+        if self.device.type == "cpu" and _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
 
 @contextlib.contextmanager

@@ -374,6 +374,7 @@ def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: to
     for group in groups:
         mb = collate(group, pad_id).to(runtime.device)
         logps = sequence_logps(model, mb, runtime.autocast())
+        runtime.release_host_memory()
         if is_padding(group):
             (logps.sum() * 0).backward()  # joins the other processes' collectives; adds nothing
             continue
@@ -387,6 +388,7 @@ def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: to
         tokens, slots = tokens + mb.n_tokens, slots + mb.input_ids.numel()
     sums[len(names):] = torch.tensor([tokens, slots], dtype=torch.float64)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
+    runtime.release_host_memory()
     grad_norm = distributed.clip_grad_norm(model, clip)
     totals = d.all_sum(sums).tolist()  # one host sync per step
     record = {name: total / n_pairs for name, total in zip(names, totals)}
