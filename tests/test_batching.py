@@ -52,3 +52,20 @@ def test_layouts_positions_bounds_and_targets():
     assert padded.input_ids.tolist() == [[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [1, 1, 3, 0, 0], [1, 3, 3, 0, 0]]
     assert padded.target_pos.tolist() == [1, 2, 3, 5, 11, 15, 16] and padded.seq_bounds is None
     assert (mb.n_tokens, mb.n_pad, padded.n_pad) == (13, 0, 7)
+
+
+def test_shared_prompt_layout():
+    """The same pairs with each prompt once: pair 0 = [1,1 | 2,2,2 | 3] at 0..5, positions 0,1,2,3,4 then 2 (the
+    rejected token follows the prompt, not the chosen answer); pair 1 = [1 | 2 | 3,3] at 6..9, positions 0,1 then
+    1,2. Segments: [0,5) [5,6) [6,8) [8,10); the rejected ones also see their prompt, [0,2) and [6,7). Targets: chosen
+    0 from 1,2,3; chosen 1 from 6; rejected 0 from the prompt's last position 1; rejected 1 from 6, then 8.
+    13 sequence tokens (as unshared) in 10 positions, no pad."""
+    pairs = [Pair(0, 1, [1, 1], [2, 2, 2], [3]), Pair(1, 2, [1], [2], [3, 3])]
+    mb = collate(pairs, pad_id=0, share_prompt=True)
+    assert mb.input_ids.tolist() == [[1, 1, 2, 2, 2, 3, 1, 2, 3, 3]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 0, 1, 1, 2]]
+    assert mb.seq_bounds == [0, 5, 6, 8, 10] and mb.prefixes == [None, (0, 2), None, (6, 7)]
+    assert mb.target_pos.tolist() == [1, 2, 3, 6, 1, 6, 8]
+    assert mb.target_seq.tolist() == [0, 0, 0, 1, 2, 3, 3]
+    assert mb.target_ids.tolist() == [2, 2, 2, 2, 3, 3, 3]
+    assert (mb.n_tokens, mb.n_real, mb.n_pad) == (13, 10, 0)

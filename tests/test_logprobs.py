@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import trinity_dpo.logprobs as lp
-from trinity_dpo.attention import use_varlen
+from trinity_dpo.attention import is_varlen, use_varlen
 from trinity_dpo.batching import collate
 from trinity_dpo.logprobs import sequence_logps, token_logprobs
 from trinity_dpo.pairs import Pair
@@ -33,15 +33,38 @@ def pairs():
             Pair(2, 3, [1, 5, 6, 7, 20, 21, 22], [8], [30, 31, 2])]
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_batch_equals_each_sequence_alone(llama_dir, pack):
+@pytest.mark.parametrize("pack, share", [(False, False), (True, False), (True, True)])
+def test_batch_equals_each_sequence_alone(llama_dir, pack, share):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     use_varlen(model)
-    mb = collate(pairs(), pad_id=0, pack=pack)
+    mb = collate(pairs(), pad_id=0, pack=pack, share_prompt=share)
     chosen, rejected = sequence_logps(model, mb, NO_AUTOCAST).chunk(2)
     for i, pair in enumerate(pairs()):
         c, r = naive_logps(model, pair)
         assert torch.allclose(chosen[i], c, atol=1e-5) and torch.allclose(rejected[i], r, atol=1e-5)
+
+
+def test_shared_prompt_gradients_equal_separate_sequences(llama_dir):
+    """Computing each prompt once changes no gradient: the prompt's positions collect what both responses send
+    back through them, as two separate copies would."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    use_varlen(model)
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        logps = sequence_logps(model, collate(pairs(), pad_id=0, share_prompt=share), NO_AUTOCAST)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+
+
+def test_shared_prompts_only_on_this_tools_attention(llama_dir):
+    """Other attention implementations cannot see a prompt outside the segment: they get unshared rows."""
+    eager = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
+    use_varlen(eager)
+    sdpa = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="sdpa")
+    use_varlen(sdpa)
+    assert not is_varlen(eager) and is_varlen(sdpa)
 
 
 def _softcap(logits):

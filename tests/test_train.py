@@ -74,6 +74,29 @@ def test_micro_batched_step_equals_full_batch_step(make_config, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_shared_prompt_run_equals_unshared(make_config, monkeypatch):
+    """`trainer.share_prompt` (on by default) computes fewer positions and changes no number beyond float
+    rounding; pad_share counts pads among computed positions, so it stays 0 rather than going negative."""
+    runs, positions = {}, {True: 0, False: 0}
+    collate = train.collate
+
+    def counting(*args, **kwargs):
+        mb = collate(*args, **kwargs)
+        positions[share] += mb.n_real
+        return mb
+
+    monkeypatch.setattr(train, "collate", counting)
+    for share in (True, False):
+        path = make_config(main={"name": f"share{share}", "trainer": {"total_steps": 2, "share_prompt": share}})
+        runs[share] = metrics(train.run(load_config(path)))
+    for a, b in zip(runs[True], runs[False]):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-5, key
+        assert a["tokens"] == b["tokens"] and a["pad_share"] == 0 and b["pad_share"] == 0
+    assert positions[True] < positions[False] == sum(r["tokens"] for r in runs[False])
+    assert runs[True][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_same_config_same_numbers_and_epoch_reshuffle(make_config):
     results = []
     for name in ("a", "b"):

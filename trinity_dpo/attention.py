@@ -4,8 +4,12 @@ Registered with transformers as the attention implementation `trinity_varlen`. G
 runs causal scaled-dot-product attention on each sequence's slice (the fast causal kernel, no mask, no pad slot),
 which is exactly what each sequence would get alone; without bounds (generation, padded rows) it is plain SDPA.
 The same keyword arguments (`cu_seq_lens_q`, ...) drive flash-attention's varlen kernel where that is installed.
+With shared prompts (`batching.MicroBatch.prefixes`) a rejected segment attends to its pair's prompt, computed once
+earlier in the row, and causally to itself: a masked SDPA call over the prompt's and its own keys.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +20,19 @@ from transformers.masking_utils import AttentionMaskInterface
 NAME = "trinity_varlen"
 
 
-def varlen_kwargs(bounds: list[int] | None, device: torch.device) -> dict:
-    """Forward keyword arguments that tell the attention where packed sequences start and end."""
+def varlen_kwargs(bounds: list[int] | None, device: torch.device,
+                  prefixes: list[tuple[int, int] | None] | None = None) -> dict:
+    """Forward keyword arguments that tell the attention where packed sequences start and end, and which segments
+    also see a shared prompt (`batching.MicroBatch.prefixes`; then only this module's attention can run them)."""
     if bounds is None:
         return {}
+    if prefixes is not None:
+        # Per prompt-sharing segment: its prompt span, and the [L, P + L] mask "all of the prompt, causal within
+        # the segment", built once here rather than in every layer.
+        spans = [None if pre is None else (pre, torch.ones(b - a, pre[1] - pre[0] + b - a, dtype=torch.bool,
+                                                             device=device).tril(diagonal=pre[1] - pre[0]))
+                 for (a, b), pre in zip(zip(bounds, bounds[1:]), prefixes)]
+        return {"seq_bounds": bounds, "seq_prefixes": spans}
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
@@ -32,10 +45,19 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
-    pieces = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
-                                             is_causal=True, scale=scaling, enable_gqa=gqa)
-              for a, b in zip(bounds, bounds[1:])]
+    prefixes = kwargs.pop("seq_prefixes", None) or [None] * (len(bounds) - 1)
+    sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
+                             enable_gqa=query.shape[1] != key.shape[1])
+    pieces = []
+    for (a, b), prefix in zip(zip(bounds, bounds[1:]), prefixes):
+        if a == b:
+            continue
+        if prefix is None:
+            pieces.append(sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True))
+            continue
+        (p0, p1), mask = prefix
+        pieces.append(sdpa(query[:, :, a:b], torch.cat([key[:, :, p0:p1], key[:, :, a:b]], dim=2),
+                           torch.cat([value[:, :, p0:p1], value[:, :, a:b]], dim=2), attn_mask=mask))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -47,6 +69,11 @@ def _no_mask(*args, **kwargs):
 
 AttentionInterface.register(NAME, varlen_sdpa)
 AttentionMaskInterface.register(NAME, _no_mask)
+
+
+def is_varlen(model) -> bool:
+    """Whether `model` attends through this module (and so can share prompts)."""
+    return getattr(model.config, "_attn_implementation", None) == NAME
 
 
 def use_varlen(model) -> None:

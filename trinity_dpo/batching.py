@@ -92,10 +92,14 @@ class MicroBatch:
     Sequences: pair j's chosen is sequence j, its rejected n_pairs + j. Packed (the default), they lie end to end
     in one row, `input_ids` and `position_ids` [1, T] with positions restarting at each sequence, and
     `seq_bounds` (T's cut points, [2 * n_pairs + 1]) tells the attention where each sequence starts and ends: no
-    pad slot at all. Padded, each sequence is a row of `input_ids` [2 * n_pairs, W], right-padded, `seq_bounds`
-    None (causal attention never lets a real token see a pad). `target_pos`, `target_ids`, `target_seq`: [N], one
-    entry per response token: the flat index of the position whose logits predict it, its id, and its sequence.
-    `pair_index`: [n_pairs] dataset indices.
+    pad slot at all. Packed with shared prompts, pair j is one piece `prompt chosen rejected`: segments
+    `prompt chosen` and `rejected` (positions continuing from the prompt's end), and `prefixes` gives, per
+    segment, the span of earlier tokens it also attends to (the rejected segment's prompt), else None. Padded,
+    each sequence is a row of `input_ids` [2 * n_pairs, W], right-padded, `seq_bounds` None (causal attention
+    never lets a real token see a pad). `target_pos`, `target_ids`, `target_seq`: [N], one entry per response
+    token: the flat index of the position whose logits predict it, its id, and its sequence. `pair_index`:
+    [n_pairs] dataset indices. `n_tokens`: the sequences' tokens (a shared prompt counts for both, as it would
+    alone); `n_real`: the positions of `input_ids` that hold a token.
     """
 
     input_ids: torch.Tensor
@@ -106,6 +110,8 @@ class MicroBatch:
     target_seq: torch.Tensor
     pair_index: torch.Tensor
     n_tokens: int
+    n_real: int
+    prefixes: list[tuple[int, int] | None] | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -113,7 +119,7 @@ class MicroBatch:
 
     @property
     def n_pad(self) -> int:
-        return self.input_ids.numel() - self.n_tokens
+        return self.input_ids.numel() - self.n_real
 
     def to(self, device: torch.device) -> "MicroBatch":
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
@@ -121,8 +127,11 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
-def collate(pairs: list[Pair], pad_id: int, pack: bool = True) -> MicroBatch:
-    """The micro-batch of `pairs` (see `MicroBatch`), packed into one row or padded into one row per sequence."""
+def collate(pairs: list[Pair], pad_id: int, pack: bool = True, share_prompt: bool = False) -> MicroBatch:
+    """The micro-batch of `pairs` (see `MicroBatch`): packed into one row, with each prompt once if
+    `share_prompt`, or padded into one row per sequence."""
+    if share_prompt:
+        return _collate_shared(pairs)
     seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     lengths = [len(a) + len(b) for a, b in seqs]
     width = sum(lengths) if pack else max(lengths)
@@ -144,4 +153,29 @@ def collate(pairs: list[Pair], pad_id: int, pack: bool = True) -> MicroBatch:
         input_ids=input_ids, position_ids=position_ids, seq_bounds=bounds if pack else None,
         target_pos=torch.cat(pos), target_ids=torch.tensor(ids, dtype=torch.long),
         target_seq=torch.tensor(seq, dtype=torch.long),
-        pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long), n_tokens=sum(lengths))
+        pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long), n_tokens=sum(lengths),
+        n_real=sum(lengths))
+
+
+def _collate_shared(pairs: list[Pair]) -> MicroBatch:
+    # The prompt's hidden states are the same under both responses (causal attention), so they are computed once;
+    # its last position predicts the first token of both responses.
+    n = len(pairs)
+    tokens, positions, bounds, prefixes = [], [], [0], []
+    pos, ids, seq = [[] for _ in range(2 * n)], [[] for _ in range(2 * n)], [[] for _ in range(2 * n)]
+    for j, p in enumerate(pairs):
+        a, lp, lc, lr = bounds[-1], len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        tokens += p.prompt_ids + p.chosen_ids + p.rejected_ids
+        positions += [*range(lp + lc), *range(lp, lp + lr)]
+        bounds += [a + lp + lc, a + lp + lc + lr]
+        prefixes += [None, (a, a + lp)]
+        pos[j] = [*range(a + lp - 1, a + lp + lc - 1)]
+        pos[n + j] = [a + lp - 1, *range(a + lp + lc, a + lp + lc + lr - 1)][:lr]
+        ids[j], ids[n + j] = p.chosen_ids, p.rejected_ids
+        seq[j], seq[n + j] = [j] * lc, [n + j] * lr
+    flat = lambda rows: torch.tensor([x for row in rows for x in row], dtype=torch.long)  # noqa: E731
+    return MicroBatch(
+        input_ids=torch.tensor([tokens], dtype=torch.long), position_ids=torch.tensor([positions], dtype=torch.long),
+        seq_bounds=bounds, target_pos=flat(pos), target_ids=flat(ids), target_seq=flat(seq),
+        pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long),
+        n_tokens=sum(p.n_tokens for p in pairs), n_real=len(tokens), prefixes=prefixes)

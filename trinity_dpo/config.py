@@ -273,6 +273,7 @@ class TrainerConfig:
     max_consecutive_skips: int = 5  # abort after this many optimizer steps in a row with a non-finite loss or norm
     seed: int = 42  # seeds shuffling and any random init
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device has fast bf16
+    share_prompt: bool = True  # compute each pair's prompt once for chosen and rejected (models on SDPA attention)
     log_interval: int = 10  # steps between plain log lines when output is not a terminal
     eval_interval: int = 0  # steps between held-out evaluations (also before training and at the end); 0: only those
     eval_samples: int = 3  # held-out prompts answered greedily before and after training (0: none)

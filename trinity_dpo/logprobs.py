@@ -48,7 +48,7 @@ def _sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextM
     backbone = getattr(model, model.base_model_prefix)
     with autocast:
         hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
-                          **varlen_kwargs(mb.seq_bounds, mb.input_ids.device)).last_hidden_state
+                          **varlen_kwargs(mb.seq_bounds, mb.input_ids.device, mb.prefixes)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.target_pos)  # [N, H]
     token_logps = token_logprobs(hidden, model.get_output_embeddings(), mb.target_ids, _logit_transform(model.config))
     n_seqs = 2 * mb.n_pairs

@@ -36,6 +36,7 @@ class Runtime:
 
     device: torch.device
     bf16: bool
+    share_prompt: bool = False  # micro-batches hold each prompt once (`batching.collate`); set once the model is loaded
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.bf16:

@@ -31,7 +31,7 @@ def score(model, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Ru
     table = torch.full((n_rows, 2), float("nan"), dtype=torch.float32)
     with inference_mode(model):
         for group in groups:
-            mb = collate(group, pad_id).to(runtime.device)
+            mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
             chosen, rejected = sequence_logps(model, mb, runtime.autocast()).float().cpu().chunk(2)
             if not is_padding(group):
                 table[mb.pair_index.cpu(), 0] = chosen
@@ -55,14 +55,14 @@ def first_epoch_plan(pairs: list[Pair], batch_size: int, seed: int, total_steps:
 def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime, extra: str = "") -> str:
     """A digest of everything the reference numbers depend on: the weight files, the token ids of every pair
     (which carry the tokenizer, chat template, data and length settings), the micro-batch composition on each
-    process (bf16 sums depend on it) and the precision."""
+    process (bf16 sums depend on it), the precision and the layout."""
     h = hashlib.blake2b(digest_size=16)
     for f in sorted(Path(model_path).glob("*.safetensors")):
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
-    h.update(f"{runtime.device.type}|{runtime.bf16}|{extra}|{len(plan)}".encode())
+    h.update(f"{runtime.device.type}|{runtime.bf16}|{runtime.share_prompt}|{extra}|{len(plan)}".encode())
     for group in (g for groups in plan for g in groups):
         h.update(b"|")
         for p in group:

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from . import builtin, checkpoint, distributed, logprobs, report
+from .attention import is_varlen
 from .batching import collate, is_padding, shard_step, step_indices, steps_per_epoch
 from .config import Config, ConfigError
 from .distributed import Dist
@@ -203,6 +204,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     if d.main:
         _write_json(run_dir / "data_summary.json", data.summary)
     model, save_dtype = load_model(cfg, runtime.device)
+    runtime = dataclasses.replace(runtime, share_prompt=cfg.trainer.share_prompt and is_varlen(model))
     distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
              "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -368,11 +370,12 @@ def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: to
     args = cfg.algorithm.policy_loss_fn_args
     loss_fn = LOSSES[cfg.algorithm.policy_loss_fn]
     names = ["loss", *loss_fn(*[torch.zeros(0)] * 4, args.beta, args.label_smoothing)[1]]
-    # Sums over this process's pairs, then tokens and token slots; summed over processes in one collective.
-    sums = torch.zeros(len(names) + 2, dtype=torch.float64, device=runtime.device)
-    tokens = slots = 0
+    # Sums over this process's pairs, then the sequences' tokens, the positions computed and the slots (positions
+    # and pads); summed over processes in one collective.
+    sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=runtime.device)
+    tokens = real = slots = 0
     for group in groups:
-        mb = collate(group, pad_id).to(runtime.device)
+        mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
         logps = sequence_logps(model, mb, runtime.autocast())
         runtime.release_host_memory()
         if is_padding(group):
@@ -385,14 +388,14 @@ def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: to
         # micro-batches and processes) equal those of one full-batch step.
         (losses.sum() / n_pairs).backward()
         sums[:len(names)] += torch.stack([losses.detach().sum(), *(per_pair[k].sum() for k in names[1:])])
-        tokens, slots = tokens + mb.n_tokens, slots + mb.input_ids.numel()
-    sums[len(names):] = torch.tensor([tokens, slots], dtype=torch.float64)
+        tokens, real, slots = tokens + mb.n_tokens, real + mb.n_real, slots + mb.input_ids.numel()
+    sums[len(names):] = torch.tensor([tokens, real, slots], dtype=torch.float64)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     runtime.release_host_memory()
     grad_norm = distributed.clip_grad_norm(model, clip)
     totals = d.all_sum(sums).tolist()  # one host sync per step
     record = {name: total / n_pairs for name, total in zip(names, totals)}
-    tokens, slots = totals[len(names):]
+    tokens, real, slots = totals[len(names):]
     # A non-finite loss or norm would poison the weights and Adam's moments: drop this step's update entirely.
     skipped = not (math.isfinite(record["loss"]) and math.isfinite(grad_norm))
     if not skipped:
@@ -401,5 +404,5 @@ def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: to
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
     record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), pairs=n_pairs, tokens=int(tokens),
-                  pad_share=1 - tokens / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+                  pad_share=1 - real / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record
