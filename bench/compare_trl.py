@@ -11,9 +11,10 @@ output file (one per device and model), so CPU and GPU results sit side by side.
 Same model (the built-in SmolLM2-135M-Instruct), same pairs (the first steps x batch pairs of the real Human-Like
 data, or of the demo set where that is absent: one epoch for both), same batch, maximum length, precision and
 number of steps. Each side runs in its own process so its peak memory (max RSS) is its own. Reported per side:
-pairs/s and tokens/s over the steps after the first, MFU against matrix-product peaks measured in the same run
-(useful FLOPs: 6 x params per trained token, plus 2 x params per reference token where the reference runs inside
-the step, as TRL's does), peak memory, step-1 loss; then the ratios.
+pairs/s and tokens/s (both sequences of each pair, as TRL counts them) over the steps after the first, MFU against
+matrix-product peaks measured in the same run (useful FLOPs: 6 x params per computed token position, plus 2 x params
+per reference token where the reference runs inside the step, as TRL's does; a prompt trinity-dpo shares between
+the two answers counts once), peak memory, step-1 loss; then the ratios.
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def run_ours(model: str, data: Path, args, work: Path) -> dict:
     run_dir = train.run(load_config(work / "ours.yaml"))
     wall = time.perf_counter() - start
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": [{"time": s["step_time_s"], "tokens": s["tokens"], "pairs": s["pairs"]} for s in steps],
+    return {"steps": [{"time": s["step_time_s"], "tokens": s["tokens"], "computed": s["positions"], "pairs": s["pairs"]}
+                      for s in steps],
             "loss1": steps[0]["loss"], "ref_tokens_in_step": 0, "wall": wall, "pad_share": steps[0]["pad_share"]}
 
 
@@ -151,16 +153,16 @@ def run_trl(model: str, data: Path, args, work: Path) -> dict:
     trainer.train()
     wall = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = [{"time": t, "tokens": n, "pairs": args.batch} for t, n in zip(times, tokens)]
+    steps = [{"time": t, "tokens": n, "computed": n, "pairs": args.batch} for t, n in zip(times, tokens)]
     return {"steps": steps, "loss1": losses[0], "ref_tokens_in_step": 1, "wall": wall, "pad_share": None}
 
 
 def side(args) -> None:
     """Run one side in this process and print its figures as JSON."""
     model = args.model_path
-    work = Path(tempfile.mkdtemp(prefix=f"bench_{args.side}_"))
-    data, source = pairs_file(work, args.steps * args.batch)
-    result = (run_ours if args.side == "ours" else run_trl)(model, data, args, work)
+    with tempfile.TemporaryDirectory(prefix=f"bench_{args.side}_") as tmp:  # its checkpoints: GBs per run
+        data, source = pairs_file(Path(tmp), args.steps * args.batch)
+        result = (run_ours if args.side == "ours" else run_trl)(model, data, args, Path(tmp))
     if args.device == "cuda":  # the GPU's memory is what limits a GPU job
         result["peak_rss_gb"] = torch.cuda.max_memory_allocated() / 1e9
     else:
@@ -175,7 +177,8 @@ def summarize(r: dict, peak: float) -> dict:
     steps = r["steps"][1:] or r["steps"]  # the first step warms caches and allocators up
     t = sum(s["time"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
-    flops = (6 + 2 * r["ref_tokens_in_step"]) * r["params"] * tokens
+    # Useful FLOPs count the positions a side computes: a prompt shared by both answers counts once.
+    flops = (6 + 2 * r["ref_tokens_in_step"]) * r["params"] * sum(s["computed"] for s in steps)
     return {"pairs/s": sum(s["pairs"] for s in steps) / t, "tokens/s": tokens / t, "s/step": t / len(steps),
             "MFU": flops / t / peak, "peak memory (GB)": r["peak_rss_gb"], "step-1 loss": r["loss1"],
             "wall (s)": r["wall"]}
@@ -200,7 +203,13 @@ def main() -> int:
     if args.side:
         side(args)
         return 0
-    args.model_path = build_model(args.model, Path(tempfile.mkdtemp(prefix="bench_model_")), args.layers)
+    with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
+        args.model_path = build_model(args.model, Path(tmp), args.layers)
+        return compare(args)
+
+
+def compare(args) -> int:
+    """Both sides for each precision, each in its own process; then the doc section."""
     peaks = {p: matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[p]), args.device)
              for p in args.precisions.split(",")}
     table = {}
@@ -257,7 +266,8 @@ def _section(args, peaks, table, source) -> list[str]:
              f"{args.steps * args.batch} pairs of `{Path(source).name}`), max length {args.max_length}. Rates are over "
              "the steps after the first. trinity-dpo computes the reference log-probs once before training (their "
              "time is in its wall time, not in its steps); TRL runs its reference model inside every step, so its "
-             "useful FLOPs count 2 x params per reference token too. trinity-dpo runs with gradient checkpointing "
+             "useful FLOPs count 2 x params per reference token too. Tokens count both sequences of each pair on both "
+             "sides; MFU counts the positions each side computes (trinity-dpo computes a pair's prompt once). trinity-dpo runs with gradient checkpointing "
              f"{'on' if args.checkpointing else 'off'} (`enable_gradient_checkpointing`); TRL with its defaults.", ""]
     for precision in args.precisions.split(","):
         trl, ours = table[(precision, "trl")], table[(precision, "ours")]

@@ -404,5 +404,5 @@ def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: to
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
     record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), pairs=n_pairs, tokens=int(tokens),
-                  pad_share=1 - real / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+                  positions=int(real), pad_share=1 - real / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record
