@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import trinity_dpo.logprobs as lp
-from trinity_dpo.attention import is_varlen, use_varlen
+from trinity_dpo.attention import use_varlen
 from trinity_dpo.batching import collate
 from trinity_dpo.logprobs import sequence_logps, token_logprobs
 from trinity_dpo.pairs import Pair
@@ -56,15 +56,6 @@ def test_shared_prompt_gradients_equal_separate_sequences(llama_dir):
         (logps * torch.arange(1.0, 7.0)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
-
-
-def test_shared_prompts_only_on_this_tools_attention(llama_dir):
-    """Other attention implementations cannot see a prompt outside the segment: they get unshared rows."""
-    eager = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
-    use_varlen(eager)
-    sdpa = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="sdpa")
-    use_varlen(sdpa)
-    assert not is_varlen(eager) and is_varlen(sdpa)
 
 
 def _softcap(logits):

@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformers import AutoModelForCausalLM
+
 from trinity_dpo import modeling
-from trinity_dpo.modeling import Runtime
+from trinity_dpo.config import Config
+from trinity_dpo.modeling import Runtime, for_model
 
 
 def _rss_mb() -> float:
@@ -27,3 +30,15 @@ def test_release_host_memory_returns_freed_heap_pages():
     Runtime(torch.device("cpu"), bf16=False).release_host_memory()
     assert held - _rss_mb() > 150
     assert all(float(t[0]) == 1.0 for t in keep)  # the live blocks are untouched
+
+
+@pytest.mark.parametrize("attention, asked, shared", [("sdpa", True, True), ("sdpa", False, False),
+                                                      ("eager", True, False)])
+def test_prompts_shared_only_where_asked_and_on_this_tools_attention(llama_dir, attention, asked, shared):
+    """Eager (or any other) attention cannot see a prompt outside its segment: such a model gets unshared rows
+    even with `trainer.share_prompt` on."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation=attention)
+    modeling.use_varlen(model)  # as load_model does: only SDPA models switch to attention.py
+    cfg = Config()
+    cfg.trainer.share_prompt = asked
+    assert for_model(Runtime(torch.device("cpu"), bf16=False), cfg, model).share_prompt is shared

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
-from .attention import use_varlen
+from .attention import is_varlen, use_varlen
 from .config import Config, ConfigError
 from .distributed import local_rank
 
@@ -81,6 +82,12 @@ def pick_runtime(cfg: Config) -> Runtime:
     else:
         bf16 = precision == "bf16"
     return Runtime(device=device, bf16=bf16)
+
+
+def for_model(runtime: Runtime, cfg: Config, model) -> Runtime:
+    """`runtime` once `model` is loaded: prompts are shared where the config asks and the model attends through
+    `attention.py`; other attention implementations would let a rejected answer see the chosen one."""
+    return dataclasses.replace(runtime, share_prompt=cfg.trainer.share_prompt and is_varlen(model))
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -18,7 +18,6 @@ import torch
 import yaml
 
 from . import builtin, checkpoint, distributed, logprobs, report
-from .attention import is_varlen
 from .batching import collate, is_padding, shard_step, step_indices, steps_per_epoch
 from .config import Config, ConfigError
 from .distributed import Dist
@@ -27,7 +26,7 @@ from .evaluate import comparison, eval_metrics, generate, side_by_side
 from .logprobs import sequence_logps
 from .losses import LOSSES
 from .metrics import MetricsLog, NullLog
-from .modeling import Runtime, load_model, load_tokenizer, pick_runtime
+from .modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime
 from .optim import build_optimizer, lr_factor, set_lr
 from .pairs import Limits, Pair, build_pairs
 from .reference import cached_score, first_epoch_plan, score
@@ -204,7 +203,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     if d.main:
         _write_json(run_dir / "data_summary.json", data.summary)
     model, save_dtype = load_model(cfg, runtime.device)
-    runtime = dataclasses.replace(runtime, share_prompt=cfg.trainer.share_prompt and is_varlen(model))
+    runtime = for_model(runtime, cfg, model)
     distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
              "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
