@@ -33,11 +33,15 @@ def test_document_yaml_and_trinity_trainer_file(tmp_path, qwen_dir, pairs_file, 
     assert cfg.algorithm.policy_loss_fn_args.beta == 0.1
     assert cfg.trainer.save_interval == 30
     opt = cfg.algorithm.optimizer
-    assert (opt.lr, opt.lr_warmup_steps_ratio, opt.min_lr_ratio, opt.warmup_style) == (5e-7, 0.03, 0.1, "cosine")
+    assert (opt.lr, opt.lr_warmup_steps_ratio, opt.min_lr_ratio, opt.lr_scheduler_type) == (5e-7, 0.03, 0.1, "cosine")
     assert opt.betas == [0.9, 0.95]
-    assert cfg.trainer.total_steps == 783
-    assert (cfg.model.max_prompt_tokens, cfg.model.max_response_tokens) == (1792, 256)
-    assert cfg.trainer.trainer_config.data.truncation == "error"
+    # Trinity 0.3+ replaced the trainer file's 783 with its own count; its DPO reader never cut rows by the
+    # trainer file's lengths nor read `truncation`.
+    assert cfg.trainer.total_steps is None and cfg.buffer.total_steps is None
+    assert cfg.trainer.trainer_config.trainer.total_training_steps == 783
+    assert (cfg.model.max_prompt_tokens, cfg.model.max_response_tokens) == (None, None)
+    assert cfg.trainer.trainer_config.data.max_prompt_length == 1792
+    assert "data.truncation" in next(r.getMessage() for r in caplog.records if r.getMessage().startswith("ignored"))
     assert cfg.trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == 2
     assert cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing is True
     ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignored")]
@@ -57,7 +61,8 @@ def test_newer_trinity_spelling(make_config, tmp_path):
                     "trainer_config": {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 2}}}},
     })
     cfg = load_config(path)
-    assert cfg.buffer.train_batch_size == 16 and cfg.trainer.total_steps == 5
+    assert cfg.buffer.train_batch_size == 16 and cfg.buffer.total_steps == 5
+    assert cfg.algorithm.optimizer.lr_scheduler_type == "cosine"  # warmup_style: the older spelling
     assert cfg.algorithm.optimizer.lr == 2e-5 and cfg.algorithm.optimizer.betas == [0.8, 0.9]
     assert cfg.algorithm.policy_loss_fn_args.beta == 0.3 and cfg.algorithm.policy_loss_fn_args.label_smoothing == 0.1
     assert (cfg.model.max_prompt_tokens, cfg.model.max_response_tokens, cfg.model.max_model_len) == (50, 40, 80)
@@ -140,10 +145,80 @@ def test_config_errors(make_config, main, verl, message):
     assert "\n" not in str(err.value)
 
 
-def test_conflict_between_document_and_trainer_file(make_config):
-    path = make_config(verl={"actor_rollout_ref": {"actor": {"kl_loss_coef": 0.2}}})
-    with pytest.raises(ConfigError, match=r"trainer.actor_kl_loss_coef=0.1, .*kl_loss_coef=0.2"):
-        load_config(path)
+def test_document_wins_over_trainer_file_as_in_trinity(make_config, caplog):
+    """Trinity copied dpo.yaml's actor_kl_loss_coef and actor_grad_clip over the trainer file's kl_loss_coef and
+    grad_clip, and algorithm.optimizer over actor.optim; the trainer file's grad_clip wins over trainer.grad_clip."""
+    path = make_config(main={"trainer": {"actor_kl_loss_coef": 0.3, "actor_grad_clip": 0.7},
+                             "algorithm": {"optimizer": {"lr": 2e-6, "lr_scheduler_type": "cosine"}}},
+                       verl={"actor_rollout_ref": {"actor": {"kl_loss_coef": 0.1, "grad_clip": 2.0,
+                                                             "optim": {"lr": 1e-3, "warmup_style": "constant"}}}})
+    with caplog.at_level(logging.INFO):
+        cfg = load_config(path)
+    assert cfg.algorithm.policy_loss_fn_args.beta == 0.3 and cfg.trainer.grad_clip == 0.7
+    assert cfg.algorithm.optimizer.lr == 2e-6 and cfg.algorithm.optimizer.lr_scheduler_type == "cosine"
+    assert ("trainer.actor_kl_loss_coef=0.3 is used over trainer.trainer_config.actor_rollout_ref.actor.kl_loss_coef"
+            "=0.1, as Trinity gives it precedence") in caplog.text
+    cfg = load_config(make_config(main={"trainer": {"grad_clip": 0.5}},
+                                  verl={"actor_rollout_ref": {"actor": {"grad_clip": 2.0}}}))
+    assert cfg.trainer.grad_clip == 2.0
+    cfg = load_config(make_config(main={"algorithm": {"optimizer": {"clip_grad": 0.25}}}))
+    assert cfg.trainer.grad_clip == 0.25
+
+
+def test_eval_buffer_takes_its_own_defaults(make_config):
+    """An eval_buffer with a path and no split reads split 'test' (StorageConfig's own default is 'train')."""
+    cfg = load_config(make_config(main={"buffer": {"trainer_input": {"eval_buffer": {"path": "/tmp"}}}}))
+    assert cfg.buffer.trainer_input.eval_buffer.split == "test"
+    assert cfg.buffer.trainer_input.eval_buffer.name == "eval_buffer"
+    assert cfg.buffer.trainer_input.experience_buffer.split == "train"
+
+
+def test_continue_from_checkpoint(make_config):
+    assert load_config(make_config(main={"continue_from_checkpoint": False})).trainer.resume_mode == "disable"
+    assert load_config(make_config(main={"continue_from_checkpoint": True})).trainer.resume_mode == "auto"
+    with pytest.raises(ConfigError, match="continue_from_checkpoint=False, trainer.resume_mode='auto'"):
+        load_config(make_config(main={"continue_from_checkpoint": False, "trainer": {"resume_mode": "auto"}}))
+
+
+REFUSED = [
+    ({"algorithm": {"kl_loss_fn": "k1", "kl_loss_fn_args": {"kl_coef": 0.1}}}, None,
+     "algorithm.kl_loss_fn_args.kl_coef: Trinity 0.2+ adds kl_coef (default 0.001) x a per-token KL (k1) to the DPO "
+     "loss, which this tool does not compute; set algorithm.kl_loss_fn_args.kl_coef: 0"),
+    ({"algorithm": {"kl_loss_fn": "k2"}}, None, "algorithm.kl_loss_fn: Trinity 0.2+ adds kl_coef (default 0.001)"),
+    ({"algorithm": {"entropy_loss_fn_args": {"entropy_coef": 0.01}}}, None,
+     "entropy_coef: 0.01 adds an entropy term to the loss, which this tool does not compute"),
+    ({"model": {"lora_configs": [{"lora_rank": 8}]}}, None, "LoRA (model.lora_configs, "),
+    (None, {"actor_rollout_ref": {"model": {"lora_rank": 16}}}, "LoRA (model.lora_configs, "),
+    ({"buffer": {"trainer_input": {"experience_buffer": {"format": {"image_key": "images"}}}}}, None,
+     "multimodal rows are not supported"),
+    (None, {"actor_rollout_ref": {"model": {"override_config": {"attention_dropout": 0.1}}}},
+     "override_config: changing the model's config is not supported"),
+    (None, {"actor_rollout_ref": {"model": {"external_lib": "my_models"}}}, "external_lib: importing custom model"),
+    ({"stages": [{"stage_name": "sft"}]}, None, "stages: several stages in one config are not supported"),
+    ({"algorithm": {"optimizer": {"optimizer_type": "sgd"}}}, None,
+     "optimizer_type: 'sgd' is not supported; this tool trains with AdamW"),
+    ({"trainer": {"trainer_config": "..."}, }, None,
+     "trainer.trainer_config: '...' is a placeholder (as in Trinity's docs), not settings"),
+    (None, {"actor_rollout_ref": "..."},
+     "trainer.trainer_config.actor_rollout_ref: '...' is a placeholder (as in Trinity's docs), not settings"),
+]
+
+
+@pytest.mark.parametrize("main,verl,message", REFUSED)
+def test_settings_that_would_change_training_are_refused(make_config, main, verl, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(make_config(main=main, verl=verl))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_settings_that_match_plain_dpo_are_accepted(make_config):
+    cfg = load_config(make_config(main={"algorithm": {"kl_loss_fn": "k2", "kl_loss_fn_args": {"kl_coef": 0},
+                                                      "entropy_loss_fn_args": {"entropy_coef": 0.0},
+                                                      "optimizer": {"optimizer_type": "adam"}},
+                                        "model": {"lora_configs": None}},
+                                  verl={"actor_rollout_ref": {"model": {"lora_rank": 0, "override_config": {}},
+                                                              "actor": {"optim": {"optimizer": "AdamW"}}}}))
+    assert cfg.algorithm.optimizer.optimizer_type == "adam"
 
 
 def test_file_level_errors(tmp_path):

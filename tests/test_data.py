@@ -136,3 +136,121 @@ def test_chatpair_errors():
                          "rejected": [u, {"role": "assistant", "content": "y"}]}, 1, fmt)
     with pytest.raises(Exception, match="each message needs a text 'role' and 'content'"):
         to_conversation({"chosen": [u, {"role": "assistant"}], "rejected": [u]}, 1, fmt)
+
+
+# ----------------------------------------------------------------------------- the shapes of public preference sets
+
+
+def test_implicit_prompt_texts_share_their_longest_common_prefix():
+    """TRL's standard implicit-prompt rows: chosen = "The sky is blue.", rejected = "The sky is green."; the common
+    prefix is "The sky is " and its trailing space goes to the responses (TRL's extract_prompt): prompt "The sky
+    is", chosen " blue.", rejected " green.". Texts stay raw: no chat template."""
+    conv = to_conversation({"chosen": "The sky is blue.", "rejected": "The sky is green."}, 1,
+                           FormatConfig(prompt_type="chatpair"))
+    assert (conv.prompt, conv.chosen, conv.rejected) == ("The sky is", " blue.", " green.")
+    assert conv.is_text
+    from trl.data_utils import extract_prompt
+
+    assert extract_prompt({"chosen": "The sky is blue.", "rejected": "The sky is green."}) == {
+        "prompt": conv.prompt, "chosen": conv.chosen, "rejected": conv.rejected}
+    with pytest.raises(Exception, match="'chosen' has an empty response"):
+        to_conversation({"chosen": "abc", "rejected": "abcd"}, 1, FormatConfig(prompt_type="chatpair"))
+    with pytest.raises(Exception, match="share no common beginning"):
+        to_conversation({"chosen": "abc", "rejected": "xyz"}, 1, FormatConfig(prompt_type="chatpair"))
+    with pytest.raises(DataError, match="need chat messages; these rows are plain texts"):
+        to_conversation({"chosen": "ab", "rejected": "ac"}, 1, FormatConfig(prompt_type="chatpair", system_prompt="s"))
+
+
+def test_anthropic_hh_texts_become_conversations():
+    """HH rows: the shared turns up to the last Human turn are the prompt; the differing last Assistant turns are
+    the responses."""
+    chosen = "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: tell me a joke\n\nAssistant: why did the cat sit?"
+    rejected = "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: tell me a joke\n\nAssistant: no."
+    conv = to_conversation({"chosen": chosen, "rejected": rejected}, 1, FormatConfig(prompt_type="chatpair"))
+    assert conv.prompt == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"},
+                           {"role": "user", "content": "tell me a joke"}]
+    assert conv.chosen == [{"role": "assistant", "content": "why did the cat sit?"}]
+    assert conv.rejected == [{"role": "assistant", "content": "no."}]
+    with pytest.raises(Exception, match="'rejected' has an empty response"):
+        to_conversation({"chosen": chosen, "rejected": rejected.replace(" no.", "")}, 1,
+                        FormatConfig(prompt_type="chatpair"))
+
+
+def test_openai_preference_jsonl_with_dotted_keys(tmp_path):
+    """OpenAI's preference fine-tuning rows: input.messages (system and several turns), preferred_output and
+    non_preferred_output as one-message lists."""
+    row = {"input": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}],
+                     "tools": [], "parallel_tool_calls": True},
+           "preferred_output": [{"role": "assistant", "content": "4"}],
+           "non_preferred_output": [{"role": "assistant", "content": "Let me think about it at length."}]}
+    path = tmp_path / "openai.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    fmt = FormatConfig(prompt_type="messages", prompt_key="input.messages", chosen_key="preferred_output",
+                       rejected_key="non_preferred_output")
+    [conv], _ = load_conversations(StorageConfig(path=str(path), format=fmt))
+    assert conv.prompt == row["input"]["messages"] and conv.chosen == row["preferred_output"]
+    assert conv.rejected == row["non_preferred_output"]
+    # A column whose name has a dot is read as it is.
+    flat = {"input.messages": row["input"]["messages"], "preferred_output": "4", "non_preferred_output": "5"}
+    assert to_conversation(flat, 1, fmt).prompt == row["input"]["messages"]
+
+
+def test_compressed_files_and_folders(tmp_path):
+    import gzip
+
+    (tmp_path / "rows.json.gz").write_bytes(gzip.compress(json.dumps(ROWS).encode()))
+    (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS).encode()))
+    assert read_rows(str(tmp_path / "rows.json.gz")) == ROWS
+    assert read_rows(str(tmp_path / "rows.jsonl.gz")) == ROWS
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl.gz").write_bytes((tmp_path / "rows.jsonl.gz").read_bytes())
+    assert read_rows(str(folder)) == ROWS
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="bad.jsonl.gz: cannot read"):
+        read_rows(str(tmp_path / "bad.jsonl.gz"))
+
+
+def test_empty_system_value_means_no_system_message():
+    fmt = FormatConfig(system_prompt_key="system")
+    for empty in ("", "  ", None):
+        conv = to_conversation({**ROWS[0], "system": empty}, 1, fmt)
+        assert conv.prompt == [{"role": "user", "content": "hi?"}]
+    assert to_conversation(ROWS[0], 1, FormatConfig(system_prompt="")).prompt == [{"role": "user", "content": "hi?"}]
+
+
+def test_shape_mismatches_name_the_prompt_type_to_use():
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(Exception, match="'prompt' holds chat messages, not text: set format.prompt_type: messages"):
+        to_conversation({"prompt": msgs, "chosen": "a", "rejected": "b"}, 1, FormatConfig())
+    with pytest.raises(Exception, match="'prompt' is text, not a list of chat messages: set format.prompt_type: "
+                                        "plaintext"):
+        to_conversation({"prompt": "hi", "chosen": "a", "rejected": "b"}, 1, FormatConfig(prompt_type="messages"))
+    with pytest.raises(Exception, match="hold the prompt inside them: set format.prompt_type: chatpair"):
+        to_conversation({"chosen": "a", "rejected": "b"}, 1, FormatConfig())
+
+
+def _card(folder, configs: dict[str, dict[str, str]]) -> None:
+    lines = ["---", "configs:"]
+    for name, splits in configs.items():
+        lines += [f"- config_name: {name}", "  data_files:"]
+        for split, file in splits.items():
+            lines += [f"  - split: {split}", f"    path: {file}"]
+            (folder / file).write_text(json.dumps(ROWS))
+    (folder / "README.md").write_text("\n".join(lines + ["---", ""]))
+
+
+def test_folder_errors_list_configs_and_splits(tmp_path):
+    folder = tmp_path / "multi"
+    folder.mkdir()
+    _card(folder, {"alpha": {"train": "a.json"}, "beta": {"train": "b.json", "test": "bt.json"}})
+    with pytest.raises(DataError, match=r"experience_buffer.subset_name is needed: .* has several configs \(alpha, "
+                                        r"beta\); name one"):
+        read_rows(str(folder))
+    assert read_rows(str(folder), "test", "beta") == ROWS
+    with pytest.raises(DataError, match=r"eval_buffer.split: the dataset folder .* has no split 'test' \(it has: "
+                                        r"train\)"):
+        read_rows(str(folder), "test", "alpha", key="buffer.trainer_input.eval_buffer")
+    with pytest.raises(DataError, match=r"subset_name: 'gamma' is not a config of .* \(it has: alpha, beta\)"):
+        read_rows(str(folder), "train", "gamma")

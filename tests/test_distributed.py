@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trinity_dpo import checkpoint, distributed, train
+from trinity_dpo import checkpoint, distributed, run_folder, train
 from trinity_dpo.batching import is_padding, plan_micro, shard_step
 from trinity_dpo.config import ConfigError
 from trinity_dpo.config_loader import load_config
@@ -88,6 +88,9 @@ def runs(config):
     proc = cli(config, "cluster.gpu_per_node=2", "name=two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "starting 2 worker processes" in proc.stderr
+    cores = os.cpu_count()
+    assert (f"cluster.gpu_per_node=2 and no CUDA device: starting 2 CPU worker processes on {cores} cores; for one "
+            "process, set cluster.gpu_per_node=1") in proc.stderr
     return one, one.parent / "two"
 
 
@@ -207,7 +210,7 @@ def test_run_folder_must_be_shared_storage(config):
     cfg = load_config(config, ["name=unshared"])
     other = types.SimpleNamespace(main=False, from_main=lambda obj: (None, "rank 0's launch token"))
     with pytest.raises(ConfigError, match="does not see rank 0's run folder .* it must be on storage they all share"):
-        train.prepare_run_dir(cfg, other)
+        run_folder.prepare_run_dir(cfg, other)
 
 
 def _pairs(n: int, seed: int = 0) -> list[Pair]:

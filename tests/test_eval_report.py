@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 
@@ -133,3 +134,37 @@ def test_trinity_models_lists_builtins(monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "builtin:smollm2-135m-instruct\t/cache/smollm2-135m-instruct"
     assert cli.main(["report", "/nonexistent"]) == 2
     assert "no metrics.jsonl here" in capsys.readouterr().err
+
+
+def test_held_out_prompts_seen_in_training_are_counted(make_config, pairs_file, caplog):
+    """An eval buffer that repeats training prompts (here: the training file itself, and a split of it) warns
+    with the count and records it in the data summary."""
+    from transformers import AutoTokenizer
+
+    from trinity_dpo.dataset import load_data
+
+    cfg = load_config(make_config(main={"buffer": {"trainer_input": {"eval_buffer": {
+        "path": str(pairs_file), "split": "train"}}}}))
+    with caplog.at_level(logging.WARNING):
+        data = load_data(cfg, AutoTokenizer.from_pretrained(cfg.model.model_path))
+    assert "24 of 24 held-out pairs have a prompt that is also a training prompt" in caplog.text
+    assert data.summary["eval"]["prompts_in_train"] == 24
+    caplog.clear()
+    cfg = load_config(make_config(main={"buffer": {"trainer_input": {"eval_fraction": 0.25}}}))
+    with caplog.at_level(logging.WARNING):
+        data = load_data(cfg, AutoTokenizer.from_pretrained(cfg.model.model_path))
+    assert "held-out pairs have a prompt" not in caplog.text and "prompts_in_train" not in data.summary["eval"]
+
+
+def test_answer_cut_inside_a_character_drops_the_partial_character(qwen_dir):
+    """"wow 🍽" ends in a 4-byte emoji (not in the tiny vocabulary), several byte-level tokens: cutting its last token leaves bytes that decode
+    to U+FFFD, which an answer must not show."""
+    from transformers import AutoTokenizer
+
+    from trinity_dpo.evaluate import answer_text
+
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    ids = tok("wow 🍽", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))
+    assert answer_text(tok, ids[:cut]) == "wow"
+    assert answer_text(tok, ids) == "wow 🍽"

@@ -19,11 +19,21 @@ def test_cosine_to_min_lr_ratio():
     """10 steps, 2 warmup, min 0.1: step s >= 2 has progress p = (s - 2) / 8 and factor 0.1 + 0.9 * (1 + cos(pi p)) / 2.
     s=2: 1.0; s=6: p=0.5 -> 0.55; s=9: p=7/8 -> 0.1 + 0.45 * (1 + cos(7 pi / 8)) = 0.1342542.
     """
-    opt = OptimizerConfig(lr_warmup_steps=2, warmup_style="cosine", min_lr_ratio=0.1)
+    opt = OptimizerConfig(lr_warmup_steps=2, lr_scheduler_type="cosine", min_lr_ratio=0.1)
     assert lr_factor(2, opt, 10) == 1.0
     assert math.isclose(lr_factor(6, opt, 10), 0.55)
     assert math.isclose(lr_factor(9, opt, 10), 0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8)))
     assert math.isclose(lr_factor(9, opt, 10), 0.1342542, rel_tol=1e-6)
+
+
+def test_cosine_cycles():
+    """verl's num_cycles: factor max(min, min + (1 - min) * (1 + cos(2 pi cycles p)) / 2). With 1 cycle over 8 steps
+    (no warmup, min 0.2): s=4, p=1/2 -> cos(pi) = -1 -> 0.2; s=6, p=3/4 -> cos(3 pi / 2) = 0 -> 0.2 + 0.8 / 2 = 0.6;
+    with the default half cycle, s=4 -> cos(pi / 2) = 0 -> 0.6."""
+    opt = OptimizerConfig(lr_scheduler_type="cosine", min_lr_ratio=0.2, num_cycles=1.0, lr_warmup_steps=0)
+    assert math.isclose(lr_factor(4, opt, 8), 0.2) and math.isclose(lr_factor(6, opt, 8), 0.6)
+    half = OptimizerConfig(lr_scheduler_type="cosine", min_lr_ratio=0.2, lr_warmup_steps=0)
+    assert math.isclose(lr_factor(4, half, 8), 0.6)
 
 
 def test_decay_only_on_matrices():

@@ -69,12 +69,19 @@ def test_max_model_len_caps_the_whole_sequence(qwen_dir):
     assert len(pair.prompt_ids) + len(pair.rejected_ids) <= 40
 
 
-def test_truncation_error(qwen_dir):
+def test_trainer_file_lengths_count_but_never_cut_or_refuse(qwen_dir):
+    """Trinity's DPO reader never cut rows by verl's data.max_prompt_length/max_response_length (nor refused them
+    under data.truncation: error): such pairs are kept whole and counted; no limits at all means no cut."""
     tok = AutoTokenizer.from_pretrained(qwen_dir)
-    with pytest.raises(DataError, match=r"row 7: prompt has \d+ tokens, over the limit of 5 \(data.truncation: error\)"):
-        build_pairs([conv(row=7)], tok, Limits(5, 1000, truncation="error"), DataReport("x"))
-    with pytest.raises(DataError, match=r"row 7: chosen response has \d+ tokens, over the limit of 3"):
-        build_pairs([conv(row=7)], tok, Limits(1000, 3, truncation="error"), DataReport("x"))
+    [whole] = build_pairs([conv(row=7)], tok, Limits(), DataReport("x"))
+    report = DataReport("x")
+    [pair] = build_pairs([conv(row=7)], tok, Limits(count_prompt=5, count_response=3), report)
+    assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == (whole.prompt_ids, whole.chosen_ids,
+                                                                     whole.rejected_ids)
+    assert report.truncated == {}
+    assert report.over_limit == {"prompt over data.max_prompt_length": 1, "response over data.max_response_length": 1}
+    assert "kept whole, as Trinity's DPO reader did: 1 prompt over data.max_prompt_length" in report.summary()
+    assert report.as_dict()["kept_whole"] == dict(report.over_limit)
 
 
 def test_identical_after_truncation_is_dropped(qwen_dir):

@@ -216,7 +216,8 @@ def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_
     (bf16_dir / "config.json").write_text(json.dumps(config))
 
     def cfg(name):
-        return make_config(main={"name": name, "trainer": {"total_steps": 4, "save_interval": 2, "eval_samples": 0}},
+        return make_config(main={"name": name, "buffer": {"total_steps": 4},  # 4 steps over 3-step epochs
+                                 "trainer": {"save_interval": 2, "eval_samples": 0}},
                            model=bf16_dir)
 
     whole = train.run(load_config(cfg("whole")))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinity_dpo import train
+from trinity_dpo import dataset, train
 from trinity_dpo.batching import step_indices
 from trinity_dpo.config import ConfigError
 from trinity_dpo.config_loader import load_config
@@ -20,6 +21,7 @@ from trinity_dpo.data import DataError
 from trinity_dpo.modeling import load_model
 
 from test_config import doc_config
+from tiny import write_pairs
 from conftest import REPO
 
 TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -163,14 +165,27 @@ def test_cli_runs(make_config):
     assert "step 2/2" in proc.stderr and proc.stdout.startswith("run folder: ")
 
 
-def test_document_yaml_with_trinity_trainer_file(tmp_path, qwen_dir, pairs_file):
-    """Trinity's published train_dpo.yaml (truncation: error, gradient checkpointing, 783 steps, micro 2)."""
+def test_document_yaml_with_trinity_trainer_file(tmp_path, qwen_dir, caplog):
+    """Trinity's published train_dpo.yaml (truncation: error, max_response_length 256, 783 steps, gradient
+    checkpointing, micro 2) beside the document's total_epochs: 2, on 17 pairs in batches of 8. As in Trinity 0.3+
+    the run is 2 epochs of 3 steps, not 783, and says so; a response over max_response_length is kept whole, not
+    refused nor cut."""
     from test_config import DATA
 
-    path = doc_config(tmp_path, qwen_dir, pairs_file, DATA / "trinity_train_dpo.yaml")
-    cfg = load_config(path, ["cluster.gpu_per_node=1", "buffer.batch_size=8", "trainer.total_steps=2"])
-    rows = metrics(train.run(cfg))
-    assert [r["step"] for r in rows] == [1, 2] and abs(rows[0]["loss"] - math.log(2)) < 1e-6
+    data = write_pairs(tmp_path / "pairs.json", n=17)
+    rows = json.loads(data.read_text())
+    rows[0]["chosen"] = "oh totally! " + "pizza is awesome and I love it so much " * 40
+    data.write_text(json.dumps(rows))
+    path = doc_config(tmp_path, qwen_dir, data, DATA / "trinity_train_dpo.yaml")
+    with caplog.at_level(logging.INFO):
+        run_dir = train.run(load_config(path, ["cluster.gpu_per_node=1", "buffer.batch_size=8"]))
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and abs(rows[0]["loss"] - math.log(2)) < 1e-6
+    assert ("17 pairs, batch 8: 6 optimizer steps (buffer.total_epochs=2 x 3 steps per epoch; not applied (Trinity "
+            "0.3+ replaces them with this count): trainer file trainer.total_training_steps=783, trainer file "
+            "actor_rollout_ref.actor.optim.total_training_steps=783)") in caplog.text
+    summary = json.loads((run_dir / "data_summary.json").read_text())["train"]
+    assert summary["kept"] == 17 and summary["kept_whole"] == {"response over data.max_response_length": 1}
 
 
 def test_chatpair_and_custom_template_end_to_end(make_config, tmp_path):
@@ -206,7 +221,7 @@ def test_reference_cache_equals_on_the_fly_and_is_reused(make_config, monkeypatc
     model = AutoModelForCausalLM.from_pretrained(cfg.model.model_path, dtype=torch.float32)
     use_varlen(model)
     tok = AutoTokenizer.from_pretrained(cfg.model.model_path)
-    data = train.load_data(cfg, tok)
+    data = dataset.load_data(cfg, tok)
     used = [i for i in range(len(data.train)) if not torch.isnan(table[i, 0])]
     assert len(used) == 16  # two steps of 8 pairs
     with torch.no_grad():

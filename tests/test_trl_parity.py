@@ -101,3 +101,31 @@ def test_training_losses_equal_trl(tmp_path, qwen_dir, make_config):
     assert abs(ours[0] - math.log(2)) < 1e-6
     for a, b in zip(ours, trl_losses):
         assert abs(a - b) < 1e-5, (ours, trl_losses)
+
+
+IMPLICIT = {
+    # TRL's standard implicit-prompt format: texts, no chat template, EOS appended by TRL.
+    "texts": [{"chosen": f"what about pizza {i}? oh pizza is great!", "rejected": f"what about pizza {i}? no."}
+              for i in range(3)],
+    # trl-lib/ultrafeedback_binarized: whole conversations.
+    "conversations": [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows(3)],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(IMPLICIT))
+def test_implicit_prompt_tokens_equal_trl(tmp_path, qwen_dir, shape):
+    """Rows with only chosen and rejected (prompt_type: chatpair) give TRL's token ids for prompt and responses."""
+    from trinity_dpo.config import FormatConfig
+    from trinity_dpo.data import to_conversation
+
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], max_length=None, use_cpu=True)
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    model = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(IMPLICIT[shape]),
+                             processing_class=tok)
+    convs = [to_conversation(r, i + 1, FormatConfig(prompt_type="chatpair")) for i, r in enumerate(IMPLICIT[shape])]
+    pairs = build_pairs(convs, tok, Limits(), DataReport("x"))
+    assert len(pairs) == len(IMPLICIT[shape])
+    for pair, ex in zip(pairs, trainer.train_dataset):
+        assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == (
+            ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"])

@@ -10,7 +10,7 @@ Sections and keys that verl or Trinity accept but that do not apply to offline D
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 
 class ConfigError(ValueError):
@@ -36,15 +36,36 @@ class OptimizerConfig:
     lr_warmup_steps: int = -1  # warmup steps; -1 derives them from lr_warmup_steps_ratio
     lr_warmup_steps_ratio: float = 0.0  # warmup as a fraction of the total optimizer steps
     min_lr_ratio: float = 0.0  # cosine decays to min_lr_ratio * lr
-    warmup_style: Literal["constant", "cosine"] = "constant"  # schedule after warmup
+    lr_scheduler_type: Literal["constant", "cosine"] = "constant"  # schedule after warmup
+    warmup_style: Optional[Literal["constant", "cosine"]] = None  # older Trinity/verl spelling of lr_scheduler_type
+    num_cycles: float = 0.5  # cosine cycles over the steps after warmup (0.5: one half cosine down to min_lr_ratio)
+    optimizer_type: str = "adamw"  # 'adam' or 'adamw': both are AdamW (decoupled decay), as in Trinity and verl
+    optimizer: Optional[str] = None  # verl spelling of optimizer_type ('AdamW')
+    clip_grad: Optional[float] = None  # newer Trinity spelling of trainer.grad_clip
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     beta1: Optional[float] = None  # verl spelling of betas[0]
     beta2: Optional[float] = None  # verl spelling of betas[1]
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    total_training_steps: int = -1  # verl spelling of trainer.total_steps; -1 means unset
+    total_training_steps: Optional[int] = None  # not applied: Trinity 0.3+ overwrites it with trainer.total_steps
 
-    IGNORED: ClassVar[tuple[str, ...]] = ("optimizer", "clip_grad", "lr_scheduler_type", "num_cycles")
+    IGNORED: ClassVar[tuple[str, ...]] = ("lr_warmup_init", "lr_decay_steps", "lr_decay_style", "min_lr")
+
+
+@dataclass
+class KlLossArgs:
+    """`algorithm.kl_loss_fn_args`: Trinity 0.2+ adds kl_coef x a per-token KL to the DPO loss (not DPO's beta)."""
+
+    kl_coef: Optional[float] = None  # weight of that extra KL term; only 0 is accepted (this tool does not add it)
+
+    IGNORED: ClassVar[tuple[str, ...]] = ("adaptive", "target_kl", "horizon")
+
+
+@dataclass
+class EntropyLossArgs:
+    """`algorithm.entropy_loss_fn_args`."""
+
+    entropy_coef: Optional[float] = None  # Trinity subtracts entropy_coef x entropy; only 0 is accepted
 
 
 @dataclass
@@ -55,11 +76,14 @@ class AlgorithmConfig:
     policy_loss_fn: Literal["dpo"] = "dpo"  # Trinity's name of the loss function
     policy_loss_fn_args: LossArgs = field(default_factory=LossArgs)  # loss hyper-parameters
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW and schedule
+    kl_loss_fn: Optional[str] = None  # Trinity's extra KL term (k1, k2, k3, low_var_kl, none); see kl_loss_fn_args
+    kl_loss_fn_args: KlLossArgs = field(default_factory=KlLossArgs)  # its weight
+    entropy_loss_fn: Optional[str] = None  # Trinity's entropy term; see entropy_loss_fn_args
+    entropy_loss_fn_args: EntropyLossArgs = field(default_factory=EntropyLossArgs)  # its weight
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "repeat_times", "advantage_fn", "advantage_fn_args", "kl_loss_fn", "kl_loss_fn_args", "kl_penalty_fn",
-        "kl_penalty_fn_args", "entropy_loss_fn", "entropy_loss_fn_args", "sample_strategy", "sample_strategy_args",
-        "add_strategy", "use_token_level_loss",
+        "repeat_times", "advantage_fn", "advantage_fn_args", "kl_penalty_fn", "kl_penalty_fn_args",
+        "sample_strategy", "sample_strategy_args", "add_strategy", "use_token_level_loss", "loss_agg_mode",
     )
 
 
@@ -72,13 +96,16 @@ class ModelConfig:
 
     model_path: str = ""  # local Hugging Face model folder (required)
     custom_chat_template: Optional[str] = None  # Jinja chat template that replaces the tokenizer's
-    max_prompt_tokens: int = 512  # longer prompts keep their end (the generation header survives)
-    max_response_tokens: int = 512  # longer responses are cut at their end
+    max_prompt_tokens: Optional[int] = None  # longer prompts keep their end; None: no cut (Trinity's DPO reader)
+    max_response_tokens: Optional[int] = None  # longer responses are cut at their end; None: no cut
     max_model_len: Optional[int] = None  # cap on prompt + response tokens; the response is cut to fit
     trust_remote_code: bool = False  # run model code shipped inside the model folder (off: safety)
+    lora_configs: Any = None  # Trinity's LoRA adapters: not supported yet (refused)
 
     IGNORED: ClassVar[tuple[str, ...]] = ("critic_model_path", "min_response_tokens", "temperature", "top_p", "top_k",
-                                          "logprobs", "lora_configs", "enable_thinking")
+                                          "logprobs", "enable_thinking", "enable_prompt_truncation",
+                                          "repetition_penalty", "chat_template_path", "fully_sharded_loras",
+                                          "max_cpu_loras", "tinker")
 
 
 @dataclass
@@ -106,8 +133,11 @@ class FormatConfig:
     messages_key: Optional[str] = None  # Trinity spelling of the prompt column for prompt_type messages
     chat_template: Optional[str] = None  # Trinity spelling of model.custom_chat_template
 
+    image_key: Optional[str] = None  # multimodal rows: not supported (refused)
+    video_key: Optional[str] = None  # multimodal rows: not supported (refused)
+
     IGNORED: ClassVar[tuple[str, ...]] = ("response_key", "reward_fn_key", "workflow_key", "reply_prefix", "tools_key",
-                                          "image_key", "video_key", "enable_concatenated_multi_turn")
+                                          "enable_concatenated_multi_turn")
 
 
 @dataclass
@@ -145,7 +175,7 @@ class BufferConfig:
     total_epochs: int = 1  # passes over the data (unless a total step count is set)
     train_batch_size: int = 64  # pairs per optimizer step, over all processes
     batch_size: Optional[int] = None  # the document's spelling of train_batch_size
-    total_steps: Optional[int] = None  # Trinity spelling of trainer.total_steps
+    total_steps: Optional[int] = None  # optimizer steps in place of total_epochs (the data repeats as needed)
     trainer_input: TrainerInputConfig = field(default_factory=TrainerInputConfig)  # data for the trainer
 
     IGNORED: ClassVar[tuple[str, ...]] = ("explorer_input", "max_retry_times", "max_retry_interval", "tokenizer_path")
@@ -156,14 +186,14 @@ class BufferConfig:
 
 @dataclass
 class VerlData:
-    """verl `data`."""
+    """verl `data`. Trinity's DPO reader never cut or refused rows by these lengths, nor read `truncation`: pairs
+    over them are kept whole and counted in the data summary (model.max_prompt_tokens etc. cut)."""
 
-    max_prompt_length: Optional[int] = None  # verl spelling of model.max_prompt_tokens
-    max_response_length: Optional[int] = None  # verl spelling of model.max_response_tokens
-    truncation: Literal["left", "error"] = "left"  # left: prompts keep their end; error: over-long pairs stop the run
+    max_prompt_length: Optional[int] = None  # pairs with a longer prompt are counted, not cut
+    max_response_length: Optional[int] = None  # pairs with a longer response are counted, not cut
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "tokenizer", "train_files", "val_files", "prompt_key", "reward_fn_key", "train_batch_size", "val_batch_size",
+        "truncation", "tokenizer", "train_files", "val_files", "prompt_key", "reward_fn_key", "train_batch_size", "val_batch_size",
         "return_raw_input_ids", "return_raw_chat", "return_full_prompt", "shuffle", "filter_overlong_prompts",
         "filter_overlong_prompts_workers", "image_key", "video_key", "custom_cls", "dataloader_num_workers",
         "validation_shuffle", "trust_remote_code", "use_shm", "seed", "sampler", "datagen", "apply_chat_template_kwargs",
@@ -176,11 +206,14 @@ class VerlModel:
 
     enable_gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     use_remove_padding: bool = False  # remove pad tokens from the computation (packed micro-batches)
+    lora_rank: int = 0  # verl's LoRA rank (0: none); LoRA is not supported yet (refused)
+    external_lib: Optional[str] = None  # a module verl imports to register custom models: not supported (refused)
+    override_config: Any = None  # changes to the model's config.json: not supported (refused unless empty)
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "path", "external_lib", "override_config", "use_fused_kernels", "enable_activation_offload", "trust_remote_code",
-        "use_liger", "use_shm", "lora_rank", "lora_alpha", "target_modules", "custom_chat_template", "fused_kernel_options",
-        "tokenizer_path", "exclude_modules", "lora_adapter_path",
+        "path", "use_fused_kernels", "enable_activation_offload", "trust_remote_code", "use_liger", "use_shm",
+        "lora_alpha", "target_modules", "custom_chat_template", "fused_kernel_options", "tokenizer_path",
+        "exclude_modules", "lora_adapter_path",
     )
 
 
@@ -220,7 +253,7 @@ class VerlActorRolloutRef:
 class VerlTrainer:
     """verl `trainer`."""
 
-    total_training_steps: Optional[int] = None  # verl spelling of trainer.total_steps
+    total_training_steps: Optional[int] = None  # not applied: Trinity 0.3+ overwrites it with trainer.total_steps
     logger: list[Literal["console", "tensorboard", "wandb"]] = field(default_factory=lambda: ["console"])  # sinks
     resume_mode: Optional[Literal["auto", "disable", "resume_path"]] = None  # verl spelling of trainer.resume_mode
     resume_from_path: Optional[str] = None  # verl spelling of trainer.resume_from_path
@@ -264,8 +297,9 @@ class TrainerConfig:
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     actor_use_kl_loss: Optional[bool] = None  # the document's flag that goes with actor_kl_loss_coef
     actor_kl_loss_coef: Optional[float] = None  # the document's spelling of the DPO beta
-    total_steps: Optional[int] = None  # optimizer steps; None: ceil(pairs / batch) * total_epochs
+    total_steps: Optional[int] = None  # stop after at most this many optimizer steps (Trinity's cap on the loop)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    actor_grad_clip: Optional[float] = None  # older Trinity spelling of grad_clip (wins over the trainer file's)
     resume_mode: Literal["auto", "disable", "resume_path"] = "auto"  # auto: continue from the newest checkpoint
     resume_from_path: Optional[str] = None  # resume from this checkpoint folder (global_step_<N>)
     max_checkpoints_to_keep: Optional[int] = None  # keep the newest N checkpoints (never the one resumed from)
@@ -283,8 +317,9 @@ class TrainerConfig:
     max_token_len_per_gpu: Optional[int] = None  # newer Trinity spelling of the same budget
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "sft_warmup_steps", "enable_preview", "actor_grad_clip", "max_critic_ckpt_to_keep",
-        "save_strategy", "name", "ulysses_sequence_parallel_size", "algorithm_type",
+        "sft_warmup_steps", "enable_preview", "max_critic_ckpt_to_keep", "save_strategy", "name",
+        "ulysses_sequence_parallel_size", "algorithm_type", "trainer_strategy", "save_hf_checkpoint",
+        "fix_actor_microbatch_loss_scale",
     )
 
 
@@ -311,30 +346,45 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)  # data and batch size
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, checkpoints, verl settings
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # where metrics go besides metrics.jsonl
+    continue_from_checkpoint: Optional[bool] = None  # Trinity's switch: false is trainer.resume_mode: disable
+    stages: Any = None  # Trinity's multi-stage runs: not supported (refused); run each stage's config
 
     IGNORED: ClassVar[tuple[str, ...]] = ("explorer", "synchronizer", "data_processor", "service", "log",
-                                          "continue_from_checkpoint", "ray_namespace", "stages", "group")
+                                          "ray_namespace", "group")
 
 
-# Canonical field <- other spellings of the same setting. `resolve` moves the one value the user gave into the
-# canonical field; two spellings with different values are an error.
+# Canonical field <- its spellings, in tiers: the first tier with a value wins (a lower tier's different value is
+# logged as overridden, following Trinity's precedence), and two different values within a tier are an error.
 _VERL = "trainer.trainer_config."
 _ACTOR = _VERL + "actor_rollout_ref.actor."
-_OPTIM_KEYS = ("lr", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "warmup_style", "betas", "eps",
+_OPTIM_KEYS = ("lr", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "num_cycles", "betas", "eps",
                "weight_decay")
-ALIASES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("buffer.train_batch_size", ("buffer.batch_size",)),
-    ("algorithm.policy_loss_fn_args.beta", ("trainer.actor_kl_loss_coef", _ACTOR + "kl_loss_coef")),
-    ("trainer.total_steps", ("buffer.total_steps", _VERL + "trainer.total_training_steps",
-                             _ACTOR + "optim.total_training_steps", "algorithm.optimizer.total_training_steps")),
-    ("trainer.grad_clip", (_ACTOR + "grad_clip",)),
-    (_ACTOR + "use_dynamic_bsz", ("trainer.use_dynamic_bsz",)),
-    (_ACTOR + "ppo_max_token_len_per_gpu", ("trainer.ppo_max_token_len_per_gpu", "trainer.max_token_len_per_gpu")),
-    ("trainer.resume_mode", (_VERL + "trainer.resume_mode",)),
-    ("trainer.resume_from_path", (_VERL + "trainer.resume_from_path",)),
-    ("trainer.max_checkpoints_to_keep", ("trainer.max_actor_ckpt_to_keep", _VERL + "trainer.max_actor_ckpt_to_keep")),
-    ("model.max_prompt_tokens", (_VERL + "data.max_prompt_length",)),
-    ("model.max_response_tokens", (_VERL + "data.max_response_length",)),
-    ("model.custom_chat_template", ("buffer.trainer_input.experience_buffer.format.chat_template",)),
-    *((f"algorithm.optimizer.{k}", (f"{_ACTOR}optim.{k}",)) for k in _OPTIM_KEYS),
+ALIASES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    ("buffer.train_batch_size", (("buffer.train_batch_size", "buffer.batch_size"),)),
+    # Trinity 0.1 copied dpo.yaml's actor_kl_loss_coef over the trainer file's kl_loss_coef; 0.2+ took the beta
+    # from policy_loss_fn_args and no longer read the trainer file's.
+    ("algorithm.policy_loss_fn_args.beta", (("algorithm.policy_loss_fn_args.beta", "trainer.actor_kl_loss_coef"),
+                                            (_ACTOR + "kl_loss_coef",))),
+    # Trinity 0.1-0.3 copied actor_grad_clip over the trainer file's grad_clip; later ones keep the trainer file's
+    # grad_clip and fall back to trainer.grad_clip.
+    ("trainer.grad_clip", (("trainer.actor_grad_clip",), (_ACTOR + "grad_clip",),
+                           ("trainer.grad_clip", "algorithm.optimizer.clip_grad"))),
+    (_ACTOR + "use_dynamic_bsz", ((_ACTOR + "use_dynamic_bsz", "trainer.use_dynamic_bsz"),)),
+    (_ACTOR + "ppo_max_token_len_per_gpu", ((_ACTOR + "ppo_max_token_len_per_gpu", "trainer.ppo_max_token_len_per_gpu",
+                                             "trainer.max_token_len_per_gpu"),)),
+    ("trainer.resume_mode", (("trainer.resume_mode", _VERL + "trainer.resume_mode"),)),
+    ("trainer.resume_from_path", (("trainer.resume_from_path", _VERL + "trainer.resume_from_path"),)),
+    ("trainer.max_checkpoints_to_keep", (("trainer.max_checkpoints_to_keep", "trainer.max_actor_ckpt_to_keep",
+                                          _VERL + "trainer.max_actor_ckpt_to_keep"),)),
+    ("model.custom_chat_template", (("model.custom_chat_template",
+                                     "buffer.trainer_input.experience_buffer.format.chat_template"),)),
+    # Trinity's algorithm.optimizer is copied over every field of the trainer file's actor.optim.
+    ("algorithm.optimizer.lr_scheduler_type", (("algorithm.optimizer.lr_scheduler_type", "algorithm.optimizer.warmup_style"),
+                                               (_ACTOR + "optim.lr_scheduler_type", _ACTOR + "optim.warmup_style"))),
+    ("algorithm.optimizer.optimizer_type", (("algorithm.optimizer.optimizer_type", "algorithm.optimizer.optimizer"),
+                                            (_ACTOR + "optim.optimizer_type", _ACTOR + "optim.optimizer"))),
+    *((f"algorithm.optimizer.{k}", ((f"algorithm.optimizer.{k}",), (f"{_ACTOR}optim.{k}",))) for k in _OPTIM_KEYS),
 )
+# Step counts that Trinity 0.3+ overwrites with trainer.total_steps: read, logged against the count that applies.
+SUPERSEDED_STEPS = (_VERL + "trainer.total_training_steps", _ACTOR + "optim.total_training_steps",
+                    "algorithm.optimizer.total_training_steps")

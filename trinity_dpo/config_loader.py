@@ -16,12 +16,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import builtin
+from . import builtin, hub
 from .config import ALIASES, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
-_UNSET_STEPS = (None, -1, 0)
 _VERL_PREFIX = "trainer.trainer_config."  # verl writes -1 or null for "derive the step count"
 
 
@@ -43,6 +42,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         # The trainer file's own `${trainer.project_name}`-style references point into that file: resolve it alone.
         verl = _to_plain(OmegaConf.create(_read_yaml(verl_path)), verl_path)
         inline = trainer.get("trainer_config") or {}
+        if not isinstance(inline, dict):
+            _refuse_non_mapping(inline, "trainer.trainer_config")
         trainer["trainer_config"] = OmegaConf.to_container(OmegaConf.merge(verl, inline))
     merged = OmegaConf.create(raw)
     for key, value in pairs:
@@ -116,13 +117,14 @@ def _first_line(e: Exception) -> str:
 # --------------------------------------------------------------------------- typed filling
 
 
-def _build(cls: type, data: Any, prefix: str, provided: set[str], ignored: list[str]) -> Any:
-    """Fill dataclass `cls` from mapping `data`; record the dotted keys the user gave in `provided`."""
+def _build(cls: type, data: Any, prefix: str, provided: set[str], ignored: list[str], default: Any = None) -> Any:
+    """Fill dataclass `cls` from mapping `data` over `default` (the parent field's own default instance: the eval
+    buffer's split is 'test', not StorageConfig's 'train'); record the dotted keys the user gave in `provided`."""
     where = prefix.rstrip(".") or "the top level"
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
+        _refuse_non_mapping(data, where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     known_ignored = getattr(cls, "IGNORED", ())
@@ -138,12 +140,25 @@ def _build(cls: type, data: Any, prefix: str, provided: set[str], ignored: list[
             raise ConfigError(f"unknown key '{dotted}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted + ".", provided, ignored)
+            inner = getattr(default, key) if default is not None else _field_default(cls, key)
+            kwargs[key] = _build(tp, value, dotted + ".", provided, ignored, inner)
         else:
             kwargs[key] = _coerce(value, tp, dotted)
             if value is not None:
                 provided.add(dotted)
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs) if default is not None else cls(**kwargs)
+
+
+def _refuse_non_mapping(value: Any, where: str) -> None:
+    if isinstance(value, str) and value.strip() in ("...", "…"):
+        raise ConfigError(f"{where}: '...' is a placeholder (as in Trinity's docs), not settings; write the "
+                          "section's keys there or remove it")
+    raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
+
+
+def _field_default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -197,7 +212,7 @@ def _describe(value: Any) -> str:
 # --------------------------------------------------------------------------- aliases and validation
 
 
-def _get(cfg: Any, dotted: str) -> Any:
+def get_field(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
@@ -211,35 +226,42 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
 
 
 def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset()) -> None:
-    """Fold every alias group of `config.ALIASES` into its canonical field (in place).
+    """Fold every alias group of `config.ALIASES` into its canonical field (in place), tier by tier.
 
     A command-line override of any spelling replaces what the files say under the other spellings.
     """
     for section in ("algorithm.optimizer", "trainer.trainer_config.actor_rollout_ref.actor.optim"):
         _fold_betas(cfg, section, provided)
-    for canonical, aliases in ALIASES:
-        given = {}
-        for key in (canonical, *aliases):
-            value = _get(cfg, key) if key in provided else None
-            if "total" in key and value in _UNSET_STEPS:
-                value = None
-            if value is not None:
-                given[key] = value
-        if any(k in overridden for k in given):
-            given = {k: v for k, v in given.items() if k in overridden}
-        if len(set(map(repr, given.values()))) > 1:
-            listing = ", ".join(f"{k}={v!r}" for k, v in given.items())
+    for canonical, tiers in ALIASES:
+        given = [{k: get_field(cfg, k) for k in tier if k in provided and get_field(cfg, k) is not None} for tier in tiers]
+        if any(k in overridden for tier in given for k in tier):
+            given = [{k: v for k, v in tier.items() if k in overridden} for tier in given]
+        given = [tier for tier in given if tier]
+        if not given:
+            continue
+        winner = given[0]
+        if len(set(map(repr, winner.values()))) > 1:
+            listing = ", ".join(f"{k}={v!r}" for k, v in winner.items())
             raise ConfigError(f"conflicting values for one setting: {listing}")
-        if given:
-            _set(cfg, canonical, next(iter(given.values())))
-            provided.add(canonical)
+        value = next(iter(winner.values()))
+        losers = {k: v for tier in given[1:] for k, v in tier.items() if repr(v) != repr(value)}
+        if losers:
+            log.info("%s=%r is used over %s, as Trinity gives it precedence", next(iter(winner)), value,
+                     ", ".join(f"{k}={v!r}" for k, v in losers.items()))
+        _set(cfg, canonical, value)
+        provided.add(canonical)
+    if cfg.continue_from_checkpoint is False:
+        if "trainer.resume_mode" in provided and cfg.trainer.resume_mode != "disable":
+            raise ConfigError(f"conflicting values for one setting: continue_from_checkpoint=False, "
+                              f"trainer.resume_mode={cfg.trainer.resume_mode!r}")
+        cfg.trainer.resume_mode = "disable"
     inputs = cfg.buffer.trainer_input
     if not any(k.startswith("buffer.trainer_input.eval_buffer.format.") for k in provided):
         inputs.eval_buffer.format = dataclasses.replace(inputs.experience_buffer.format)
 
 
 def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
-    opt = _get(cfg, section)
+    opt = get_field(cfg, section)
     if opt.beta1 is None and opt.beta2 is None:
         return
     betas = [opt.beta1 if opt.beta1 is not None else opt.betas[0], opt.beta2 if opt.beta2 is not None else opt.betas[1]]
@@ -258,14 +280,15 @@ def validate(cfg: Config) -> None:
     """Range and path checks, all before any model or data loads."""
     opt, args = cfg.algorithm.optimizer, cfg.algorithm.policy_loss_fn_args
     actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
-    for key in ("buffer.train_batch_size", "buffer.total_epochs", "model.max_prompt_tokens", "trainer.max_consecutive_skips",
-                "model.max_response_tokens", "cluster.node_num", "cluster.gpu_per_node", "trainer.log_interval"):
-        _check(_get(cfg, key) > 0, f"{key} must be a positive integer, got {_get(cfg, key)}")
-    for key in ("trainer.total_steps", "model.max_model_len", _ACTOR_MICRO, "trainer.max_checkpoints_to_keep"):
-        value = _get(cfg, key)
+    for key in ("buffer.train_batch_size", "buffer.total_epochs", "trainer.max_consecutive_skips", "cluster.node_num",
+                "cluster.gpu_per_node", "trainer.log_interval"):
+        _check(get_field(cfg, key) > 0, f"{key} must be a positive integer, got {get_field(cfg, key)}")
+    for key in ("trainer.total_steps", "buffer.total_steps", "model.max_model_len", "model.max_prompt_tokens",
+                "model.max_response_tokens", _ACTOR_MICRO, "trainer.max_checkpoints_to_keep"):
+        value = get_field(cfg, key)
         _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
     for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples"):
-        _check(_get(cfg, key) >= 0, f"{key} must be >= 0, got {_get(cfg, key)}")
+        _check(get_field(cfg, key) >= 0, f"{key} must be >= 0, got {get_field(cfg, key)}")
     _check(cfg.trainer.eval_max_new_tokens > 0,
            f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
     fraction = cfg.buffer.trainer_input.eval_fraction
@@ -280,6 +303,10 @@ def validate(cfg: Config) -> None:
     _check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
            f"algorithm.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
     _check(opt.weight_decay >= 0, f"algorithm.optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+    _check(opt.num_cycles > 0, f"algorithm.optimizer.num_cycles must be > 0, got {opt.num_cycles}")
+    _check(opt.optimizer_type.lower() in ("adam", "adamw"), f"algorithm.optimizer.optimizer_type: "
+           f"{opt.optimizer_type!r} is not supported; this tool trains with AdamW ('adam' or 'adamw')")
+    _refuse_unsupported(cfg)
     _check(cfg.trainer.grad_clip >= 0, f"trainer.grad_clip must be >= 0, got {cfg.trainer.grad_clip}")
     micro = actor.ppo_micro_batch_size_per_gpu
     world = cfg.cluster.node_num * cfg.cluster.gpu_per_node
@@ -309,20 +336,50 @@ def validate(cfg: Config) -> None:
 _ACTOR_MICRO = "trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
 
 
+def _refuse_unsupported(cfg: Config) -> None:
+    """Trinity and verl settings that would change training but that this tool does not do: one line each."""
+    algo, verl_model = cfg.algorithm, cfg.trainer.trainer_config.actor_rollout_ref.model
+    coef, kl_fn = algo.kl_loss_fn_args.kl_coef, algo.kl_loss_fn
+    _check(coef in (None, 0) and (coef == 0 or kl_fn in (None, "none")),
+           f"algorithm.kl_loss_fn{'_args.kl_coef' if coef else ''}: Trinity 0.2+ adds kl_coef (default 0.001) x a "
+           f"per-token KL ({kl_fn or 'k2'}) to the DPO loss, which this tool does not compute; set "
+           "algorithm.kl_loss_fn_args.kl_coef: 0 to train DPO alone (its beta is policy_loss_fn_args.beta)")
+    entropy = algo.entropy_loss_fn_args.entropy_coef
+    _check(not entropy, f"algorithm.entropy_loss_fn_args.entropy_coef: {entropy} adds an entropy term to the loss, "
+           "which this tool does not compute; set it to 0")
+    _check(not cfg.model.lora_configs and not verl_model.lora_rank,
+           "LoRA (model.lora_configs, actor_rollout_ref.model.lora_rank) is not supported yet: remove it to train all "
+           "weights")
+    fmt = cfg.buffer.trainer_input.experience_buffer.format
+    _check(not fmt.image_key and not fmt.video_key, "format.image_key/video_key: multimodal rows are not supported; "
+           "this tool trains text chat models")
+    _check(not verl_model.override_config, "actor_rollout_ref.model.override_config: changing the model's config is "
+           "not supported; edit the model folder's config.json instead")
+    _check(not verl_model.external_lib, "actor_rollout_ref.model.external_lib: importing custom model code is not "
+           "supported; use a model folder with model.trust_remote_code: true")
+    _check(not cfg.stages, "stages: several stages in one config are not supported; write one config per stage and "
+           "run them one after the other (model_path: the previous stage's last checkpoint)")
+
+
 def _validate_paths(cfg: Config) -> None:
+    """Local paths exist; hub ids are replaced by their folders in the Hugging Face cache (`hub.resolve`)."""
     model = cfg.model.model_path
-    _check(bool(model), "model.model_path is required: a local Hugging Face model folder")
+    _check(bool(model), "model.model_path is required: a local Hugging Face model folder or a hub id")
     if builtin.is_builtin(model):
         builtin.check(model)
-        model = None
-    _check(model is None or Path(model).is_dir(), f"model.model_path: folder not found: {model}")
-    _check(model is None or (Path(model) / "config.json").is_file(),
-           f"model.model_path: {model} has no config.json (not a model folder)")
-    data = cfg.buffer.trainer_input.experience_buffer.path
-    key = "buffer.trainer_input.experience_buffer.path"
-    _check(bool(data), f"{key} is required: a .json/.jsonl/.parquet file or a dataset folder")
-    for key, data in ((key, data), ("buffer.trainer_input.eval_buffer.path", cfg.buffer.trainer_input.eval_buffer.path)):
-        _check(not data or builtin.is_builtin(data) or Path(data).exists(), f"{key}: not found: {data}")
+    else:
+        cfg.model.model_path = model = hub.resolve(model, "model", "model.model_path")
+        _check(Path(model).is_dir(), f"model.model_path: folder not found: {model}")
+        _check((Path(model) / "config.json").is_file(), f"model.model_path: {model} has no config.json (not a model "
+                                                        "folder)")
+    inputs = cfg.buffer.trainer_input
+    _check(bool(inputs.experience_buffer.path), "buffer.trainer_input.experience_buffer.path is required: a "
+           ".json/.jsonl/.parquet file, a dataset folder or a hub dataset id")
+    for key, storage in (("experience_buffer", inputs.experience_buffer), ("eval_buffer", inputs.eval_buffer)):
+        key = f"buffer.trainer_input.{key}.path"
+        if storage.path and not builtin.is_builtin(storage.path):
+            storage.path = hub.resolve(storage.path, "dataset", key)
+            _check(Path(storage.path).exists(), f"{key}: not found: {storage.path}")
     root = Path(cfg.checkpoint_root_dir)
     existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
     _check(existing.is_dir(), f"checkpoint_root_dir: {root} cannot be created: {existing} is not a folder")

@@ -1,39 +1,49 @@
-"""Preference rows from a local file or dataset folder, checked and turned into chat conversations.
+"""Preference rows, checked and turned into conversations, in the shapes public preference sets use.
 
-Each good row becomes a `Conversation`: the prompt messages and the chosen and rejected response messages.
-Bad rows (a missing key, a null, a number where text belongs, an empty response, chosen identical to rejected)
-are counted and skipped, or stop the run with their file and row when `on_bad_row: error`.
+`format.prompt_type` says where the prompt is:
+- `plaintext`: a text prompt column, rendered as a user message through the chat template (Trinity's meaning);
+- `messages`: the prompt column holds chat messages (`prompt_key: input.messages` reaches a nested field, as in
+  OpenAI's preference fine-tuning files);
+- `chatpair`: no prompt column; the prompt is what chosen and rejected begin with. Conversations (TRL's implicit
+  prompt, ultrafeedback_binarized) share their leading messages; Anthropic HH texts (`\\n\\nHuman: ...
+  \\n\\nAssistant: ...`) are split into turns first; other texts share their longest common prefix and are not
+  chat-templated, as TRL's `extract_prompt` and tokenization treat them.
+
+Each good row becomes a `Conversation`. Bad rows (a missing key, a null, a number where text belongs, an empty
+response, chosen identical to rejected) are counted and skipped, or stop the run with their file and row when
+`on_bad_row: error`.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-from .config import ConfigError, FormatConfig, StorageConfig
+from .config import FormatConfig, StorageConfig
+from .sources import DataError, read_rows
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-_SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(ConfigError):
-    """A problem with the user's data: one line, exit code 2."""
+Turns = Union[list[Message], str]  # chat messages, or raw text that is tokenized as it is
+__all__ = ["Conversation", "DataError", "DataReport", "load_conversations", "read_rows", "to_conversation"]
 
 
 @dataclass
 class Conversation:
-    """One preference pair as chat messages; `row` is its 1-based row in `source`."""
+    """One preference pair; `row` is its 1-based row in the source. Either all three parts are chat messages,
+    or all three are raw text (a chatpair of plain texts: no chat template, as in TRL)."""
 
     row: int
-    prompt: list[Message]
-    chosen: list[Message]
-    rejected: list[Message]
+    prompt: Turns
+    chosen: Turns
+    rejected: Turns
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.prompt, str)
 
 
 @dataclass
@@ -44,77 +54,32 @@ class DataReport:
     read: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
+    over_limit: Counter = field(default_factory=Counter)  # pairs over the trainer file's lengths, kept whole
     resplit: int = 0  # pairs whose prompt/response token boundary needed a separate tokenization
-
+    prompts_in_train: int = 0  # held-out pairs whose prompt is also a training prompt
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "read": self.read, "kept": self.read - sum(self.dropped.values()),
-                "truncated": dict(self.truncated), "dropped": dict(self.dropped), "resplit": self.resplit}
+        out = {"source": self.source, "read": self.read, "kept": self.read - sum(self.dropped.values()),
+               "truncated": dict(self.truncated), "dropped": dict(self.dropped), "resplit": self.resplit}
+        if self.over_limit:
+            out["kept_whole"] = dict(self.over_limit)
+        return {**out, "prompts_in_train": self.prompts_in_train} if self.prompts_in_train else out
 
     def summary(self) -> str:
         kept = self.read - sum(self.dropped.values())
         why = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"
         cut = ", ".join(f"{n} {part}" for part, n in sorted(self.truncated.items())) or "none"
         extra = f"; {self.resplit} responses re-split at a BPE merge over the prompt boundary" if self.resplit else ""
+        if self.over_limit:
+            extra += "; kept whole, as Trinity's DPO reader did: " + ", ".join(
+                f"{n} {what}" for what, n in sorted(self.over_limit.items()))
         return f"data: {self.read} pairs read from {self.source}; {kept} kept; truncated: {cut}; dropped: {why}{extra}"
 
 
-def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[dict[str, Any]]:
-    """All rows of a .json/.jsonl/.parquet file or a Hugging Face dataset folder, as dicts, in file order.
-
-    JSON files are parsed here rather than by `datasets`: Arrow would fill a missing key with null and refuse a
-    column that mixes text and numbers, hiding exactly the rows a user needs named.
-    """
-    p = Path(path)
-    if p.suffix in (".json", ".jsonl") and p.is_file():
-        return _read_json(p)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local folder must never reach for a hub
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if p.is_dir():
-            ds = datasets.load_dataset(str(p), name=subset, split=split)
-        elif p.suffix in _SUFFIX_BUILDERS:
-            ds = datasets.load_dataset(_SUFFIX_BUILDERS[p.suffix], data_files=str(p), split="train")
-        else:
-            raise DataError(f"{path}: unsupported data file type {p.suffix!r}; use .json, .jsonl, .parquet or a folder")
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types for unreadable files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: cannot read data: {reason}") from None
-    return ds.to_list()
-
-
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: bytes that are not UTF-8") from None
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON: {e.msg}") from None
-    else:  # JSON lines, also when a .json file holds one object per line
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
-    for n, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {n}: expected an object with keys, got {type(row).__name__}")
-    return rows
-
-
-def load_conversations(storage: StorageConfig) -> tuple[list[Conversation], DataReport]:
-    rows = read_rows(storage.path, storage.split, storage.subset_name)
+def load_conversations(storage: StorageConfig, key: str = "buffer.trainer_input.experience_buffer"
+                       ) -> tuple[list[Conversation], DataReport]:
+    """The conversations of `storage` (the config section `key`, named in errors) and what reading them did."""
+    rows = read_rows(storage.path, storage.split, storage.subset_name, key)
     report = DataReport(source=storage.path, read=len(rows))
     out = []
     for i, row in enumerate(rows, start=1):
@@ -138,22 +103,21 @@ class BadRow(Exception):
 def to_conversation(row: dict[str, Any], index: int, fmt: FormatConfig) -> Conversation:
     """Turn one row into a `Conversation` following `fmt.prompt_type`; raise `BadRow` with a reason."""
     if fmt.prompt_type == "chatpair":
-        chosen_all = _messages(row, fmt.chosen_key)
-        rejected_all = _messages(row, fmt.rejected_key)
-        n = 0
-        while n < min(len(chosen_all), len(rejected_all)) and chosen_all[n] == rejected_all[n]:
-            n += 1
-        if n == 0:
-            raise BadRow("no common prompt", "chosen and rejected conversations share no first message")
-        prompt, chosen, rejected = chosen_all[:n], chosen_all[n:], rejected_all[n:]
+        conv = _chatpair(row, index, fmt)
+        if conv.is_text:
+            if fmt.system_prompt or fmt.system_prompt_key:
+                raise DataError("format.system_prompt / system_prompt_key need chat messages; these rows are plain "
+                                "texts, which are not chat-templated")
+            return conv
+        prompt, chosen, rejected = conv.prompt, conv.chosen, conv.rejected
     else:
         if fmt.prompt_type == "plaintext":
-            prompt = [{"role": "user", "content": _text(row, fmt.prompt_key)}]
+            prompt = [{"role": "user", "content": _text(row, fmt.prompt_key, hint="messages")}]
         else:
             prompt = _messages(row, fmt.messages_key or fmt.prompt_key)
         chosen = _response(row, fmt.chosen_key)
         rejected = _response(row, fmt.rejected_key)
-    system = _text(row, fmt.system_prompt_key) if fmt.system_prompt_key else fmt.system_prompt
+    system = _system(row, fmt)
     if system is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
     for key, msgs in ((fmt.chosen_key, chosen), (fmt.rejected_key, rejected)):
@@ -167,17 +131,98 @@ def to_conversation(row: dict[str, Any], index: int, fmt: FormatConfig) -> Conve
     return Conversation(index, prompt, chosen, rejected)
 
 
-def _get(row: dict[str, Any], key: str) -> Any:
-    if key not in row:
-        raise BadRow(f"missing key '{key}'", f"missing key '{key}' (row has: {', '.join(map(str, row))})")
-    value = row[key]
+def _system(row: dict[str, Any], fmt: FormatConfig) -> str | None:
+    """The system message, if any: an empty or null value means none (the row is kept)."""
+    if fmt.system_prompt_key:
+        value = _lookup(row, fmt.system_prompt_key)
+        if value is not None and not isinstance(value, str):
+            raise BadRow(f"'{fmt.system_prompt_key}' not text",
+                         f"'{fmt.system_prompt_key}' must be text, got {type(value).__name__}")
+    else:
+        value = fmt.system_prompt
+    return value if value and value.strip() else None
+
+
+def _chatpair(row: dict[str, Any], index: int, fmt: FormatConfig) -> Conversation:
+    chosen_all, rejected_all = _get(row, fmt.chosen_key, chatpair=True), _get(row, fmt.rejected_key, chatpair=True)
+    if isinstance(chosen_all, str) and isinstance(rejected_all, str):
+        if _is_hh(chosen_all) and _is_hh(rejected_all):
+            chosen_all, rejected_all = _hh_turns(chosen_all, fmt.chosen_key), _hh_turns(rejected_all, fmt.rejected_key)
+        else:
+            return _text_pair(chosen_all, rejected_all, index, fmt)
+    else:
+        chosen_all, rejected_all = _messages(row, fmt.chosen_key), _messages(row, fmt.rejected_key)
+    n = 0
+    while n < min(len(chosen_all), len(rejected_all)) and chosen_all[n] == rejected_all[n]:
+        n += 1
+    if n == 0:
+        raise BadRow("no common prompt", "chosen and rejected conversations share no first message")
+    return Conversation(index, chosen_all[:n], chosen_all[n:], rejected_all[n:])
+
+
+def _text_pair(chosen: str, rejected: str, index: int, fmt: FormatConfig) -> Conversation:
+    """TRL's standard implicit prompt: the longest common prefix of the two texts, a space before the split going
+    to the responses. A response that is all prefix is empty, hence a bad row."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0:
+        raise BadRow("no common prompt", "chosen and rejected texts share no common beginning (the prompt)")
+    for key, text in ((fmt.chosen_key, chosen[n:]), (fmt.rejected_key, rejected[n:])):
+        if not text.strip():
+            raise BadRow("empty response", f"'{key}' has an empty response")
+    if chosen == rejected:
+        raise BadRow("chosen identical to rejected", "chosen and rejected are identical")
+    return Conversation(index, chosen[:n], chosen[n:], rejected[n:])
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _is_hh(text: str) -> bool:
+    return text.lstrip("\n").startswith("Human:") and "\n\nAssistant:" in text
+
+
+def _hh_turns(text: str, key: str) -> list[Message]:
+    """Anthropic HH's `\\n\\nHuman: ...\\n\\nAssistant: ...` text as chat messages."""
+    parts = _HH_TURN.split(text.lstrip("\n"))
+    if parts[0].strip():
+        raise BadRow(f"'{key}' not HH turns", f"'{key}': text before the first 'Human:' turn")
+    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def _lookup(row: dict[str, Any], key: str) -> Any:
+    """`row[key]`, or for a dotted key with no such column, the nested field (`input.messages`); KeyError if none."""
+    if key in row:
+        return row[key]
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def _get(row: dict[str, Any], key: str, chatpair: bool = False) -> Any:
+    try:
+        value = _lookup(row, key)
+    except KeyError:
+        hint = ""
+        if not chatpair and "chosen" in row and "rejected" in row and key not in ("chosen", "rejected"):
+            hint = "; rows with only chosen and rejected hold the prompt inside them: set format.prompt_type: chatpair"
+        raise BadRow(f"missing key '{key}'", f"missing key '{key}' (row has: {', '.join(map(str, row))}){hint}")
     if value is None:
         raise BadRow(f"null '{key}'", f"'{key}' is null")
     return value
 
 
-def _text(row: dict[str, Any], key: str) -> str:
+def _text(row: dict[str, Any], key: str, hint: str | None = None) -> str:
     value = _get(row, key)
+    if isinstance(value, list) and hint and value and isinstance(value[0], dict):
+        raise BadRow(f"'{key}' not text", f"'{key}' holds chat messages, not text: set format.prompt_type: {hint}")
     if not isinstance(value, str):
         raise BadRow(f"'{key}' not text", f"'{key}' must be text, got {type(value).__name__}")
     if not value.strip():
@@ -196,6 +241,9 @@ def _response(row: dict[str, Any], key: str) -> list[Message]:
 
 def _messages(row: dict[str, Any], key: str) -> list[Message]:
     value = _get(row, key)
+    if isinstance(value, str):
+        raise BadRow(f"'{key}' not messages", f"'{key}' is text, not a list of chat messages: set "
+                                              "format.prompt_type: plaintext")
     if not isinstance(value, list) or not value:
         raise BadRow(f"'{key}' not messages", f"'{key}' must be a non-empty list of chat messages, "
                                               f"got {type(value).__name__}")

@@ -67,6 +67,10 @@ def launch(config_path: str, overrides: list[str], cfg: Config) -> int | None:
     # it kills what still runs after this many seconds: time to finish a step and save (torch's 30 s is short),
     # and the bound on survivors that wait on a dead peer (the variable is torch's own: set it to change this).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "180")
+    if not on_gpu:
+        log.warning("cluster.gpu_per_node=%d and no CUDA device%s: starting %d CPU worker processes on %d cores; for "
+                    "one process, set cluster.gpu_per_node=1", n, "" if cfg.cluster.device == "auto" else " in use", n,
+                    os.cpu_count() or 1)
     log.info("starting %d worker processes (torch.distributed.run)", n)
     args = get_args_parser().parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(n), "--module",
                                          "trinity_dpo.cli", "run", "--config", config_path, *overrides])

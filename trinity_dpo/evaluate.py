@@ -11,7 +11,7 @@ import torch
 
 from .losses import LOSSES
 from .modeling import Runtime, inference_mode
-from .pairs import Pair, render
+from .pairs import Pair, Turns, prompt_ids, prompt_text
 
 
 def eval_metrics(policy: torch.Tensor, ref: torch.Tensor, pairs: list[Pair], loss_name: str, beta: float,
@@ -27,21 +27,26 @@ def eval_metrics(policy: torch.Tensor, ref: torch.Tensor, pairs: list[Pair], los
     return out
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], runtime: Runtime, max_new_tokens: int,
+def generate(model, tokenizer, prompts: list[Turns], runtime: Runtime, max_new_tokens: int,
              synced: bool = False) -> list[str]:
     """Greedy answers to chat `prompts` (one at a time: no padding to get wrong, and only a few are asked for).
     `synced`: the model is sharded over processes that all answer the same prompts; each keeps stepping until
     all are done, so that their forward passes (and FSDP's collectives) stay matched."""
     answers = []
     with inference_mode(model), runtime.autocast():
-        for messages in prompts:
-            ids = tokenizer(render(tokenizer, messages, True), add_special_tokens=False,
-                            return_tensors="pt")["input_ids"].to(runtime.device)
+        for prompt in prompts:
+            ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=runtime.device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                  synced_gpus=synced)
-            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            answers.append(answer_text(tokenizer, out[0, ids.shape[1]:].tolist()))
     return answers
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """Decoded answer tokens. An answer cut at max_new_tokens may end inside a multi-byte character (an emoji is
+    several byte-level tokens), which decodes to U+FFFD: that partial character is dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd").strip()
 
 
 def comparison(before: dict[str, float], after: dict[str, float], n_pairs: int) -> str:
@@ -72,7 +77,7 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     from .batching import plan_micro
     from .modeling import load_model, load_tokenizer, pick_runtime
     from .reference import score
-    from .train import load_data, micro_plan
+    from .dataset import load_data, micro_plan
 
     inputs = cfg.buffer.trainer_input
     if not inputs.eval_buffer.path and not inputs.eval_fraction:
@@ -95,6 +100,6 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
                for t in tables]
     text = comparison(figures[0], figures[1], len(data.eval)).replace("before     after", "  base     model")
     if data.sample_prompts:
-        prompts = [m[-1]["content"] for m in data.sample_prompts]
+        prompts = [prompt_text(m) for m in data.sample_prompts]
         text += "\n\n" + side_by_side(prompts, answers[0], answers[1]).replace("trained:", "model:  ")
     return text

@@ -28,11 +28,11 @@ def lr_factor(step: int, opt: OptimizerConfig, total_steps: int) -> float:
     warmup = warmup_steps(opt, total_steps)
     if step < warmup:
         return step / max(1, warmup)
-    if opt.warmup_style == "constant":
+    if opt.lr_scheduler_type == "constant":
         return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * cosine
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * opt.num_cycles * 2.0 * progress))
+    return max(opt.min_lr_ratio, opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * cosine)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .data import Conversation, DataError, DataReport
+from .data import Conversation, DataError, DataReport, Turns
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +35,64 @@ class Pair:
 
 @dataclass
 class Limits:
-    """Length rules: prompts keep their end, responses their start; `truncation='error'` refuses both cuts."""
+    """Length rules: prompts over `max_prompt` keep their end, responses over `max_response` their start (None:
+    no cut, as Trinity's DPO reader). Pairs over the `count_*` lengths (the trainer file's, which Trinity never
+    applied to DPO data) are only counted."""
 
-    max_prompt: int
-    max_response: int
+    max_prompt: int | None = None
+    max_response: int | None = None
     max_total: int | None = None
-    truncation: str = "left"
+    count_prompt: int | None = None
+    count_response: int | None = None
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def prompt_ids(tokenizer, prompt: Turns) -> list[int]:
+    """The token ids a model is given for `prompt`: chat messages rendered with the generation header, or raw
+    text as it is (with the tokenizer's own special tokens, as TRL tokenizes texts)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return tokenizer(render(tokenizer, prompt, True), add_special_tokens=False)["input_ids"]
+
+
+def prompt_text(prompt: Turns) -> str:
+    """What to show of a prompt: raw text, or its last message."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def _texts(tokenizer, conv: Conversation) -> tuple[str, str, str]:
+    """(prompt, prompt + chosen, prompt + rejected) as text. Raw texts end their responses with the EOS token, as
+    TRL's DPOTrainer adds it to non-conversational data; the chat template ends a turn by itself."""
+    if conv.is_text:
+        eos = tokenizer.eos_token or ""
+        end = lambda r: r if r.endswith(eos) else r + eos  # noqa: E731
+        return conv.prompt, conv.prompt + end(conv.chosen), conv.prompt + end(conv.rejected)
+    return (render(tokenizer, conv.prompt, True), render(tokenizer, conv.prompt + conv.chosen, False),
+            render(tokenizer, conv.prompt + conv.rejected, False))
+
+
 def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: DataReport) -> list[Pair]:
     """Tokenize every conversation into a `Pair`, truncating by `limits` and counting into `report`."""
-    if not tokenizer.chat_template:
+    if not tokenizer.chat_template and not all(c.is_text for c in convs):
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
-    prompts = [render(tokenizer, c.prompt, True) for c in convs]
-    fulls_c = [render(tokenizer, c.prompt + c.chosen, False) for c in convs]
-    fulls_r = [render(tokenizer, c.prompt + c.rejected, False) for c in convs]
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
-    p_ids, c_ids, r_ids = encode(prompts), encode(fulls_c), encode(fulls_r)
+    texts = [_texts(tokenizer, c) for c in convs]
+    ids: list[tuple[list[int], ...]] = [()] * len(convs)
+    for is_text in (False, True):  # raw text takes the tokenizer's special tokens (BOS); a template writes its own
+        group = [i for i, c in enumerate(convs) if c.is_text == is_text]
+        if group:
+            encoded = [tokenizer([texts[i][k] for i in group], add_special_tokens=is_text)["input_ids"]
+                       for k in range(3)]
+            for n, i in enumerate(group):
+                ids[i] = (encoded[0][n], encoded[1][n], encoded[2][n])
     pairs = []
     for i, conv in enumerate(convs):
-        chosen = _response_ids(tokenizer, prompts[i], p_ids[i], fulls_c[i], c_ids[i], conv, report)
-        rejected = _response_ids(tokenizer, prompts[i], p_ids[i], fulls_r[i], r_ids[i], conv, report)
-        pair = _truncate(Pair(len(pairs), conv.row, p_ids[i], chosen, rejected), limits, report)
+        (prompt, full_c, full_r), (p_ids, c_ids, r_ids) = texts[i], ids[i]
+        chosen = _response_ids(tokenizer, prompt, p_ids, full_c, c_ids, conv, report)
+        rejected = _response_ids(tokenizer, prompt, p_ids, full_r, r_ids, conv, report)
+        pair = _truncate(Pair(len(pairs), conv.row, p_ids, chosen, rejected), limits, report)
         if pair is not None:
             pairs.append(pair)
     for i, pair in enumerate(pairs):
@@ -88,24 +120,22 @@ def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], full: str, full
 
 
 def _truncate(pair: Pair, limits: Limits, report: DataReport) -> Pair | None:
+    if limits.count_prompt is not None and len(pair.prompt_ids) > limits.count_prompt:
+        report.over_limit["prompt over data.max_prompt_length"] += 1
+    if limits.count_response is not None and max(len(pair.chosen_ids), len(pair.rejected_ids)) > limits.count_response:
+        report.over_limit["response over data.max_response_length"] += 1
     max_prompt = limits.max_prompt
     if limits.max_total is not None:
-        max_prompt = min(max_prompt, limits.max_total - 1)
-    if len(pair.prompt_ids) > max_prompt:
-        if limits.truncation == "error":
-            raise DataError(f"row {pair.row}: prompt has {len(pair.prompt_ids)} tokens, over the limit of "
-                            f"{max_prompt} (data.truncation: error)")
+        max_prompt = min(max_prompt or limits.max_total, limits.max_total - 1)
+    if max_prompt is not None and len(pair.prompt_ids) > max_prompt:
         pair.prompt_ids = pair.prompt_ids[-max_prompt:]  # keep the end: the generation header must survive
         report.truncated["prompt"] += 1
     max_response = limits.max_response
     if limits.max_total is not None:
-        max_response = min(max_response, limits.max_total - len(pair.prompt_ids))
+        max_response = min(max_response or limits.max_total, limits.max_total - len(pair.prompt_ids))
     for name in ("chosen", "rejected"):
         ids = getattr(pair, f"{name}_ids")
-        if len(ids) > max_response:
-            if limits.truncation == "error":
-                raise DataError(f"row {pair.row}: {name} response has {len(ids)} tokens, over the limit of "
-                                f"{max_response} (data.truncation: error)")
+        if max_response is not None and len(ids) > max_response:
             setattr(pair, f"{name}_ids", ids[:max_response])
             report.truncated[name] += 1
     if pair.chosen_ids == pair.rejected_ids:

@@ -55,14 +55,17 @@ def first_epoch_plan(pairs: list[Pair], batch_size: int, seed: int, total_steps:
 def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime, extra: str = "") -> str:
     """A digest of everything the reference numbers depend on: the weight files, the token ids of every pair
     (which carry the tokenizer, chat template, data and length settings), the micro-batch composition on each
-    process (bf16 sums depend on it), the precision and the layout."""
+    process (bf16 sums depend on it), the precision, the layout and the CPU thread count."""
     h = hashlib.blake2b(digest_size=16)
     for f in sorted(Path(model_path).glob("*.safetensors")):
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
-    h.update(f"{runtime.device.type}|{runtime.bf16}|{runtime.share_prompt}|{extra}|{len(plan)}".encode())
+    # CPU kernels split sums by thread count: a table scored with other threads is off in the last bits, and the
+    # step-1 policy would no longer equal its reference to the bit.
+    threads = torch.get_num_threads() if runtime.device.type == "cpu" else 0
+    h.update(f"{runtime.device.type}|{threads}|{runtime.bf16}|{runtime.share_prompt}|{extra}|{len(plan)}".encode())
     for group in (g for groups in plan for g in groups):
         h.update(b"|")
         for p in group:

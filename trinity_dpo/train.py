@@ -4,126 +4,31 @@ Entry point: `trinity run --config examples/dpo_humanlike/dpo.yaml` (see `cli.py
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from . import builtin, checkpoint, distributed, logprobs, report
-from .batching import collate, is_padding, shard_step, step_indices, steps_per_epoch
-from .config import Config, ConfigError
+from . import builtin, checkpoint, dataset, distributed, logprobs, report, run_folder
+from .batching import collate, is_padding, shard_step, step_indices
+from .config import Config
+from .dataset import Data
 from .distributed import Dist
-from .data import Conversation, DataError, DataReport, load_conversations
 from .evaluate import comparison, eval_metrics, generate, side_by_side
 from .logprobs import sequence_logps
 from .losses import LOSSES
 from .metrics import MetricsLog, NullLog
 from .modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime
 from .optim import build_optimizer, lr_factor, set_lr
-from .pairs import Limits, Pair, build_pairs
+from .pairs import Pair, prompt_text
 from .reference import cached_score, first_epoch_plan, score
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Data:
-    """Tokenized training pairs, held-out pairs (possibly none) and the prompts answered before and after."""
-
-    train: list[Pair]
-    eval: list[Pair]
-    sample_prompts: list[list[dict]]
-    summary: dict
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.checkpoint_root_dir) / cfg.project / cfg.name
-
-
-def total_steps_of(cfg: Config, n_pairs: int) -> int:
-    if cfg.trainer.total_steps:
-        return cfg.trainer.total_steps
-    return steps_per_epoch(n_pairs, cfg.buffer.train_batch_size) * cfg.buffer.total_epochs
-
-
-def _tokenize(cfg: Config, tokenizer, convs: list[Conversation], report_: DataReport) -> list[Pair]:
-    limits = Limits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens, cfg.model.max_model_len,
-                    cfg.trainer.trainer_config.data.truncation)
-    pairs = build_pairs(convs, tokenizer, limits, report_)
-    log.info(report_.summary())
-    return pairs
-
-
-def load_data(cfg: Config, tokenizer) -> Data:
-    """Training and held-out pairs: the eval buffer if it has a path, else `eval_fraction` of the data."""
-    inputs = cfg.buffer.trainer_input
-    storage = dataclasses.replace(inputs.experience_buffer, path=builtin.data_path(inputs.experience_buffer.path))
-    convs, train_report = load_conversations(storage)
-    eval_convs, eval_report = [], None
-    if inputs.eval_buffer.path:
-        eval_storage = dataclasses.replace(inputs.eval_buffer, path=builtin.data_path(inputs.eval_buffer.path))
-        eval_convs, eval_report = load_conversations(eval_storage)
-    elif inputs.eval_fraction > 0 and convs:
-        order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.trainer.seed)).tolist()
-        n_eval = max(1, round(inputs.eval_fraction * len(convs)))
-        eval_convs = [convs[i] for i in sorted(order[:n_eval])]
-        convs = [convs[i] for i in sorted(order[n_eval:])]
-        eval_report = DataReport(f"{storage.path} (held-out {inputs.eval_fraction:g})", read=len(eval_convs))
-        train_report.read -= len(eval_convs)
-    pairs = _tokenize(cfg, tokenizer, convs, train_report)
-    if not pairs:
-        raise DataError(f"{storage.path}: no usable preference pairs ({train_report.summary()})")
-    eval_pairs = _tokenize(cfg, tokenizer, eval_convs, eval_report) if eval_report else []
-    if eval_report and not eval_pairs:
-        raise DataError(f"no usable held-out pairs ({eval_report.summary()})")
-    kept_rows = {p.row for p in eval_pairs}
-    samples = [c.prompt for c in eval_convs if c.row in kept_rows][:cfg.trainer.eval_samples]
-    summary = {"train": train_report.as_dict(), "eval": eval_report.as_dict() if eval_report else None}
-    return Data(pairs, eval_pairs, samples, summary)
-
-
-def prepare_run_dir(cfg: Config, d: Dist) -> tuple[Path, Path | None]:
-    """The run folder, and the checkpoint to resume from (None: a fresh start) as `trainer.resume_mode` says.
-    Rank 0 decides and tidies; every process must see the same folder (shared storage across nodes)."""
-    run_dir = run_dir_of(cfg)
-    decision = launch = None
-    if d.main:
-        decision, launch = _prepare_run_dir(cfg, run_dir), str(time.time_ns())
-        (run_dir / ".launch").write_text(launch)
-    decision, launch = d.from_main((decision, launch))
-    if isinstance(decision, ConfigError):
-        raise decision
-    seen = run_dir / ".launch"
-    if not seen.is_file() or seen.read_text() != launch:
-        raise ConfigError(f"checkpoint_root_dir: this process does not see rank 0's run folder {run_dir}; with "
-                          "several nodes it must be on storage they all share")
-    return run_dir, None if decision is None else Path(decision)
-
-
-def _prepare_run_dir(cfg: Config, run_dir: Path) -> str | None | ConfigError:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.clean_incomplete(run_dir)
-    if cfg.trainer.resume_from_path:
-        return cfg.trainer.resume_from_path
-    if cfg.trainer.resume_mode == "auto":
-        found = checkpoint.latest(run_dir)
-        if found is not None:
-            return str(found)
-    elif any(run_dir.glob("global_step_*")) or (run_dir / "metrics.jsonl").is_file():
-        return ConfigError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
-                           "`name`, remove the folder, or set resume_mode: auto to continue it")
-    for stale in ("metrics.jsonl", "samples.json", "samples_base.json"):
-        (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    return None
 
 
 class _Stop:
@@ -177,7 +82,7 @@ def run(cfg: Config) -> Path:
             _evaluate(s, 0)
             base_answers = _answer(s)
             if d.main:
-                _write_json(s.run_dir / "samples_base.json", base_answers)
+                run_folder.write_json(s.run_dir / "samples_base.json", base_answers)
         finished = _loop(s, stop)
         if finished:
             trained_answers = _answer(s)
@@ -198,17 +103,18 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     _materialize_builtins(cfg, d)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
-    data = load_data(cfg, tokenizer)
-    run_dir, resume_from = prepare_run_dir(cfg, d)
+    data = dataset.load_data(cfg, tokenizer)
+    run_dir, resume_from = run_folder.prepare_run_dir(cfg, d)
     if d.main:
-        _write_json(run_dir / "data_summary.json", data.summary)
+        run_folder.write_json(run_dir / "data_summary.json", data.summary)
     model, save_dtype = load_model(cfg, runtime.device)
     runtime = for_model(runtime, cfg, model)
     distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
              "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
-    total = total_steps_of(cfg, len(data.train))
-    log.info("%d pairs, batch %d, %d optimizer steps", len(data.train), cfg.buffer.train_batch_size, total)
+    total = dataset.total_steps_of(cfg, len(data.train))
+    log.info("%d pairs, batch %d: %s", len(data.train), cfg.buffer.train_batch_size,
+             dataset.explain_steps(cfg, len(data.train)))
     # Before the optimizer exists and before any restore: the reference is the initial weights.
     ref, eval_groups, eval_ref = _reference_tables(cfg, model, data, total, runtime, run_dir,
                                                    tokenizer.pad_token_id, d)
@@ -218,8 +124,8 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
         state = checkpoint.restore(resume_from, model, optimizer)
         log.info("resumed from %s at step %d", resume_from, state["step"])
         if d.main:
-            _carry_history(resume_from.parent, run_dir)
-            _truncate_metrics(run_dir, state["step"])
+            run_folder.carry_history(resume_from.parent, run_dir)
+            run_folder.truncate_metrics(run_dir, state["step"])
     metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"]) if d.main else NullLog()
     return Session(cfg, runtime, d, tokenizer, data, run_dir, resume_from, model, save_dtype, optimizer, ref,
                    eval_groups, eval_ref, total, state, metrics)
@@ -231,7 +137,7 @@ def _loop(s: Session, stop: _Stop) -> bool:
     for step in range(s.state["step"], s.total):
         lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, s.total)
         epoch, indices = step_indices(step, len(s.data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
-        groups = shard_step([s.data.train[i] for i in indices], d.world, *micro_plan(cfg))[d.rank]
+        groups = shard_step([s.data.train[i] for i in indices], d.world, *dataset.micro_plan(cfg))[d.rank]
         record = train_step(s.model, s.optimizer, groups, len(indices), s.ref, cfg, s.runtime,
                             s.tokenizer.pad_token_id, lr, d)
         _count_skips(s.state, record, cfg.trainer.max_consecutive_skips)
@@ -291,7 +197,7 @@ def _reference_tables(cfg: Config, model, data: Data, total: int, runtime: Runti
                       d: Dist):
     """(training reference table, this process's held-out micro-batches, held-out reference table), both tables
     cached in the run folder; each process scores its own share."""
-    plan = micro_plan(cfg)
+    plan = dataset.micro_plan(cfg)
     t0 = time.perf_counter()
     train_plan = first_epoch_plan(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, d.world, plan)
     model_path = cfg.model.model_path
@@ -320,45 +226,20 @@ class NumericError(RuntimeError):
     """Training diverged: one line for the user, exit code 1."""
 
 
-def _carry_history(source: Path, run_dir: Path) -> None:
-    """Resuming another run's checkpoint into a new folder: start from that run's metrics and base answers."""
-    for name in ("metrics.jsonl", "samples_base.json"):
-        if (source / name).is_file() and not (run_dir / name).is_file() and source.resolve() != run_dir.resolve():
-            shutil.copyfile(source / name, run_dir / name)
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop what was logged after the checkpoint resumed from, so the file reads as one uninterrupted run."""
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-
-
 def _finish(run_dir: Path, data: Data, trained_answers: list[str]) -> None:
     """Keep the before/after answers in the run folder and print the headline comparison."""
     from .report import read_metrics
 
-    prompts = [messages[-1]["content"] for messages in data.sample_prompts]
+    prompts = [prompt_text(p) for p in data.sample_prompts]
     base_path = run_dir / "samples_base.json"
     base_answers = json.loads(base_path.read_text()) if base_path.is_file() else [""] * len(prompts)
     samples = [{"prompt": p, "base": a, "trained": b} for p, a, b in zip(prompts, base_answers, trained_answers)]
-    _write_json(run_dir / "samples.json", samples)
+    run_folder.write_json(run_dir / "samples.json", samples)
     _, evals = read_metrics(run_dir)
     if evals:
         print(comparison(evals[0], evals[-1], len(data.eval)), flush=True)
     if samples:
         print("\n" + side_by_side(prompts, base_answers, trained_answers) + "\n", flush=True)
-
-
-def micro_plan(cfg: Config) -> tuple[int | None, int | None]:
-    """(pairs per micro-batch, token budget per micro-batch) as the actor settings say."""
-    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
-    return actor.ppo_micro_batch_size_per_gpu, actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
 
 
 def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: torch.Tensor, cfg: Config,

@@ -1,0 +1,70 @@
+"""Hugging Face Hub ids for the model and the data, resolved offline from a cache built by hand in the hub's layout
+(models--ORG--NAME/refs/main naming a snapshot folder), as transformers and datasets resolve them."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from trinity_dpo.config import ConfigError
+from trinity_dpo.config_loader import load_config
+
+from conftest import REPO
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache, kind: str, repo_id: str, files_from) -> None:
+    """Put a snapshot of `files_from` into the hub cache at `cache` as repo `repo_id` ('models' or 'datasets')."""
+    root = cache / f"{kind}--{repo_id.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(SHA)
+    shutil.copytree(files_from, root / "snapshots" / SHA)
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, qwen_dir, pairs_file, monkeypatch):
+    cache = tmp_path / "hub"
+    cache_repo(cache, "models", "TinyOrg/tiny-chat", qwen_dir)
+    data = tmp_path / "dataset_download"
+    data.mkdir()
+    shutil.copy(pairs_file, data / "data.json")
+    (data / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data.json\n---\n")
+    cache_repo(cache, "datasets", "TinyOrg/prefs", data)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_model_and_dataset_ids_resolve_to_cached_snapshots(make_config, hub_cache):
+    cfg = load_config(make_config(model="TinyOrg/tiny-chat", data="TinyOrg/prefs"))
+    assert cfg.model.model_path == str(hub_cache / "models--TinyOrg--tiny-chat" / "snapshots" / SHA)
+    assert cfg.buffer.trainer_input.experience_buffer.path == str(
+        hub_cache / "datasets--TinyOrg--prefs" / "snapshots" / SHA)
+
+
+def test_ids_not_cached_offline_are_one_line(make_config, hub_cache):
+    with pytest.raises(ConfigError) as err:
+        load_config(make_config(model="Qwen/Qwen2.5-1.5B-Instruct"))
+    assert str(err.value) == (
+        f"model.model_path: Qwen/Qwen2.5-1.5B-Instruct is not a local path, and the Hugging Face model "
+        f"Qwen/Qwen2.5-1.5B-Instruct is not in the cache {hub_cache} (HF_HUB_OFFLINE is set); download it with "
+        "`hf download Qwen/Qwen2.5-1.5B-Instruct` (or huggingface-cli download), or give a local path")
+    with pytest.raises(ConfigError, match="buffer.trainer_input.experience_buffer.path: HumanLLMs/Human-Like-DPO-"
+                                          "Dataset is not a local path.*`hf download HumanLLMs/Human-Like-DPO-Dataset "
+                                          "--repo-type dataset`"):
+        load_config(make_config(data="HumanLLMs/Human-Like-DPO-Dataset"))
+
+
+def test_a_run_from_hub_ids(make_config, hub_cache, tmp_path):
+    path = make_config(model="TinyOrg/tiny-chat", data="TinyOrg/prefs", main={"trainer": {"total_steps": 1}})
+    proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = [json.loads(line) for line in (tmp_path / "ckpt" / "proj" / "run" / "metrics.jsonl").read_text()
+               .splitlines() if "loss" in line]
+    assert len(metrics) == 1 and abs(metrics[0]["loss"] - 0.6931471805599453) < 1e-6

@@ -1,0 +1,111 @@
+"""What a run trains and evaluates on: tokenized training pairs, held-out pairs (the eval buffer, or a seeded
+fraction of the data), the prompts answered before and after training, the step count and the micro-batch plan.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import builtin
+from .batching import steps_per_epoch
+from .config import SUPERSEDED_STEPS, Config, StorageConfig
+from .config_loader import get_field
+from .data import Conversation, DataError, DataReport, Turns, load_conversations
+from .pairs import Limits, Pair, build_pairs
+
+log = logging.getLogger(__name__)
+
+TRAIN_KEY, EVAL_KEY = "buffer.trainer_input.experience_buffer", "buffer.trainer_input.eval_buffer"
+
+
+@dataclass
+class Data:
+    """Tokenized training pairs, held-out pairs (possibly none) and the prompts answered before and after."""
+
+    train: list[Pair]
+    eval: list[Pair]
+    sample_prompts: list[Turns]
+    summary: dict
+
+
+def total_steps_of(cfg: Config, n_pairs: int) -> int:
+    """Optimizer steps of the run, as Trinity 0.3+ counts them: `buffer.total_steps` if set (the data repeats),
+    else `total_epochs` passes; `trainer.total_steps` caps either."""
+    total = cfg.buffer.total_steps or steps_per_epoch(n_pairs, cfg.buffer.train_batch_size) * cfg.buffer.total_epochs
+    return min(total, cfg.trainer.total_steps) if cfg.trainer.total_steps else total
+
+
+def explain_steps(cfg: Config, n_pairs: int) -> str:
+    """Which setting gives the step count, and the trainer file's step counts that do not apply."""
+    total, per_epoch = total_steps_of(cfg, n_pairs), steps_per_epoch(n_pairs, cfg.buffer.train_batch_size)
+    if cfg.trainer.total_steps and total == cfg.trainer.total_steps:
+        why = f"trainer.total_steps caps the run at {total}"
+    elif cfg.buffer.total_steps:
+        why = f"buffer.total_steps={cfg.buffer.total_steps}"
+    else:
+        why = f"buffer.total_epochs={cfg.buffer.total_epochs} x {per_epoch} steps per epoch"
+    stale = {key: get_field(cfg, key) for key in SUPERSEDED_STEPS if get_field(cfg, key) not in (None, -1, 0)}
+    if stale:
+        why += "; not applied (Trinity 0.3+ replaces them with this count): " + ", ".join(
+            f"{key.replace('trainer.trainer_config.', 'trainer file ')}={value}" for key, value in stale.items())
+    return f"{total} optimizer steps ({why})"
+
+
+def micro_plan(cfg: Config) -> tuple[int | None, int | None]:
+    """(pairs per micro-batch, token budget per micro-batch) as the actor settings say."""
+    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
+    return actor.ppo_micro_batch_size_per_gpu, actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
+
+
+def _read(storage: StorageConfig, key: str) -> tuple[list[Conversation], DataReport]:
+    # Hub ids were resolved to cached folders by the config loader; built-in names are generated here.
+    return load_conversations(dataclasses.replace(storage, path=builtin.data_path(storage.path)), key)
+
+
+def _tokenize(cfg: Config, tokenizer, convs: list[Conversation], report_: DataReport) -> list[Pair]:
+    verl = cfg.trainer.trainer_config.data
+    limits = Limits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens, cfg.model.max_model_len,
+                    verl.max_prompt_length, verl.max_response_length)
+    pairs = build_pairs(convs, tokenizer, limits, report_)
+    log.info(report_.summary())
+    return pairs
+
+
+def load_data(cfg: Config, tokenizer) -> Data:
+    """Training and held-out pairs: the eval buffer if it has a path, else `eval_fraction` of the data."""
+    inputs = cfg.buffer.trainer_input
+    convs, train_report = _read(inputs.experience_buffer, TRAIN_KEY)
+    eval_convs, eval_report = [], None
+    if inputs.eval_buffer.path:
+        eval_convs, eval_report = _read(inputs.eval_buffer, EVAL_KEY)
+        _count_shared_prompts(convs, eval_convs, eval_report)
+    elif inputs.eval_fraction > 0 and convs:
+        order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.trainer.seed)).tolist()
+        n_eval = max(1, round(inputs.eval_fraction * len(convs)))
+        eval_convs = [convs[i] for i in sorted(order[:n_eval])]
+        convs = [convs[i] for i in sorted(order[n_eval:])]
+        eval_report = DataReport(f"{train_report.source} (held-out {inputs.eval_fraction:g})", read=len(eval_convs))
+        train_report.read -= len(eval_convs)
+        _count_shared_prompts(convs, eval_convs, eval_report)
+    pairs = _tokenize(cfg, tokenizer, convs, train_report)
+    if not pairs:
+        raise DataError(f"{train_report.source}: no usable preference pairs ({train_report.summary()})")
+    eval_pairs = _tokenize(cfg, tokenizer, eval_convs, eval_report) if eval_report else []
+    if eval_report and not eval_pairs:
+        raise DataError(f"no usable held-out pairs ({eval_report.summary()})")
+    kept_rows = {p.row for p in eval_pairs}
+    samples = [c.prompt for c in eval_convs if c.row in kept_rows][:cfg.trainer.eval_samples]
+    summary = {"train": train_report.as_dict(), "eval": eval_report.as_dict() if eval_report else None}
+    return Data(pairs, eval_pairs, samples, summary)
+
+
+def _count_shared_prompts(train: list[Conversation], held_out: list[Conversation], report: DataReport) -> None:
+    """Held-out figures on prompts the model trains on measure memory, not generalisation: count and warn."""
+    seen = {repr(c.prompt) for c in train}
+    report.prompts_in_train = sum(repr(c.prompt) in seen for c in held_out)
+    if report.prompts_in_train:
+        log.warning("%d of %d held-out pairs have a prompt that is also a training prompt: held-out figures on them "
+                    "are not held out", report.prompts_in_train, len(held_out))

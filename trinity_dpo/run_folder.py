@@ -1,0 +1,75 @@
+"""The run folder: `<checkpoint_root_dir>/<project>/<name>/`, deciding whether a run starts fresh or resumes, and
+the small files a run keeps there (resolved config, history carried from the run resumed from).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from . import checkpoint
+from .config import Config, ConfigError
+from .distributed import Dist
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.checkpoint_root_dir) / cfg.project / cfg.name
+
+
+def prepare_run_dir(cfg: Config, d: Dist) -> tuple[Path, Path | None]:
+    """The run folder, and the checkpoint to resume from (None: a fresh start) as `trainer.resume_mode` says.
+    Rank 0 decides and tidies; every process must see the same folder (shared storage across nodes)."""
+    run_dir = run_dir_of(cfg)
+    decision = launch = None
+    if d.main:
+        decision, launch = _prepare_run_dir(cfg, run_dir), str(time.time_ns())
+        (run_dir / ".launch").write_text(launch)
+    decision, launch = d.from_main((decision, launch))
+    if isinstance(decision, ConfigError):
+        raise decision
+    seen = run_dir / ".launch"
+    if not seen.is_file() or seen.read_text() != launch:
+        raise ConfigError(f"checkpoint_root_dir: this process does not see rank 0's run folder {run_dir}; with "
+                          "several nodes it must be on storage they all share")
+    return run_dir, None if decision is None else Path(decision)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> str | None | ConfigError:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.clean_incomplete(run_dir)
+    if cfg.trainer.resume_from_path:
+        return cfg.trainer.resume_from_path
+    if cfg.trainer.resume_mode == "auto":
+        found = checkpoint.latest(run_dir)
+        if found is not None:
+            return str(found)
+    elif any(run_dir.glob("global_step_*")) or (run_dir / "metrics.jsonl").is_file():
+        return ConfigError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
+                           "`name`, remove the folder, or set resume_mode: auto to continue it")
+    for stale in ("metrics.jsonl", "samples.json", "samples_base.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return None
+
+
+def carry_history(source: Path, run_dir: Path) -> None:
+    """Resuming another run's checkpoint into a new folder: start from that run's metrics and base answers."""
+    for name in ("metrics.jsonl", "samples_base.json"):
+        if (source / name).is_file() and not (run_dir / name).is_file() and source.resolve() != run_dir.resolve():
+            shutil.copyfile(source / name, run_dir / name)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop what was logged after the checkpoint resumed from, so the file reads as one uninterrupted run."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
