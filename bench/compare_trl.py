@@ -95,9 +95,10 @@ def run_ours(model: str, data: Path, args, work: Path) -> dict:
     from trinity_dpo import train
     from trinity_dpo.config_loader import load_config
 
-    cfg = {"project": "bench", "name": f"ours_{args.precision}", "checkpoint_root_dir": str(work),
+    cfg = {"project": "bench", "name": f"ours_{args.precision}_{getattr(args, 'objective', 'dpo')}", "checkpoint_root_dir": str(work),
            "model": {"model_path": model, "max_prompt_tokens": args.max_length, "max_response_tokens": args.max_length,
                      "max_model_len": args.max_length},
+           "algorithm": {"policy_loss_fn": getattr(args, "objective", "dpo")},
            "buffer": {"train_batch_size": args.batch, "total_epochs": 1, "trainer_input": {"experience_buffer": {
                "path": str(data)}}},
            "cluster": {"device": args.device},
@@ -198,6 +199,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-1.5b-shape"])
     parser.add_argument("--layers", type=int, help="fewer layers of the Qwen shape (a smoke test of this script)")
     parser.add_argument("--model-path", help=argparse.SUPPRESS)  # set for the side processes
+    parser.add_argument("--objective", default="dpo", help=argparse.SUPPRESS)  # bench/objectives.py's side runs
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     args = parser.parse_args()
     if args.side:
@@ -215,29 +217,42 @@ def compare(args) -> int:
     table = {}
     for precision in args.precisions.split(","):
         for who in ("trl", "ours"):
-            cmd = [sys.executable, __file__, "--side", who, "--precision", precision, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--max-length", str(args.max_length), "--device", args.device,
-                   "--model-path", args.model_path]
-            if not args.checkpointing:
-                cmd.append("--no-checkpointing")
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(proc.stdout[-3000:], proc.stderr[-3000:])
+            raw = run_side(args, who, precision)
+            if raw is None:
                 return 1
-            raw = json.loads(line[7:])
             table[(precision, who)] = summarize(raw, peaks[precision])
             print(precision, who, json.dumps(table[(precision, who)]), flush=True)
     write_doc(Path(args.out), args, peaks, table, raw["source"])
     return 0
 
 
+def run_side(args, who: str, precision: str, objective: str = "dpo") -> dict | None:
+    """One side's figures from its own process (its peak memory is its own); None, with its output shown, on
+    failure."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", who, "--precision", precision, "--steps",
+           str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--device", args.device,
+           "--model-path", args.model_path, "--objective", objective]
+    if not args.checkpointing:
+        cmd.append("--no-checkpointing")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        return None
+    return json.loads(line[7:])
+
+
 def write_doc(out: Path, args, peaks, table, source) -> None:
     """Replace (or add) this device's and model's section of `out`; the rest of the file is kept."""
     key = f"{args.device}-{args.model}" + ("" if args.checkpointing else "-no-checkpointing")
+    replace_section(out, key, _section(args, peaks, table, source))
+
+
+def replace_section(out: Path, key: str, lines: list[str]) -> None:
+    """Replace (or append) the `<!-- bench:key -->` section of `out` by `lines`."""
     begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     text = out.read_text() if out.is_file() else "# Benchmarks\n"
-    section = "\n".join([begin, *_section(args, peaks, table, source), end])
+    section = "\n".join([begin, *lines, end])
     if begin in text and end in text:
         text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:

@@ -109,7 +109,7 @@ ERRORS = [
     ({"buffer": {"batch_size": 0}}, None, "buffer.train_batch_size must be a positive integer, got 0"),
     ({"buffer": {"total_epochs": -1}}, None, "buffer.total_epochs must be a positive integer, got -1"),
     ({"trainer": {"actor_kl_loss_coef": 0.0}}, {"actor_rollout_ref": {"actor": {"kl_loss_coef": 0.0}}},
-     "beta (the DPO beta) must be > 0, got 0.0"),
+     "policy_loss_fn_args.beta must be > 0, got 0.0"),
     ({"algorithm": {"policy_loss_fn_args": {"label_smoothing": 0.5}}}, None, "label_smoothing must be in [0, 0.5)"),
     (None, {"actor_rollout_ref": {"actor": {"optim": {"lr": -1}}}}, "algorithm.optimizer.lr must be > 0, got -1.0"),
     (None, {"actor_rollout_ref": {"actor": {"optim": {"lr_warmup_steps_ratio": 2}}}}, "must be in [0, 1], got 2.0"),
@@ -134,6 +134,48 @@ ERRORS = [
     ({"model": {"model_path": "${oc.env:NO_SUCH_VAR_X}"}}, None, "Environment variable 'NO_SUCH_VAR_X' not found"),
     ({"buffer": [1, 2]}, None, "buffer: expected a mapping, got [1, 2] (list)"),
 ]
+# The objective's settings: each combination TRL refuses, with TRL's reason.
+_ARGS = "algorithm.policy_loss_fn_args."
+OBJECTIVE_ERRORS = [
+    ({"loss_type": "dpo_plus"}, "dpo", f"{_ARGS}loss_type: 'dpo_plus' is not a loss type of policy_loss_fn 'dpo'"),
+    ({"loss_type": "bco_pair"}, "cpo", "'bco_pair' is not a loss type of policy_loss_fn 'cpo'; choose from sigmoid, "
+     "hinge, ipo, simpo (the loss types of dpo need policy_loss_fn: dpo)"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "dpo",
+     "loss_weights must have the same length as loss_type when combining multiple losses: got 1 weights for 2"),
+    ({"loss_type": ["sigmoid", "ipo"]}, "cpo", "a list of loss types (MPO) needs policy_loss_fn: dpo"),
+    ({"loss_type": "bco_pair", "f_divergence_type": "js_divergence"}, "dpo",
+     "f_divergence_type: 'js_divergence' is only supported for the loss types"),
+    ({"loss_type": "aot", "use_weighting": True}, "dpo", "WPO weighting is not implemented for 'aot' or "
+     "'aot_unpaired'"),
+    ({"loss_type": ["sigmoid", "sft"], "use_weighting": True}, "dpo", "use_weighting with loss_type sft"),
+    ({"loss_type": "exo_pair"}, "dpo", "label_smoothing must be greater than 0.0 when using 'exo_pair' loss"),
+    ({"ld_alpha": 1.5}, "dpo", "ld_alpha must be in [0, 1], got 1.5"),
+    ({"ld_alpha": 0.5}, "simpo", "ld_alpha, use_weighting, loss_weights and f_divergence_type apply to "
+     "policy_loss_fn: dpo only"),
+    ({"cpo_alpha": 1.0}, "orpo", "cpo_alpha applies to policy_loss_fn cpo/simpo"),
+    ({"f_divergence_type": "kl"}, "dpo", "f_divergence_type: 'kl' is not one of 'reverse_kl', 'forward_kl'"),
+    ({}, "kto", "algorithm.policy_loss_fn: 'kto' is not one of 'dpo', 'simpo', 'cpo', 'orpo'"),
+    ({"gamma": 0.3, "simpo_gamma": 0.4}, "simpo", "conflicting values for one setting: "
+     "algorithm.policy_loss_fn_args.gamma=0.3, algorithm.policy_loss_fn_args.simpo_gamma=0.4"),
+]
+
+
+@pytest.mark.parametrize("args,fn,message", OBJECTIVE_ERRORS)
+def test_objective_errors(make_config, args, fn, message):
+    main = {"algorithm": {"policy_loss_fn": fn, "policy_loss_fn_args": args}}
+    with pytest.raises(ConfigError) as err:
+        load_config(make_config(main=main))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_objective_settings_in_trl_spelling(make_config):
+    """A loss type given as one name becomes a list; TRL's simpo_gamma is SimPO's gamma."""
+    main = {"algorithm": {"policy_loss_fn": "simpo", "policy_loss_fn_args": {"simpo_gamma": 0.8}}}
+    args = load_config(make_config(main=main)).algorithm.policy_loss_fn_args
+    assert (args.loss_type, args.gamma) == (["sigmoid"], 0.8)
+    main = {"algorithm": {"policy_loss_fn_args": {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1, 0.5]}}}
+    args = load_config(make_config(main=main)).algorithm.policy_loss_fn_args
+    assert (args.loss_type, args.loss_weights) == (["sigmoid", "bco_pair"], [1.0, 0.5])
 
 
 @pytest.mark.parametrize("main,verl,message", ERRORS)

@@ -101,9 +101,22 @@ def test_two_processes_equal_one(runs):
     assert abs(records(two)[1]["loss"] - 0.6931471805599453) < 1e-6  # step 1: policy = reference
 
 
+def test_two_processes_equal_one_for_orpo(config):
+    """A reference-free objective with step-wide token means (ORPO's NLL over prompt and chosen tokens, the token
+    metrics): 2 workers equal 1 through the short third step, where the second worker runs a padding micro-batch,
+    and in the held-out evaluation."""
+    overrides = ["algorithm.policy_loss_fn=orpo", "trainer.total_steps=3"]
+    one = train.run(load_config(config, ["name=orpo1", *overrides]))
+    proc = cli(config, "cluster.gpu_per_node=2", "name=orpo2", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_runs(one, one.parent / "orpo2", 3)
+    assert not (one / "ref_cache").exists()
+    assert {"nll_loss", "log_odds_ratio", "log_odds_chosen", "logits/chosen"} <= records(one)[1].keys()
+
+
 def test_reference_scored_in_shares_and_gathered_into_one_cache(runs):
     one, two = runs
-    tables = [torch.load(next(d.glob("ref_cache/train-*.pt")), weights_only=True)["table"] for d in runs]
+    tables = [torch.load(next(d.glob("ref_cache/train-*.pt")), weights_only=True)["tables"]["logps"] for d in runs]
     assert not tables[1].isnan().any()  # every pair scored by one of the two workers
     torch.testing.assert_close(tables[1], tables[0], rtol=1e-6, atol=1e-5)
 

@@ -164,25 +164,25 @@ def test_resume_from_path_and_errors(six_steps):
 
 
 def test_non_finite_steps_are_skipped_and_counted_then_abort(six_steps, monkeypatch):
-    real, real_step, current = losses.LOSSES["dpo"], train.train_step, {"step": 0}
+    real, real_step, current = losses.dpo_loss, train.train_step, {"step": 0}
 
     def counting(*args, **kwargs):
         current["step"] += 1
         return real_step(*args, **kwargs)
 
     def sometimes_nan(*args):
-        out, metrics = real(*args)
-        return (out * float("nan"), metrics) if current["step"] == 2 else (out, metrics)
+        out = real(*args)
+        return out * float("nan") if current["step"] == 2 else out
 
     monkeypatch.setattr(train, "train_step", counting)
-    monkeypatch.setitem(losses.LOSSES, "dpo", sometimes_nan)
+    monkeypatch.setattr(losses, "dpo_loss", sometimes_nan)
     run_dir = train.run(load_config(six_steps("nan", total_steps=2, save_interval=1)))
     rows = [r for r in records(run_dir) if "loss" in r]
     assert [r["skipped"] for r in rows] == [0, 1] and rows[1]["skipped_steps"] == 1 and math.isnan(rows[1]["loss"])
     w1, w2 = final_weights(run_dir, 1), final_weights(run_dir, 2)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step left the weights untouched
 
-    monkeypatch.setitem(losses.LOSSES, "dpo", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    monkeypatch.setattr(losses, "dpo_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(train.NumericError, match="2 optimizer steps in a row had a non-finite loss"):
         train.run(load_config(six_steps("diverge", max_consecutive_skips=2)))
 

@@ -62,18 +62,34 @@ def test_document_yaml_end_to_end(tmp_path, llama_dir, pairs_file):
     assert saved["buffer"]["train_batch_size"] == 8 and saved["algorithm"]["policy_loss_fn_args"]["beta"] == 0.1
 
 
-def test_micro_batched_step_equals_full_batch_step(make_config, tmp_path):
+# Objectives whose terms are token means over the whole step (sft, CPO's and ORPO's NLL, the token metrics) or
+# that read extra statistics (LD-DPO's shared part, WPO's weights, ORPO's prompt log-probs).
+MICRO_OBJECTIVES = {
+    "dpo": {},
+    "mpo_ld": {"policy_loss_fn_args": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.5}},
+    "wpo_ipo": {"policy_loss_fn_args": {"loss_type": ["ipo", "bco_pair"], "use_weighting": True}},
+    "cpo": {"policy_loss_fn": "cpo"},
+    "orpo": {"policy_loss_fn": "orpo"},
+}
+
+
+@pytest.mark.parametrize("objective", sorted(MICRO_OBJECTIVES))
+def test_micro_batched_step_equals_full_batch_step(make_config, tmp_path, objective):
     runs = {}
     for micro in (8, 2):
-        path = make_config(main={"name": f"micro{micro}", "trainer": {"total_steps": 2}},
+        path = make_config(main={"name": f"micro{micro}", "trainer": {"total_steps": 2},
+                                 "algorithm": MICRO_OBJECTIVES[objective]},
                            verl={"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": micro}}})
         runs[micro] = train.run(load_config(path))
     full, micro = metrics(runs[8]), metrics(runs[2])
+    assert full[0]["loss"] != pytest.approx(full[1]["loss"])
     for a, b in zip(full, micro):
-        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-            assert abs(a[key] - b[key]) < 1e-5, key
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"tokens_per_s", "step_time_s", "pad_share", "positions"}:
+            assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), key
     wa, wb = weights(runs[8], 2), weights(runs[2], 2)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-5, worst  # Adam divides by the gradient scale: rounding of near-zero gradients shows
 
 
 def test_shared_prompt_run_equals_unshared(make_config, monkeypatch):
@@ -215,7 +231,7 @@ def test_reference_cache_equals_on_the_fly_and_is_reused(make_config, monkeypatc
     path = make_config(main={"name": "first", "trainer": {"total_steps": 2}})
     run_dir = train.run(load_config(path))
     [cache] = list((run_dir / "ref_cache").glob("train-*.pt"))
-    table = torch.load(cache, weights_only=True)["table"]
+    table = torch.load(cache, weights_only=True)["tables"]["logps"]
     # On the fly: the untouched model scoring each used pair alone, padded, as a separate reference would.
     cfg = load_config(path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.model_path, dtype=torch.float32)
@@ -237,3 +253,27 @@ def test_reference_cache_equals_on_the_fly_and_is_reused(make_config, monkeypatc
     assert not calls and "reused from" in caplog.text
     assert metrics(second) and (second / "ref_cache" / cache.name).is_file()
     assert [r["loss"] for r in metrics(second)] == [r["loss"] for r in metrics(run_dir)]
+
+
+def test_objective_without_reference_runs_no_reference_pass(make_config, monkeypatch):
+    """An objective declaring needs_reference=False gets no reference pass and no reference cache; its loss (here
+    the chosen responses' mean token NLL) trains, and held-out evaluation runs on the policy alone."""
+    from trinity_dpo.batching import by_slot
+    from trinity_dpo.objectives import Objective
+
+    def nll(policy, reference, totals):
+        assert reference is None and totals["examples"] in (8, 6)  # a step of 8 pairs, or the 6 held-out pairs
+        chosen, _ = by_slot(policy["logps"] / policy["tokens"], 2)
+        return -chosen, {"logps/chosen": chosen.detach()}
+
+    objective = Objective("nll", 2, False, ("logps", "tokens"), (), ("logps/chosen",), nll)
+    monkeypatch.setattr(train, "build_objective", lambda algorithm: objective)
+    calls = []
+    monkeypatch.setattr(train, "cached_score", lambda *a, **k: calls.append(1))
+    run_dir = train.run(load_config(make_config(main={"buffer": {"trainer_input": {"eval_fraction": 0.25}},
+                                                      "trainer": {"total_steps": 2, "eval_samples": 0}})))
+    assert not calls and not (run_dir / "ref_cache").exists()
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert rows[1]["loss"] < rows[0]["loss"] and set(rows[0]) >= {"loss", "logps/chosen"}
+    evals = [r for r in metrics(run_dir) if "eval/loss" in r]
+    assert [e["step"] for e in evals] == [0, 2] and evals[1]["eval/loss"] < evals[0]["eval/loss"]

@@ -99,7 +99,9 @@ class MicroBatch:
     never lets a real token see a pad). `target_pos`, `target_ids`, `target_seq`: [N], one entry per response
     token: the flat index of the position whose logits predict it, its id, and its sequence. `pair_index`:
     [n_pairs] dataset indices. `n_tokens`: the sequences' tokens (a shared prompt counts for both, as it would
-    alone); `n_real`: the positions of `input_ids` that hold a token.
+    alone); `n_real`: the positions of `input_ids` that hold a token. `prompt_pos`, `prompt_target_ids`,
+    `prompt_seq`: the same for the prompt tokens after the first, of each example's first sequence only (ORPO's
+    NLL term reads them; they reach the LM head only when asked for).
     """
 
     input_ids: torch.Tensor
@@ -111,11 +113,19 @@ class MicroBatch:
     pair_index: torch.Tensor
     n_tokens: int
     n_real: int
+    prompt_pos: torch.Tensor | None = None
+    prompt_target_ids: torch.Tensor | None = None
+    prompt_seq: torch.Tensor | None = None
     prefixes: list[tuple[int, int] | None] | None = None
+    seqs_per_example: int = 2  # sequence s is slot s // n of example s % n (a pair: chosen, then rejected)
 
     @property
     def n_pairs(self) -> int:
         return self.pair_index.numel()
+
+    @property
+    def n_seqs(self) -> int:
+        return self.seqs_per_example * self.n_pairs
 
     @property
     def n_pad(self) -> int:
@@ -125,6 +135,11 @@ class MicroBatch:
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                  for k, v in vars(self).items()}
         return MicroBatch(**moved)
+
+
+def by_slot(values: torch.Tensor, sequences: int) -> torch.Tensor:
+    """A micro-batch's [k * n] per-sequence values as [k, n]: row `slot` holds that slot of every example."""
+    return values.view(sequences, -1)
 
 
 def collate(pairs: list[Pair], pad_id: int, pack: bool = True, share_prompt: bool = False) -> MicroBatch:
@@ -138,6 +153,7 @@ def collate(pairs: list[Pair], pad_id: int, pack: bool = True, share_prompt: boo
     input_ids = torch.full((1 if pack else len(seqs), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros_like(input_ids)
     bounds, pos, ids, seq = [0], [], [], []
+    prompts = _Targets()
     for s, ((prompt, response), n) in enumerate(zip(seqs, lengths)):
         row, start = (0, bounds[-1]) if pack else (s, 0)
         input_ids[row, start:start + n] = torch.tensor(prompt + response, dtype=torch.long)
@@ -146,6 +162,8 @@ def collate(pairs: list[Pair], pad_id: int, pack: bool = True, share_prompt: boo
         pos.append(torch.arange(start + len(prompt) - 1, start + n - 1) + row * width)
         ids.extend(response)
         seq.extend([s] * len(response))
+        if s < len(pairs):
+            prompts.add(row * width + start, prompt, s)
         bounds.append(bounds[-1] + n)
     if not pack:
         position_ids = torch.arange(width).expand(len(seqs), width).contiguous()
@@ -154,7 +172,7 @@ def collate(pairs: list[Pair], pad_id: int, pack: bool = True, share_prompt: boo
         target_pos=torch.cat(pos), target_ids=torch.tensor(ids, dtype=torch.long),
         target_seq=torch.tensor(seq, dtype=torch.long),
         pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long), n_tokens=sum(lengths),
-        n_real=sum(lengths))
+        n_real=sum(lengths), **prompts.fields())
 
 
 def _collate_shared(pairs: list[Pair]) -> MicroBatch:
@@ -162,6 +180,7 @@ def _collate_shared(pairs: list[Pair]) -> MicroBatch:
     # its last position predicts the first token of both responses.
     n = len(pairs)
     tokens, positions, bounds, prefixes = [], [], [0], []
+    prompts = _Targets()
     pos, ids, seq = [[] for _ in range(2 * n)], [[] for _ in range(2 * n)], [[] for _ in range(2 * n)]
     for j, p in enumerate(pairs):
         a, lp, lc, lr = bounds[-1], len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
@@ -172,10 +191,29 @@ def _collate_shared(pairs: list[Pair]) -> MicroBatch:
         pos[j] = [*range(a + lp - 1, a + lp + lc - 1)]
         pos[n + j] = [a + lp - 1, *range(a + lp + lc, a + lp + lc + lr - 1)][:lr]
         ids[j], ids[n + j] = p.chosen_ids, p.rejected_ids
+        prompts.add(a, p.prompt_ids, j)
         seq[j], seq[n + j] = [j] * lc, [n + j] * lr
     flat = lambda rows: torch.tensor([x for row in rows for x in row], dtype=torch.long)  # noqa: E731
     return MicroBatch(
         input_ids=torch.tensor([tokens], dtype=torch.long), position_ids=torch.tensor([positions], dtype=torch.long),
         seq_bounds=bounds, target_pos=flat(pos), target_ids=flat(ids), target_seq=flat(seq),
         pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long),
-        n_tokens=sum(p.n_tokens for p in pairs), n_real=len(tokens), prefixes=prefixes)
+        n_tokens=sum(p.n_tokens for p in pairs), n_real=len(tokens), prefixes=prefixes, **prompts.fields())
+
+
+class _Targets:
+    """The prompt targets of a micro-batch being built: tokens 1.. of each prompt, predicted from the position
+    before each."""
+
+    def __init__(self):
+        self.pos, self.ids, self.seq = [], [], []
+
+    def add(self, start: int, prompt: list[int], seq: int) -> None:
+        self.pos.extend(range(start, start + len(prompt) - 1))
+        self.ids.extend(prompt[1:])
+        self.seq.extend([seq] * (len(prompt) - 1))
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return {"prompt_pos": as_long(self.pos), "prompt_target_ids": as_long(self.ids),
+                "prompt_seq": as_long(self.seq)}

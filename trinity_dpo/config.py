@@ -10,7 +10,7 @@ Sections and keys that verl or Trinity accept but that do not apply to offline D
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -24,8 +24,18 @@ class ConfigError(ValueError):
 class LossArgs:
     """`algorithm.policy_loss_fn_args`."""
 
-    beta: float = 0.1  # DPO beta: strength of the implicit KL penalty to the reference
-    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a pair's labels are flipped
+    beta: float = 0.1  # DPO beta (KL strength); CPO/SimPO's temperature; ORPO's lambda (weight of the odds term)
+    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid: conservative DPO, robust, exo_pair, aot)
+    loss_type: Union[list[str], str] = "sigmoid"  # TRL's loss type, or a list of them summed with loss_weights (MPO)
+    loss_weights: Optional[list[float]] = None  # one weight per loss_type (default: 1 each)
+    ld_alpha: Optional[float] = None  # LD-DPO: weight in [0, 1] of response tokens past the shorter one's length
+    use_weighting: bool = False  # WPO: weigh each pair by its responses' probability under the current policy
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"  # f-DPO
+    f_alpha_divergence_coef: float = 0.5  # alpha of the alpha-divergence
+    discopop_tau: float = 0.05  # DiscoPOP's temperature
+    gamma: float = 0.5  # SimPO's target reward margin
+    simpo_gamma: Optional[float] = None  # TRL's spelling of gamma
+    cpo_alpha: Optional[float] = None  # weight of CPO's chosen-NLL term (default: 1 for cpo, 0 for simpo)
 
 
 @dataclass
@@ -73,7 +83,7 @@ class AlgorithmConfig:
     """`algorithm`."""
 
     algorithm_type: Literal["dpo"] = "dpo"  # the only algorithm of this tool
-    policy_loss_fn: Literal["dpo"] = "dpo"  # Trinity's name of the loss function
+    policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo"] = "dpo"  # the objective (simpo, cpo, orpo: no reference)
     policy_loss_fn_args: LossArgs = field(default_factory=LossArgs)  # loss hyper-parameters
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW and schedule
     kl_loss_fn: Optional[str] = None  # Trinity's extra KL term (k1, k2, k3, low_var_kl, none); see kl_loss_fn_args
@@ -361,6 +371,8 @@ _OPTIM_KEYS = ("lr", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio",
                "weight_decay")
 ALIASES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("buffer.train_batch_size", (("buffer.train_batch_size", "buffer.batch_size"),)),
+    ("algorithm.policy_loss_fn_args.gamma", (("algorithm.policy_loss_fn_args.gamma",
+                                              "algorithm.policy_loss_fn_args.simpo_gamma"),)),
     # Trinity 0.1 copied dpo.yaml's actor_kl_loss_coef over the trainer file's kl_loss_coef; 0.2+ took the beta
     # from policy_loss_fn_args and no longer read the trainer file's.
     ("algorithm.policy_loss_fn_args.beta", (("algorithm.policy_loss_fn_args.beta", "trainer.actor_kl_loss_coef"),

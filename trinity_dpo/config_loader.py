@@ -167,7 +167,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for tp_ in inner[:-1]:  # the first that takes the value (a list, else a string)
+            try:
+                return _coerce(value, tp_, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -250,6 +255,9 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
                      ", ".join(f"{k}={v!r}" for k, v in losers.items()))
         _set(cfg, canonical, value)
         provided.add(canonical)
+    args = cfg.algorithm.policy_loss_fn_args
+    if isinstance(args.loss_type, str):
+        args.loss_type = [args.loss_type]
     if cfg.continue_from_checkpoint is False:
         if "trainer.resume_mode" in provided and cfg.trainer.resume_mode != "disable":
             raise ConfigError(f"conflicting values for one setting: continue_from_checkpoint=False, "
@@ -278,7 +286,7 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and path checks, all before any model or data loads."""
-    opt, args = cfg.algorithm.optimizer, cfg.algorithm.policy_loss_fn_args
+    opt = cfg.algorithm.optimizer
     actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
     for key in ("buffer.train_batch_size", "buffer.total_epochs", "trainer.max_consecutive_skips", "cluster.node_num",
                 "cluster.gpu_per_node", "trainer.log_interval"):
@@ -293,9 +301,9 @@ def validate(cfg: Config) -> None:
            f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
     fraction = cfg.buffer.trainer_input.eval_fraction
     _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
-    _check(args.beta > 0, f"algorithm.policy_loss_fn_args.beta (the DPO beta) must be > 0, got {args.beta}")
-    _check(0 <= args.label_smoothing < 0.5,
-           f"algorithm.policy_loss_fn_args.label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    from .objectives import validate as validate_objective
+
+    validate_objective(cfg.algorithm)
     _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")
     _check(0 <= opt.lr_warmup_steps_ratio <= 1,
            f"algorithm.optimizer.lr_warmup_steps_ratio must be in [0, 1], got {opt.lr_warmup_steps_ratio}")

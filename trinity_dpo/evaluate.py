@@ -1,4 +1,4 @@
-"""Held-out evaluation: DPO metrics on pairs no step trained on, and greedy answers to held-out prompts.
+"""Held-out evaluation: the objective's loss and metrics on pairs no step trained on, and greedy answers to held-out prompts.
 
 `eval/rewards/accuracies` is TRL's reward accuracy: the share of pairs whose implicit reward (relative to the
 reference) is higher for chosen than for rejected; it is 0 before training, where every reward is 0.
@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from .losses import LOSSES
+from .objectives import Objective, step_totals
 from .modeling import Runtime, inference_mode
 from .pairs import Pair, Turns, prompt_ids, prompt_text
 
 
-def eval_metrics(policy: torch.Tensor, ref: torch.Tensor, pairs: list[Pair], loss_name: str, beta: float,
-                 label_smoothing: float) -> dict[str, float]:
-    """Means over `pairs` of the DPO metrics, named `eval/<TRL name>`, plus `eval/prefers_chosen`, from the
-    [n, 2] (chosen, rejected) log-prob tables of the policy and the reference."""
-    losses, per_pair = LOSSES[loss_name](policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta, label_smoothing)
-    n_chosen = torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float32)
-    n_rejected = torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float32)
+def eval_metrics(policy: dict[str, torch.Tensor], ref: dict[str, torch.Tensor] | None, pairs: list[Pair],
+                 objective: Objective) -> dict[str, float]:
+    """Means over `pairs` of the objective's loss and metrics, named `eval/<TRL name>`, plus `eval/prefers_chosen`,
+    from the policy's and the reference's statistics tables ({statistic: [n, 2] (chosen, rejected)}; the reference
+    None when the objective needs none). The held-out set is one batch: its token means are over all its pairs."""
+    flat = lambda tables: {k: t.t().reshape(-1) for k, t in tables.items()}  # noqa: E731
+    losses, metrics = objective.compute(flat(policy), flat(ref) if objective.needs_reference else None,
+                                        step_totals(pairs))
     out = {"eval/loss": losses.mean().item()}
-    out.update({f"eval/{key}": values.mean().item() for key, values in per_pair.items()})
-    out["eval/prefers_chosen"] = (policy[:, 0] / n_chosen > policy[:, 1] / n_rejected).float().mean().item()
+    out.update({f"eval/{key}": values.mean().item() for key, values in metrics.items()})
+    per_token = policy["logps"] / policy["tokens"]
+    out["eval/prefers_chosen"] = (per_token[:, 0] > per_token[:, 1]).float().mean().item()
     return out
 
 
@@ -56,7 +58,7 @@ def comparison(before: dict[str, float], after: dict[str, float], n_pairs: int) 
             ("prefers chosen (logp/token)", "eval/prefers_chosen"),
             ("loss", "eval/loss")]
     lines = [f"held-out evaluation ({n_pairs} pairs)      before     after"]
-    lines += [f"  {label:<32}{before[key]:>8.3f}  {after[key]:>8.3f}" for label, key in rows]
+    lines += [f"  {label:<32}{before[key]:>8.3f}  {after[key]:>8.3f}" for label, key in rows if key in before]
     return "\n".join(lines)
 
 
@@ -78,6 +80,7 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     from .modeling import load_model, load_tokenizer, pick_runtime
     from .reference import score
     from .dataset import load_data, micro_plan
+    from .objectives import build as build_objective
 
     inputs = cfg.buffer.trainer_input
     if not inputs.eval_buffer.path and not inputs.eval_fraction:
@@ -88,16 +91,17 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     cfg.model.model_path = builtin.materialize(model_path)
     tokenizer = load_tokenizer(cfg)  # the checkpoint's own template and tokens
     data = load_data(cfg, tokenizer)
-    pad, args, max_new = tokenizer.pad_token_id, cfg.algorithm.policy_loss_fn_args, cfg.trainer.eval_max_new_tokens
+    pad, max_new = tokenizer.pad_token_id, cfg.trainer.eval_max_new_tokens
     groups = plan_micro(data.eval, *micro_plan(cfg))
     tables, answers = [], []
+    objective = build_objective(cfg.algorithm)
+    stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
     for path in (ref_path, cfg.model.model_path):
         model, _ = load_model(cfg, runtime.device, path)
-        tables.append(score(model, groups, len(data.eval), pad, runtime))
+        tables.append(score(model, groups, len(data.eval), pad, runtime, stats=stats))
         answers.append(generate(model, tokenizer, data.sample_prompts, runtime, max_new))
         del model
-    figures = [eval_metrics(t, tables[0], data.eval, cfg.algorithm.policy_loss_fn, args.beta, args.label_smoothing)
-               for t in tables]
+    figures = [eval_metrics(t, tables[0], data.eval, objective) for t in tables]
     text = comparison(figures[0], figures[1], len(data.eval)).replace("before     after", "  base     model")
     if data.sample_prompts:
         prompts = [prompt_text(m) for m in data.sample_prompts]

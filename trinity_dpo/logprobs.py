@@ -27,40 +27,117 @@ _MIN_ROWS = 64
 METHOD = "trinity_sequence_logps"
 
 
+# Per-token quantities the LM head can return besides the label's log-prob, from the same fp32 logits and with no
+# gradient (metrics and WPO weights): the entropy of the next-token distribution, log sum_v p_v^2, the mean logit
+# over the vocabulary, and whether the label is the top-1 token.
+HEAD_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logits", "top1")
+# Per-sequence statistics (`objectives.STATS` documents each) and the head extras they sum.
+_EXTRA_STATS = {"entropy": "entropy", "mean_logits": "mean_logits", "top1": "top1", "wpo": "log_sum_sq_probs"}
+
+
+def sequence_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager,
+                   wanted: tuple[str, ...] = ("logps",)) -> dict[str, torch.Tensor]:
+    """The per-sequence statistics `wanted` (names of `objectives.STATS`) of micro-batch `mb`, fp32 [mb.n_seqs]
+    each, on the model's device, from one forward; token counts need none. Only `logps`, `logps_shared` and
+    `prompt_logps` carry gradients."""
+    device = mb.input_ids.device
+    out = {}
+    if "tokens" in wanted:
+        out["tokens"] = torch.bincount(mb.target_seq, minlength=mb.n_seqs).float().to(device)
+    if "prompt_tokens" in wanted:
+        out["prompt_tokens"] = torch.bincount(mb.prompt_seq, minlength=mb.n_seqs).float().to(device)
+    computed = [k for k in wanted if k not in ("tokens", "prompt_tokens")]
+    if not computed:
+        return out
+    bound = getattr(model, METHOD, None)
+    token, prompt = (bound or types.MethodType(_token_stats, model))(mb, autocast, tuple(computed))
+    segment = lambda values: _segment_sum(values, mb.target_seq, mb.n_seqs)  # noqa: E731
+    if "logps" in wanted:
+        out["logps"] = segment(token["logps"])
+    if "logps_shared" in wanted:
+        out["logps_shared"] = segment(token["logps"] * _shared_mask(mb))
+    for stat, extra in _EXTRA_STATS.items():
+        if stat in wanted:
+            values = token["logps"].detach() - token[extra] if stat == "wpo" else token[extra]
+            out[stat] = segment(values)
+    if "prompt_logps" in wanted:
+        out["prompt_logps"] = _segment_sum(prompt, mb.prompt_seq, mb.n_seqs)
+    return out
+
+
 def sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-    """Sum of response-token log-probs per sequence, fp32, shape [2 * n_pairs] (chosen sequences, then rejected).
+    """Sum of response-token log-probs per sequence, fp32, shape [mb.n_seqs] (slot-major: every example's first
+    sequence, then every example's second, ...).
 
     A packed row carries its sequences' bounds to the attention (`attention.py`), which keeps each sequence to
     itself; padded rows need no mask (right padding under causal attention).
     """
-    bound = getattr(model, METHOD, None)
-    return bound(mb, autocast) if bound is not None else _sequence_logps(model, mb, autocast)
+    return sequence_stats(model, mb, autocast)["logps"]
 
 
 def bind(model) -> str:
-    """Make `sequence_logps` a method of `model` and return its name: FSDP2 gathers the root's parameters (the
-    embeddings and the LM head) only inside methods registered with it (`distributed.shard`)."""
-    setattr(model, METHOD, types.MethodType(_sequence_logps, model))
+    """Make the forward of `sequence_stats` a method of `model` and return its name: FSDP2 gathers the root's
+    parameters (the embeddings and the LM head) only inside methods registered with it (`distributed.shard`)."""
+    setattr(model, METHOD, types.MethodType(_token_stats, model))
     return METHOD
 
 
-def _sequence_logps(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager, wanted: tuple[str, ...]):
+    """({"logps": [N] and the head extras `wanted` asks for}, the prompt targets' log-probs [P] or None): one
+    backbone pass; response and prompt targets go through the head together."""
     backbone = getattr(model, model.base_model_prefix)
     with autocast:
         hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
                           **varlen_kwargs(mb.seq_bounds, mb.input_ids.device, mb.prefixes)).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.target_pos)  # [N, H]
-    token_logps = token_logprobs(hidden, model.get_output_embeddings(), mb.target_ids, _logit_transform(model.config))
-    n_seqs = 2 * mb.n_pairs
-    return torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, mb.target_seq, token_logps)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    positions, labels = mb.target_pos, mb.target_ids
+    with_prompt = "prompt_logps" in wanted
+    if with_prompt:
+        positions, labels = torch.cat([positions, mb.prompt_pos]), torch.cat([labels, mb.prompt_target_ids])
+    extras = tuple(e for s, e in _EXTRA_STATS.items() if s in wanted)
+    logps, extra = head_logprobs(hidden.index_select(0, positions), model.get_output_embeddings(), labels,
+                                 _logit_transform(model.config), extras)
+    n = mb.target_ids.numel()
+    token = {"logps": logps[:n], **{k: v[:n] for k, v in extra.items()}}
+    return token, (logps[n:] if with_prompt else None)
+
+
+def _segment_sum(values: torch.Tensor, seq: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    """Per-sequence sums of `values` [N] whose sequences `seq` [N] are sorted. A deterministic sum (index_add is
+    not on CUDA, and step 1 must reproduce the reference to the bit): each value gets its own slot of an
+    [n_seqs, longest] table, which is summed by rows."""
+    counts = torch.bincount(seq, minlength=n_seqs)
+    if values.numel() == 0:
+        return values.new_zeros(n_seqs)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(seq.numel(), device=seq.device) - starts[seq]
+    table = values.new_zeros(n_seqs, int(counts.max()))
+    return table.index_put((seq, rank), values).sum(1)
+
+
+def _shared_mask(mb: MicroBatch) -> torch.Tensor:
+    """1.0 for the response tokens within the length every sequence of its example has (LD-DPO's shared part),
+    else 0.0; [N]."""
+    counts = torch.bincount(mb.target_seq, minlength=mb.n_seqs)
+    shared = counts.view(mb.seqs_per_example, -1).min(0).values.repeat(mb.seqs_per_example)  # [n_seqs]
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(mb.target_seq.numel(), device=counts.device) - starts[mb.target_seq]
+    return (rank < shared[mb.target_seq]).float()
 
 
 def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, transform=None) -> torch.Tensor:
     """log softmax(transform(head(hidden)))[label] for each row of `hidden` [N, H] and `labels` [N]; fp32 [N]."""
+    return head_logprobs(hidden, head, labels, transform)[0]
+
+
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, transform=None,
+                  extras: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`token_logprobs` and the `HEAD_EXTRAS` named in `extras`, fp32 [N] each, the latter without gradient."""
     weight, bias = head.weight, getattr(head, "bias", None)
     budget = _CHUNK_ELEMENTS_GPU if hidden.is_cuda else _CHUNK_ELEMENTS
     chunk = max(_MIN_ROWS, budget // weight.shape[0])
-    return _HeadLogprobs.apply(hidden, weight, bias, labels, transform, chunk)
+    logps, table = _HeadLogprobs.apply(hidden, weight, bias, labels, transform, chunk, extras)
+    return logps, {name: table[:, i] for i, name in enumerate(extras)}
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -73,21 +150,25 @@ class _HeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, transform, chunk):
+    def forward(ctx, hidden, weight, bias, labels, transform, chunk, extras):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        table = torch.empty(hidden.shape[0], len(extras), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             logits = _chunk_logits(hidden[s:s + chunk], weight, bias)
             if transform is not None:
                 logits = transform(logits)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            for i, name in enumerate(extras):
+                table[s:s + chunk, i] = _head_extra(name, logits, lse[s:s + chunk], labels[s:s + chunk])
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.transform, ctx.chunk = transform, chunk
-        return out
+        ctx.mark_non_differentiable(table)
+        return out, table
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         w, n = weight.float(), ctx.chunk
@@ -106,7 +187,19 @@ class _HeadLogprobs(torch.autograd.Function):
                 d_bias += d_logits.sum(0)
         if want_weight:
             d_weight = d_weight.to(weight.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None
+
+
+def _head_extra(name: str, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One of `HEAD_EXTRAS` for a chunk's fp32 logits [n, V], their logsumexp [n] and labels [n]."""
+    if name == "entropy":  # H = lse - sum_v p_v z_v; one [n, V] temporary
+        probs = torch.exp(logits - lse[:, None])
+        return lse - torch.einsum("nv,nv->n", probs, logits)
+    if name == "log_sum_sq_probs":  # log sum_v p_v^2 = logsumexp(2 z) - 2 lse
+        return torch.logsumexp(2 * logits, dim=-1) - 2 * lse
+    if name == "mean_logits":
+        return logits.mean(-1)
+    return (logits.argmax(-1) == labels).float()  # top1: argmax takes the first of equal maxima
 
 
 def _chunk_logits(hidden, weight, bias):

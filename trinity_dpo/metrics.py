@@ -20,7 +20,9 @@ from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
-SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "lr")
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "lr")  # those an objective logs
+EVAL_SHOWN = (("loss", "eval/loss"), ("accuracy", "eval/rewards/accuracies"), ("margin", "eval/rewards/margins"),
+              ("prefers chosen", "eval/prefers_chosen"))
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -87,9 +89,8 @@ class MetricsLog:
 
     def write_eval(self, step: int, record: dict) -> None:
         self._sinks({"step": step, **record})
-        log.info("eval at step %d: loss %s  accuracy %s  margin %s  prefers chosen %s", step,
-                 *(_short(record[k]) for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
-                                               "eval/prefers_chosen")))
+        shown = {label: record[k] for label, k in EVAL_SHOWN if k in record}
+        log.info("eval at step %d: %s", step, "  ".join(f"{label} {_short(v)}" for label, v in shown.items()))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -2,7 +2,8 @@
 
 The reference is the policy's initial weights, frozen. Rather than keep a second copy of the model, the policy
 itself scores every pair before its first update, in no-grad passes; training then reads the per-pair numbers
-from a [n_pairs, 2] table (chosen, rejected). The passes use the very micro-batches the first epoch trains on,
+from [n_pairs, 2] tables (chosen, rejected), one per statistic the objective reads from the reference (summed
+log-probs, and for LD-DPO their shared-length part). An objective without a reference has no such pass. The passes use the very micro-batches the first epoch trains on,
 so at step 1 policy and reference agree to the bit (loss exactly ln 2), in bf16 as in fp32. The table is kept in
 the run folder under a fingerprint of what it depends on and reused by any run (or resume) with the same one.
 """
@@ -15,28 +16,38 @@ from pathlib import Path
 
 import torch
 
-from .batching import collate, is_padding, shard_step, step_indices, steps_per_epoch
+from .batching import by_slot, collate, is_padding, shard_step, step_indices, steps_per_epoch
 from .distributed import Dist
-from .logprobs import sequence_logps
+from .logprobs import sequence_stats
 from .modeling import Runtime, inference_mode
 from .pairs import Pair
 
 log = logging.getLogger(__name__)
 
 
-def score(model, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime) -> torch.Tensor:
-    """fp32 [n_rows, 2]: summed response log-probs of chosen and rejected under the current weights, in the row of
-    each pair's index, one no-grad pass per group; rows of pairs in no group are NaN, so a use shows at once.
-    Padding groups (`shard_step`) are run and dropped."""
-    table = torch.full((n_rows, 2), float("nan"), dtype=torch.float32)
+Tables = dict[str, torch.Tensor]  # statistic -> fp32 [n_rows, sequences]
+
+
+def score(model, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime, sequences: int = 2,
+          stats: tuple[str, ...] = ("logps",)) -> Tables:
+    """Per-sequence statistics `stats` (`objectives.STATS`) of each example's sequences (a pair: chosen, rejected)
+    under the current weights, one fp32 [n_rows, sequences] table each, in the row of each example's index, one
+    no-grad pass per group; rows of examples in no group are NaN, so a use shows at once. Padding groups
+    (`shard_step`) are run and dropped."""
+    tables = {k: torch.full((n_rows, sequences), float("nan"), dtype=torch.float32) for k in stats}
     with inference_mode(model):
         for group in groups:
             mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
-            chosen, rejected = sequence_logps(model, mb, runtime.autocast()).float().cpu().chunk(2)
+            values = sequence_stats(model, mb, runtime.autocast(), stats)
             if not is_padding(group):
-                table[mb.pair_index.cpu(), 0] = chosen
-                table[mb.pair_index.cpu(), 1] = rejected
-    return table
+                for k in stats:
+                    tables[k][mb.pair_index.cpu()] = by_slot(values[k].float().cpu(), sequences).t()
+    return tables
+
+
+def rows_of(tables: Tables, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The statistics of the examples `index` as per-sequence vectors in micro-batch (slot-major) order."""
+    return {k: t[index.cpu()].t().reshape(-1).to(device) for k, t in tables.items()}
 
 
 def first_epoch_plan(pairs: list[Pair], batch_size: int, seed: int, total_steps: int, world: int,
@@ -74,28 +85,30 @@ def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime,
 
 
 def cached_score(model, model_path: str, plan: list[list[list[Pair]]], n_rows: int, pad_id: int, runtime: Runtime,
-                 run_dir: Path, label: str, d: Dist) -> torch.Tensor:
+                 run_dir: Path, label: str, d: Dist, stats: tuple[str, ...] = ("logps",)) -> Tables:
     """`score` of the `[rank][micro-batch]` plan (each process scores its own part; the parts are merged), read
     from `ref_cache/<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
     rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one."""
-    fp = fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}")
+    fp = fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}")
     name = f"ref_cache/{label}-{fp}.pt"
     saved = d.from_main(_find(run_dir, name, fp, n_rows) if d.main else None)  # rank 0 decides for all
     if saved is not None:
         if d.main and not (run_dir / name).is_file():
             _save(run_dir / name, saved)
-        return saved["table"]
-    table = d.merge_rows(score(model, plan[d.rank], n_rows, pad_id, runtime))
+        return saved["tables"]
+    tables = score(model, plan[d.rank], n_rows, pad_id, runtime, stats=stats)
+    tables = {k: d.merge_rows(t) for k, t in tables.items()}
     if d.main:
-        _save(run_dir / name, {"fingerprint": fp, "table": table})
-    return table
+        _save(run_dir / name, {"fingerprint": fp, "tables": tables})
+    return tables
 
 
 def _find(run_dir: Path, name: str, fp: str, n_rows: int) -> dict | None:
     for path in (run_dir / name, *sorted(run_dir.parent.parent.glob(f"*/*/{name}"))):
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["fingerprint"] == fp and saved["table"].shape == (n_rows, 2):
+            tables = saved.get("tables") or {}
+            if saved["fingerprint"] == fp and all(t.shape[0] == n_rows for t in tables.values()) and tables:
                 log.info("reference log-probs reused from %s", path)
                 return saved
     return None

@@ -20,13 +20,14 @@ from .config import Config
 from .dataset import Data
 from .distributed import Dist
 from .evaluate import comparison, eval_metrics, generate, side_by_side
-from .logprobs import sequence_logps
-from .losses import LOSSES
+from .logprobs import sequence_stats
+from .objectives import Objective, step_totals
+from .objectives import build as build_objective
 from .metrics import MetricsLog, NullLog
 from .modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime
 from .optim import build_optimizer, lr_factor, set_lr
 from .pairs import Pair, prompt_text
-from .reference import cached_score, first_epoch_plan, score
+from .reference import Tables, cached_score, first_epoch_plan, rows_of, score
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,10 @@ class Session:
     model: torch.nn.Module
     save_dtype: torch.dtype
     optimizer: torch.optim.Optimizer
-    ref: torch.Tensor  # [n_train, 2] reference log-probs (chosen, rejected)
+    objective: Objective
+    ref: Tables | None  # reference statistics, each [n_train, sequences] (a pair: chosen, rejected); None: not needed
     eval_groups: list[list[Pair]]  # this process's held-out micro-batches
-    eval_ref: torch.Tensor  # [n_eval, 2]
+    eval_ref: Tables | None  # [n_eval, sequences] each
     total: int  # optimizer steps of the whole run
     state: dict
     metrics: MetricsLog | NullLog
@@ -116,7 +118,8 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     log.info("%d pairs, batch %d: %s", len(data.train), cfg.buffer.train_batch_size,
              dataset.explain_steps(cfg, len(data.train)))
     # Before the optimizer exists and before any restore: the reference is the initial weights.
-    ref, eval_groups, eval_ref = _reference_tables(cfg, model, data, total, runtime, run_dir,
+    objective = build_objective(cfg.algorithm)
+    ref, eval_groups, eval_ref = _reference_tables(cfg, objective, model, data, total, runtime, run_dir,
                                                    tokenizer.pad_token_id, d)
     optimizer = build_optimizer(model, cfg.algorithm.optimizer)
     state = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
@@ -127,8 +130,8 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
             run_folder.carry_history(resume_from.parent, run_dir)
             run_folder.truncate_metrics(run_dir, state["step"])
     metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"]) if d.main else NullLog()
-    return Session(cfg, runtime, d, tokenizer, data, run_dir, resume_from, model, save_dtype, optimizer, ref,
-                   eval_groups, eval_ref, total, state, metrics)
+    return Session(cfg, runtime, d, tokenizer, data, run_dir, resume_from, model, save_dtype, optimizer, objective,
+                   ref, eval_groups, eval_ref, total, state, metrics)
 
 
 def _loop(s: Session, stop: _Stop) -> bool:
@@ -137,8 +140,9 @@ def _loop(s: Session, stop: _Stop) -> bool:
     for step in range(s.state["step"], s.total):
         lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, s.total)
         epoch, indices = step_indices(step, len(s.data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
-        groups = shard_step([s.data.train[i] for i in indices], d.world, *dataset.micro_plan(cfg))[d.rank]
-        record = train_step(s.model, s.optimizer, groups, len(indices), s.ref, cfg, s.runtime,
+        batch = [s.data.train[i] for i in indices]
+        groups = shard_step(batch, d.world, *dataset.micro_plan(cfg))[d.rank]
+        record = train_step(s.model, s.optimizer, groups, step_totals(batch), s.ref, s.objective, cfg, s.runtime,
                             s.tokenizer.pad_token_id, lr, d)
         _count_skips(s.state, record, cfg.trainer.max_consecutive_skips)
         s.state["step"] = done = step + 1
@@ -159,12 +163,13 @@ def _evaluate(s: Session, step: int) -> None:
     """Held-out figures at `step` (nothing without held-out pairs)."""
     if not s.data.eval:
         return
-    # Before any update the policy is the reference: its scores are the reference table itself.
-    policy = s.eval_ref if step == 0 else s.d.merge_rows(
-        score(s.model, s.eval_groups, len(s.data.eval), s.tokenizer.pad_token_id, s.runtime))
-    args = s.cfg.algorithm.policy_loss_fn_args
-    s.metrics.write_eval(step, eval_metrics(policy, s.eval_ref, s.data.eval, s.cfg.algorithm.policy_loss_fn,
-                                            args.beta, args.label_smoothing))
+    if step == 0 and s.eval_ref is not None:
+        policy = s.eval_ref  # before any update the policy is the reference (which holds the policy's statistics too)
+    else:
+        tables = score(s.model, s.eval_groups, len(s.data.eval), s.tokenizer.pad_token_id, s.runtime,
+                       s.objective.sequences, s.objective.stats)
+        policy = {k: s.d.merge_rows(t) for k, t in tables.items()}
+    s.metrics.write_eval(step, eval_metrics(policy, s.eval_ref, s.data.eval, s.objective))
 
 
 def _answer(s: Session) -> list[str]:
@@ -193,18 +198,24 @@ def _materialize_builtins(cfg: Config, d: Dist) -> None:
     cfg.model.model_path = builtin.materialize(cfg.model.model_path)
 
 
-def _reference_tables(cfg: Config, model, data: Data, total: int, runtime: Runtime, run_dir: Path, pad: int,
-                      d: Dist):
+def _reference_tables(cfg: Config, objective: Objective, model, data: Data, total: int, runtime: Runtime,
+                      run_dir: Path, pad: int, d: Dist):
     """(training reference table, this process's held-out micro-batches, held-out reference table), both tables
-    cached in the run folder; each process scores its own share."""
+    cached in the run folder; each process scores its own share. No reference pass for an objective without one."""
     plan = dataset.micro_plan(cfg)
+    eval_plan = shard_step(data.eval, d.world, *plan) if data.eval else [[] for _ in range(d.world)]
+    if not objective.needs_reference:
+        return None, eval_plan[d.rank], None
     t0 = time.perf_counter()
     train_plan = first_epoch_plan(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, d.world, plan)
     model_path = cfg.model.model_path
-    ref = cached_score(model, model_path, train_plan, len(data.train), pad, runtime, run_dir, "train", d)
-    eval_plan = shard_step(data.eval, d.world, *plan) if data.eval else [[] for _ in range(d.world)]
-    eval_ref = cached_score(model, model_path, eval_plan, len(data.eval), pad, runtime, run_dir, "eval", d)
-    log.info("reference log-probs of %d pairs in %.1f s", int((~ref.isnan()).all(1).sum()) + len(data.eval),
+    ref = cached_score(model, model_path, train_plan, len(data.train), pad, runtime, run_dir, "train", d,
+                       objective.ref_stats)
+    # The held-out reference pass also gives the untrained policy's statistics (the step-0 evaluation).
+    eval_stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
+    eval_ref = cached_score(model, model_path, eval_plan, len(data.eval), pad, runtime, run_dir, "eval", d,
+                            eval_stats)
+    log.info("reference log-probs of %d pairs in %.1f s", int((~ref["logps"].isnan()).all(1).sum()) + len(data.eval),
              time.perf_counter() - t0)
     return ref, eval_plan[d.rank], eval_ref
 
@@ -242,32 +253,31 @@ def _finish(run_dir: Path, data: Data, trained_answers: list[str]) -> None:
         print("\n" + side_by_side(prompts, base_answers, trained_answers) + "\n", flush=True)
 
 
-def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: torch.Tensor, cfg: Config,
-               runtime: Runtime, pad_id: int, lr: float, d: Dist) -> dict[str, float]:
-    """One optimizer step: this process's micro-batches `groups` (`shard_step`) of a step of `n_pairs` pairs in
-    all; returns the step's metrics, means over all `n_pairs` pairs (the same on every process)."""
+def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Tables | None, objective: Objective,
+               cfg: Config, runtime: Runtime, pad_id: int, lr: float, d: Dist) -> dict[str, float]:
+    """One optimizer step: this process's micro-batches `groups` (`shard_step`) of a step with the global counts
+    `totals` (`objectives.step_totals`); returns the step's metrics, means over all the step's examples (the same on
+    every process)."""
     start = time.perf_counter()
-    args = cfg.algorithm.policy_loss_fn_args
-    loss_fn = LOSSES[cfg.algorithm.policy_loss_fn]
-    names = ["loss", *loss_fn(*[torch.zeros(0)] * 4, args.beta, args.label_smoothing)[1]]
-    # Sums over this process's pairs, then the sequences' tokens, the positions computed and the slots (positions
-    # and pads); summed over processes in one collective.
+    n_pairs = totals["examples"]
+    names = ["loss", *objective.metrics]
+    # Sums over this process's examples, then the sequences' tokens, the positions computed and the slots
+    # (positions and pads); summed over processes in one collective.
     sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=runtime.device)
     tokens = real = slots = 0
     for group in groups:
         mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
-        logps = sequence_logps(model, mb, runtime.autocast())
+        stats = sequence_stats(model, mb, runtime.autocast(), objective.stats)
         runtime.release_host_memory()
         if is_padding(group):
-            (logps.sum() * 0).backward()  # joins the other processes' collectives; adds nothing
+            (sum(v.sum() for v in stats.values()) * 0).backward()  # joins the other processes' collectives
             continue
-        chosen, rejected = logps.chunk(2)
-        ref_pairs = ref[mb.pair_index.cpu()].to(runtime.device)
-        losses, per_pair = loss_fn(chosen, rejected, ref_pairs[:, 0], ref_pairs[:, 1], args.beta, args.label_smoothing)
-        # Each micro-batch adds its share of the mean over the whole step's pairs: the summed gradients (over
+        losses, metrics = objective.compute(stats, None if ref is None else rows_of(ref, mb.pair_index, runtime.device),
+                                            totals)
+        # Each micro-batch adds its share of the mean over the whole step's examples: the summed gradients (over
         # micro-batches and processes) equal those of one full-batch step.
         (losses.sum() / n_pairs).backward()
-        sums[:len(names)] += torch.stack([losses.detach().sum(), *(per_pair[k].sum() for k in names[1:])])
+        sums[:len(names)] += torch.stack([losses.detach().sum(), *(metrics[k].sum() for k in names[1:])])
         tokens, real, slots = tokens + mb.n_tokens, real + mb.n_real, slots + mb.input_ids.numel()
     sums[len(names):] = torch.tensor([tokens, real, slots], dtype=torch.float64)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
@@ -286,3 +296,4 @@ def train_step(model, optimizer, groups: list[list[Pair]], n_pairs: int, ref: to
     record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), pairs=n_pairs, tokens=int(tokens),
                   positions=int(real), pad_share=1 - real / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record
+

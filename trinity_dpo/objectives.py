@@ -1,0 +1,225 @@
+"""Training objectives: one object each, built from the config.
+
+An `Objective` declares what the rest of the run must provide and turns one micro-batch's per-sequence statistics
+into per-example losses and metrics:
+- `sequences`: sequences per example (2 for a preference pair: chosen, then rejected; 1 for an SFT row). A
+  micro-batch of n examples has k * n sequences, slot-major: sequence `slot * n + j` is slot `slot` of example j.
+- `needs_reference`: whether reference statistics are computed at all (no reference pass otherwise);
+  `ref_stats`: which.
+- `stats`: the per-sequence statistics it reads from the policy (`STATS`), each an fp32 tensor [k * n].
+- `metrics`: the names (TRL's) of the per-example metrics it returns; the loop logs their means over the step.
+- `compute(policy, reference, totals)`: per-example losses [n] and metrics {name: [n]}; `reference` is None when
+  not needed; `totals` (`step_totals`) holds the step's global counts, so that a term TRL averages over tokens
+  (an NLL, a token-weighted metric) is each example's share of that average. The loop divides the summed losses by
+  the step's global example count, so micro-batches and processes add up to one full-batch step.
+
+The math of each loss is a plain function in `losses.py` with its hand-worked test.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import losses as L
+from .batching import by_slot
+from .config import AlgorithmConfig, ConfigError, LossArgs
+
+log = logging.getLogger(__name__)
+
+Stats = dict[str, torch.Tensor]
+STATS = {
+    "logps": "summed log-probs of the sequence's response tokens",
+    "tokens": "the number of response tokens",
+    "logps_shared": "summed log-probs of the response tokens within the length all of the example's responses have",
+    "prompt_logps": "summed log-probs of the prompt tokens after the first (the example's first sequence only)",
+    "prompt_tokens": "how many such prompt tokens (the example's first sequence only)",
+    "entropy": "summed entropy of the next-token distribution at the response tokens (no gradient)",
+    "mean_logits": "summed mean-over-vocabulary logit at the response tokens (no gradient)",
+    "top1": "how many response tokens are the model's top-1 prediction (no gradient)",
+    "wpo": "summed log p(token) - log sum_v p_v^2 over the response tokens: WPO's weight (no gradient)",
+}
+_REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                   "logps/rejected", "logits/chosen", "logits/rejected")
+_TOKEN_METRIC_STATS = ("tokens", "mean_logits")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What an objective reads and how it scores; see the module docstring."""
+
+    name: str
+    sequences: int
+    needs_reference: bool
+    stats: tuple[str, ...]
+    ref_stats: tuple[str, ...]
+    metrics: tuple[str, ...]
+    compute: Callable[[Stats, Optional[Stats], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def step_totals(pairs) -> dict[str, float]:
+    """A step's (or held-out set's) global counts: examples, and response tokens of each slot (`tokens/0` chosen,
+    `tokens/1` rejected), and the chosen sequences' prompt tokens after the first (`prompt_tokens`)."""
+    return {"examples": len(pairs), "tokens/0": sum(len(p.chosen_ids) for p in pairs),
+            "tokens/1": sum(len(p.rejected_ids) for p in pairs),
+            "prompt_tokens": sum(len(p.prompt_ids) - 1 for p in pairs)}
+
+
+def validate(algorithm: AlgorithmConfig) -> None:
+    """The objective's settings, each refused in one line as TRL refuses it (`ConfigError`)."""
+    fn, args = algorithm.policy_loss_fn, algorithm.policy_loss_fn_args
+    key = "algorithm.policy_loss_fn_args."
+    types = [args.loss_type] if isinstance(args.loss_type, str) else args.loss_type
+    allowed = L.DPO_LOSS_TYPES if fn == "dpo" else L.CPO_LOSS_TYPES if fn == "cpo" else ("sigmoid",)
+    _check(args.beta > 0, f"{key}beta must be > 0, got {args.beta}")
+    _check(0 <= args.label_smoothing < 0.5, f"{key}label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    _check(bool(types), f"{key}loss_type: name at least one loss type")
+    for t in types:
+        _check(t in allowed, f"{key}loss_type: {t!r} is not a loss type of policy_loss_fn {fn!r}; choose from "
+               f"{', '.join(allowed)}" + ("" if fn == "dpo" else " (the loss types of dpo need policy_loss_fn: dpo)"))
+    _check(fn == "dpo" or len(types) == 1, f"{key}loss_type: a list of loss types (MPO) needs policy_loss_fn: dpo")
+    _check(args.loss_weights is None or len(args.loss_weights) == len(types),
+           f"{key}loss_weights must have the same length as loss_type when combining multiple losses: got "
+           f"{len(args.loss_weights or [])} weights for {len(types)} loss types")
+    _check(args.ld_alpha is None or 0 <= args.ld_alpha <= 1, f"{key}ld_alpha must be in [0, 1], got {args.ld_alpha}")
+    if args.f_divergence_type != "reverse_kl":
+        _check(set(types) <= set(L.F_DIVERGENCE_LOSS_TYPES),
+               f"{key}f_divergence_type: {args.f_divergence_type!r} is only supported for the loss types "
+               f"{', '.join(sorted(L.F_DIVERGENCE_LOSS_TYPES))} (the f-DPO reparameterisation cancels only in the "
+               "chosen - rejected difference); use reverse_kl with these losses")
+    _check(not (args.use_weighting and set(types) & set(L.SORTING_LOSS_TYPES)),
+           f"{key}use_weighting: WPO weighting is not implemented for 'aot' or 'aot_unpaired', because those losses "
+           "sort samples, which would misalign per-pair weights")
+    _check(not (args.use_weighting and "sft" in types),
+           f"{key}use_weighting with loss_type sft: TRL weighs the batch-mean SFT term per pair, which depends on "
+           "the whole batch at once; this tool does not reproduce it")
+    _check("exo_pair" not in types or args.label_smoothing > 0,
+           f"{key}label_smoothing must be greater than 0.0 when using 'exo_pair' loss (the EXO paper recommends 1e-3)")
+    _check(fn == "dpo" or not (args.ld_alpha is not None or args.use_weighting or args.loss_weights
+                               or args.f_divergence_type != "reverse_kl"),
+           f"{key}ld_alpha, use_weighting, loss_weights and f_divergence_type apply to policy_loss_fn: dpo only")
+    _check(args.cpo_alpha is None or fn in ("cpo", "simpo"), f"{key}cpo_alpha applies to policy_loss_fn cpo/simpo")
+    if "sigmoid" in types and args.label_smoothing and fn == "dpo":
+        log.info("label_smoothing %.3g with loss_type sigmoid: conservative DPO, as in Trinity-RFT (TRL 1.16's "
+                 "sigmoid ignores label_smoothing)", args.label_smoothing)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def build(algorithm: AlgorithmConfig) -> Objective:
+    """The objective `algorithm` names, with its hyper-parameters bound."""
+    args = algorithm.policy_loss_fn_args
+    if algorithm.policy_loss_fn == "dpo":
+        return _dpo(args)
+    if algorithm.policy_loss_fn == "orpo":
+        return _orpo(args)
+    return _cpo(args, algorithm.policy_loss_fn)
+
+
+def _dpo(args: LossArgs) -> Objective:
+    types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    weights = args.loss_weights or [1.0] * len(types)
+    ld = args.ld_alpha is not None
+    ref_stats = ("logps", "logps_shared") if ld else ("logps",)
+    stats = (*ref_stats, "tokens", "mean_logits", "entropy", "top1", *(("wpo",) if args.use_weighting else ()))
+
+    def logps(s: Stats) -> torch.Tensor:
+        # LD-DPO: tokens past the shorter response's length count ld_alpha each.
+        return s["logps_shared"] + args.ld_alpha * (s["logps"] - s["logps_shared"]) if ld else s["logps"]
+
+    def compute(policy: Stats, reference: Optional[Stats], totals: dict):
+        (pc, pr), (rc, rr) = by_slot(logps(policy), 2), by_slot(logps(reference), 2)
+        (tc, tr), n = by_slot(policy["tokens"], 2), totals["examples"]
+        chosen_nll = -by_slot(policy["logps"], 2)[0] * n / max(totals["tokens/0"], 1)
+        scores = [L.f_divergence_scores(x, args.f_divergence_type, args.f_alpha_divergence_coef)
+                  for x in (pc - rc, pr - rr)]
+        terms = L.PairTerms(pc, pr, rc, rr, *scores, tc, tr, chosen_nll)
+        total = 0.0
+        for loss_type, weight in zip(types, weights):
+            per_pair = L.dpo_loss(loss_type, terms, args.beta, args.label_smoothing, args.discopop_tau)
+            if args.use_weighting:
+                per_pair = per_pair * L.wpo_weights(*by_slot(policy["wpo"], 2), tc, tr)
+            total = total + weight * per_pair
+        metrics = _reward_metrics(args.beta * (pc - rc), args.beta * (pr - rr), pc, pr)
+        metrics.update(_token_metrics(policy, totals, entropy=True))
+        return total, metrics
+
+    metrics = (*_REWARD_METRICS, "entropy", "mean_token_accuracy")
+    return Objective("dpo", 2, True, stats, ref_stats, metrics, compute)
+
+
+def _cpo(args: LossArgs, name: str) -> Objective:
+    """CPO and SimPO (CPO with loss type simpo and no NLL term): no reference."""
+    loss_type = (args.loss_type if isinstance(args.loss_type, str) else args.loss_type[0])
+    loss_type = "simpo" if name == "simpo" else loss_type
+    alpha = args.cpo_alpha if args.cpo_alpha is not None else (0.0 if name == "simpo" else 1.0)
+    per_token = loss_type in ("ipo", "simpo")
+
+    def compute(policy: Stats, reference: Optional[Stats], totals: dict):
+        (sc, sr), (tc, tr) = by_slot(policy["logps"], 2), by_slot(policy["tokens"], 2)
+        pc, pr = (sc / tc, sr / tr) if per_token else (sc, sr)
+        per_pair = L.cpo_loss(loss_type, pc, pr, args.beta, args.label_smoothing, args.gamma)
+        metrics = _reward_metrics(args.beta * pc, args.beta * pr, pc, pr)
+        metrics.update(_token_metrics(policy, totals))
+        if alpha:
+            # TRL's NLL is the mean over all chosen response tokens of the batch: each pair adds its share.
+            nll = -sc * totals["examples"] / max(totals["tokens/0"], 1)
+            per_pair = per_pair + alpha * nll
+            metrics["nll_loss"] = nll.detach()
+        return per_pair, metrics
+
+    metrics = (*_REWARD_METRICS, *(("nll_loss",) if alpha else ()))
+    return Objective(name, 2, False, ("logps", "tokens", "mean_logits"), (), metrics, compute)
+
+
+def _orpo(args: LossArgs) -> Objective:
+    """ORPO: the chosen NLL over prompt and response tokens (as TRL takes it) minus beta x log sigmoid(log odds)."""
+
+    def compute(policy: Stats, reference: Optional[Stats], totals: dict):
+        (sc, sr), (tc, tr) = by_slot(policy["logps"], 2), by_slot(policy["tokens"], 2)
+        pc, pr = sc / tc, sr / tr
+        log_odds = L.orpo_log_odds(pc, pr)
+        ratio = torch.nn.functional.logsigmoid(log_odds)
+        prompt = by_slot(policy["prompt_logps"], 2)[0]
+        nll = -(prompt + sc) * totals["examples"] / max(totals["prompt_tokens"] + totals["tokens/0"], 1)
+        metrics = _reward_metrics(args.beta * pc, args.beta * pr, pc, pr)
+        metrics.update(_token_metrics(policy, totals))
+        metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
+        return nll - args.beta * ratio, metrics
+
+    metrics = (*_REWARD_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen")
+    return Objective("orpo", 2, False, ("logps", "tokens", "prompt_logps", "mean_logits"), (), metrics, compute)
+
+
+def _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict[str, torch.Tensor]:
+    """TRL's per-pair reward metrics (implicit rewards) and policy log-probs."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "logps/chosen": policy_chosen.detach(),
+        "logps/rejected": policy_rejected.detach(),
+    }
+
+
+def _token_metrics(policy: Stats, totals: dict, entropy: bool = False) -> dict[str, torch.Tensor]:
+    """Token-weighted means as TRL logs them, as each pair's share (their mean over the step is the token mean):
+    the mean logit of chosen and of rejected response tokens, and with `entropy` the entropy over all response
+    tokens and the share of chosen tokens that are the model's top-1 prediction."""
+    n = totals["examples"]
+    per = lambda values, count: values.detach() * n / max(count, 1)  # noqa: E731
+    (lc, lr) = by_slot(policy["mean_logits"], 2)
+    out = {"logits/chosen": per(lc, totals["tokens/0"]), "logits/rejected": per(lr, totals["tokens/1"])}
+    if entropy:
+        ec, er = by_slot(policy["entropy"], 2)
+        out["entropy"] = per(ec + er, totals["tokens/0"] + totals["tokens/1"])
+        out["mean_token_accuracy"] = per(by_slot(policy["top1"], 2)[0], totals["tokens/0"])
+    return out
+
