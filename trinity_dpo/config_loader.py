@@ -52,11 +52,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     provided: set[str] = set()
     ignored: list[str] = []
     cfg = _build(Config, data, "", provided, ignored)
+    if cfg.algorithm.algorithm_type == "dpo":  # Trinity's DPO reader never read it: pairs are kept whole
+        ignored += [k for k in provided if k == f"{_VERL_PREFIX}data.truncation"]
     if ignored:
         verl = [k[len(_VERL_PREFIX):] for k in ignored if k.startswith(_VERL_PREFIX)]
         main = [k for k in ignored if not k.startswith(_VERL_PREFIX)]
         parts = ([f"config: {', '.join(main)}"] if main else []) + ([f"trainer config: {', '.join(verl)}"] if verl else [])
-        log.info("ignored, not used by offline DPO: %s", "; ".join(parts))
+        log.info("ignored, not used by offline %s: %s", cfg.algorithm.algorithm_type.upper(), "; ".join(parts))
     resolve(cfg, provided, {key for key, _ in pairs})
     validate(cfg)
     return cfg
@@ -255,7 +257,19 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
                      ", ".join(f"{k}={v!r}" for k, v in losers.items()))
         _set(cfg, canonical, value)
         provided.add(canonical)
-    args = cfg.algorithm.policy_loss_fn_args
+    algo = cfg.algorithm
+    if algo.algorithm_type == "sft" and "algorithm.policy_loss_fn" not in provided:
+        algo.policy_loss_fn = "sft"  # Trinity's default loss for its SFT algorithm
+    if algo.use_token_level_loss is not None:
+        mode = "token-mean" if algo.use_token_level_loss else "seq-mean-token-mean"
+        if "algorithm.loss_agg_mode" in provided and algo.loss_agg_mode != mode:
+            raise ConfigError(f"conflicting values for one setting: algorithm.loss_agg_mode={algo.loss_agg_mode!r}, "
+                              f"algorithm.use_token_level_loss={algo.use_token_level_loss}")
+        algo.loss_agg_mode = mode
+    fmt = cfg.buffer.trainer_input.experience_buffer.format
+    if fmt.enable_thinking is None:
+        fmt.enable_thinking = cfg.model.enable_thinking
+    args = algo.policy_loss_fn_args
     if isinstance(args.loss_type, str):
         args.loss_type = [args.loss_type]
     if cfg.continue_from_checkpoint is False:
@@ -359,6 +373,11 @@ def _refuse_unsupported(cfg: Config) -> None:
            "LoRA (model.lora_configs, actor_rollout_ref.model.lora_rank) is not supported yet: remove it to train all "
            "weights")
     fmt = cfg.buffer.trainer_input.experience_buffer.format
+    sft = algo.algorithm_type == "sft"
+    _check(sft or not fmt.enable_concatenated_multi_turn, "format.enable_concatenated_multi_turn applies to SFT rows "
+           "(algorithm.algorithm_type: sft); preference pairs train their responses")
+    _check(not sft or fmt.prompt_type != "chatpair", "format.prompt_type: chatpair is for preference pairs; SFT rows "
+           "are 'messages' (messages_key) or 'plaintext' (prompt_key, response_key)")
     _check(not fmt.image_key and not fmt.video_key, "format.image_key/video_key: multimodal rows are not supported; "
            "this tool trains text chat models")
     _check(not verl_model.override_config, "actor_rollout_ref.model.override_config: changing the model's config is "

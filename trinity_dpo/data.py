@@ -57,6 +57,16 @@ class DataReport:
     over_limit: Counter = field(default_factory=Counter)  # pairs over the trainer file's lengths, kept whole
     resplit: int = 0  # pairs whose prompt/response token boundary needed a separate tokenization
     prompts_in_train: int = 0  # held-out pairs whose prompt is also a training prompt
+    unit: str = "pairs"  # what a row is: preference pairs, or SFT rows
+
+    def refuse(self, storage: StorageConfig, row: int, e: "BadRow") -> None:
+        """Count and skip bad row `row` (a warning for the first three of a reason), or stop the run when
+        `storage.on_bad_row` is `error`."""
+        if storage.on_bad_row == "error":
+            raise DataError(f"{storage.path}: row {row}: {e.detail}") from None
+        self.dropped[e.reason] += 1
+        if self.dropped[e.reason] <= 3:
+            log.warning("%s: row %d skipped: %s", storage.path, row, e.detail)
 
     def as_dict(self) -> dict:
         out = {"source": self.source, "read": self.read, "kept": self.read - sum(self.dropped.values()),
@@ -73,7 +83,7 @@ class DataReport:
         if self.over_limit:
             extra += "; kept whole, as Trinity's DPO reader did: " + ", ".join(
                 f"{n} {what}" for what, n in sorted(self.over_limit.items()))
-        return f"data: {self.read} pairs read from {self.source}; {kept} kept; truncated: {cut}; dropped: {why}{extra}"
+        return f"data: {self.read} {self.unit} read from {self.source}; {kept} kept; truncated: {cut}; dropped: {why}{extra}"
 
 
 def load_conversations(storage: StorageConfig, key: str = "buffer.trainer_input.experience_buffer"
@@ -86,11 +96,7 @@ def load_conversations(storage: StorageConfig, key: str = "buffer.trainer_input.
         try:
             out.append(to_conversation(row, i, storage.format))
         except BadRow as e:
-            if storage.on_bad_row == "error":
-                raise DataError(f"{storage.path}: row {i}: {e.detail}") from None
-            report.dropped[e.reason] += 1
-            if report.dropped[e.reason] <= 3:
-                log.warning("%s: row %d skipped: %s", storage.path, i, e.detail)
+            report.refuse(storage, i, e)
     return out, report
 
 

@@ -15,6 +15,7 @@ from .config import SUPERSEDED_STEPS, Config, StorageConfig
 from .config_loader import get_field
 from .data import Conversation, DataError, DataReport, Turns, load_conversations
 from .pairs import Limits, Pair, build_pairs
+from .sft_data import build_examples, load_dialogues
 
 log = logging.getLogger(__name__)
 
@@ -60,46 +61,63 @@ def micro_plan(cfg: Config) -> tuple[int | None, int | None]:
     return actor.ppo_micro_batch_size_per_gpu, actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
 
 
-def _read(storage: StorageConfig, key: str) -> tuple[list[Conversation], DataReport]:
+def _read(cfg: Config, storage: StorageConfig, key: str) -> tuple[list, DataReport]:
+    """Preference conversations, or SFT dialogues, of `storage` and what reading them did."""
     # Hub ids were resolved to cached folders by the config loader; built-in names are generated here.
-    return load_conversations(dataclasses.replace(storage, path=builtin.data_path(storage.path)), key)
+    storage = dataclasses.replace(storage, path=builtin.data_path(storage.path))
+    return (load_dialogues if _is_sft(cfg) else load_conversations)(storage, key)
 
 
-def _tokenize(cfg: Config, tokenizer, convs: list[Conversation], report_: DataReport) -> list[Pair]:
+def _is_sft(cfg: Config) -> bool:
+    return cfg.algorithm.algorithm_type == "sft"
+
+
+def _tokenize(cfg: Config, tokenizer, convs: list, report_: DataReport, storage: StorageConfig) -> list:
     verl = cfg.trainer.trainer_config.data
-    limits = Limits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens, cfg.model.max_model_len,
-                    verl.max_prompt_length, verl.max_response_length)
-    pairs = build_pairs(convs, tokenizer, limits, report_)
+    if _is_sft(cfg):
+        examples = build_examples(convs, tokenizer, storage.format, cfg.model.max_model_len, verl.truncation,
+                                  report_, storage.on_bad_row)
+    else:
+        limits = Limits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens, cfg.model.max_model_len,
+                        verl.max_prompt_length, verl.max_response_length)
+        examples = build_pairs(convs, tokenizer, limits, report_)
     log.info(report_.summary())
-    return pairs
+    return examples
 
 
 def load_data(cfg: Config, tokenizer) -> Data:
-    """Training and held-out pairs: the eval buffer if it has a path, else `eval_fraction` of the data."""
+    """Training and held-out examples (preference pairs, or SFT rows): the eval buffer if it has a path, else
+    `eval_fraction` of the data."""
     inputs = cfg.buffer.trainer_input
-    convs, train_report = _read(inputs.experience_buffer, TRAIN_KEY)
+    if _is_sft(cfg) and (cfg.model.max_prompt_tokens or cfg.model.max_response_tokens):
+        log.info("model.max_prompt_tokens and max_response_tokens do not cut SFT rows (Trinity's SFT reader did not "
+                 "either); model.max_model_len and the trainer file's data.truncation do")
+    convs, train_report = _read(cfg, inputs.experience_buffer, TRAIN_KEY)
     eval_convs, eval_report = [], None
     if inputs.eval_buffer.path:
-        eval_convs, eval_report = _read(inputs.eval_buffer, EVAL_KEY)
+        eval_convs, eval_report = _read(cfg, inputs.eval_buffer, EVAL_KEY)
         _count_shared_prompts(convs, eval_convs, eval_report)
     elif inputs.eval_fraction > 0 and convs:
         order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.trainer.seed)).tolist()
         n_eval = max(1, round(inputs.eval_fraction * len(convs)))
         eval_convs = [convs[i] for i in sorted(order[:n_eval])]
         convs = [convs[i] for i in sorted(order[n_eval:])]
-        eval_report = DataReport(f"{train_report.source} (held-out {inputs.eval_fraction:g})", read=len(eval_convs))
+        eval_report = DataReport(f"{train_report.source} (held-out {inputs.eval_fraction:g})", read=len(eval_convs),
+                                 unit=train_report.unit)
         train_report.read -= len(eval_convs)
         _count_shared_prompts(convs, eval_convs, eval_report)
-    pairs = _tokenize(cfg, tokenizer, convs, train_report)
-    if not pairs:
-        raise DataError(f"{train_report.source}: no usable preference pairs ({train_report.summary()})")
-    eval_pairs = _tokenize(cfg, tokenizer, eval_convs, eval_report) if eval_report else []
-    if eval_report and not eval_pairs:
-        raise DataError(f"no usable held-out pairs ({eval_report.summary()})")
-    kept_rows = {p.row for p in eval_pairs}
+    examples = _tokenize(cfg, tokenizer, convs, train_report, inputs.experience_buffer)
+    what = "SFT rows" if _is_sft(cfg) else "preference pairs"
+    if not examples:
+        raise DataError(f"{train_report.source}: no usable {what} ({train_report.summary()})")
+    eval_storage = inputs.eval_buffer if inputs.eval_buffer.path else inputs.experience_buffer
+    held_out = _tokenize(cfg, tokenizer, eval_convs, eval_report, eval_storage) if eval_report else []
+    if eval_report and not held_out:
+        raise DataError(f"no usable held-out {what} ({eval_report.summary()})")
+    kept_rows = {p.row for p in held_out}
     samples = [c.prompt for c in eval_convs if c.row in kept_rows][:cfg.trainer.eval_samples]
     summary = {"train": train_report.as_dict(), "eval": eval_report.as_dict() if eval_report else None}
-    return Data(pairs, eval_pairs, samples, summary)
+    return Data(examples, held_out, samples, summary)
 
 
 def _count_shared_prompts(train: list[Conversation], held_out: list[Conversation], report: DataReport) -> None:

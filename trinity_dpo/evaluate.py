@@ -22,10 +22,11 @@ def eval_metrics(policy: dict[str, torch.Tensor], ref: dict[str, torch.Tensor] |
     flat = lambda tables: {k: t.t().reshape(-1) for k, t in tables.items()}  # noqa: E731
     losses, metrics = objective.compute(flat(policy), flat(ref) if objective.needs_reference else None,
                                         step_totals(pairs))
-    out = {"eval/loss": losses.mean().item()}
-    out.update({f"eval/{key}": values.mean().item() for key, values in metrics.items()})
-    per_token = policy["logps"] / policy["tokens"]
-    out["eval/prefers_chosen"] = (per_token[:, 0] > per_token[:, 1]).float().mean().item()
+    means = {"loss": losses.mean().item(), **{key: values.mean().item() for key, values in metrics.items()}}
+    out = {f"eval/{key}": value for key, value in {**means, **objective.derived(means)}.items()}
+    if objective.sequences == 2:
+        per_token = policy["logps"] / policy["tokens"]
+        out["eval/prefers_chosen"] = (per_token[:, 0] > per_token[:, 1]).float().mean().item()
     return out
 
 
@@ -53,11 +54,13 @@ def answer_text(tokenizer, ids: list[int]) -> str:
 
 def comparison(before: dict[str, float], after: dict[str, float], n_pairs: int) -> str:
     """A small before/after table of the headline held-out figures."""
-    rows = [("preference accuracy (reward)", "eval/rewards/accuracies"),
+    rows = [("perplexity", "eval/ppl"), ("token accuracy (top-1)", "eval/mean_token_accuracy"),
+            ("preference accuracy (reward)", "eval/rewards/accuracies"),
             ("mean reward margin", "eval/rewards/margins"),
             ("prefers chosen (logp/token)", "eval/prefers_chosen"),
             ("loss", "eval/loss")]
-    lines = [f"held-out evaluation ({n_pairs} pairs)      before     after"]
+    unit = "pairs" if "eval/rewards/margins" in before else "rows"
+    lines = [f"held-out evaluation ({n_pairs} {unit})      before     after"]
     lines += [f"  {label:<32}{before[key]:>8.3f}  {after[key]:>8.3f}" for label, key in rows if key in before]
     return "\n".join(lines)
 

@@ -20,9 +20,10 @@ from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
-SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "lr")  # those an objective logs
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "ppl", "lr")  # those the objective logs
 EVAL_SHOWN = (("loss", "eval/loss"), ("accuracy", "eval/rewards/accuracies"), ("margin", "eval/rewards/margins"),
-              ("prefers chosen", "eval/prefers_chosen"))
+              ("prefers chosen", "eval/prefers_chosen"), ("ppl", "eval/ppl"),
+              ("token accuracy", "eval/mean_token_accuracy"))
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 

@@ -18,6 +18,7 @@ The math of each loss is a plain function in `losses.py` with its hand-worked te
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -57,19 +58,26 @@ class Objective:
     ref_stats: tuple[str, ...]
     metrics: tuple[str, ...]
     compute: Callable[[Stats, Optional[Stats], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    # Figures derived from a step's (or evaluation's) means, such as perplexity: {name: f(means)}.
+    derived: Callable[[dict[str, float]], dict[str, float]] = lambda means: {}
 
 
-def step_totals(pairs) -> dict[str, float]:
-    """A step's (or held-out set's) global counts: examples, and response tokens of each slot (`tokens/0` chosen,
-    `tokens/1` rejected), and the chosen sequences' prompt tokens after the first (`prompt_tokens`)."""
-    return {"examples": len(pairs), "tokens/0": sum(len(p.chosen_ids) for p in pairs),
-            "tokens/1": sum(len(p.rejected_ids) for p in pairs),
-            "prompt_tokens": sum(len(p.prompt_ids) - 1 for p in pairs)}
+def step_totals(examples) -> dict[str, float]:
+    """A step's (or held-out set's) global counts: examples, trained tokens of each sequence slot (`tokens/0`:
+    chosen, or an SFT row's; `tokens/1`: rejected), and the first sequences' prompt tokens after the first
+    (`prompt_tokens`)."""
+    counts = [ex.target_counts() for ex in examples]
+    slots = len(counts[0]) if counts else 0
+    return {"examples": len(examples), **{f"tokens/{s}": sum(c[s] for c in counts) for s in range(slots)},
+            "prompt_tokens": sum(len(ex.prompt_ids) - 1 for ex in examples)}
 
 
 def validate(algorithm: AlgorithmConfig) -> None:
     """The objective's settings, each refused in one line as TRL refuses it (`ConfigError`)."""
     fn, args = algorithm.policy_loss_fn, algorithm.policy_loss_fn_args
+    _check((fn == "sft") == (algorithm.algorithm_type == "sft"),
+           f"algorithm.policy_loss_fn: {fn!r} does not go with algorithm_type {algorithm.algorithm_type!r} (sft trains "
+           "with policy_loss_fn sft; dpo with dpo, simpo, cpo or orpo)")
     key = "algorithm.policy_loss_fn_args."
     types = [args.loss_type] if isinstance(args.loss_type, str) else args.loss_type
     allowed = L.DPO_LOSS_TYPES if fn == "dpo" else L.CPO_LOSS_TYPES if fn == "cpo" else ("sigmoid",)
@@ -114,6 +122,8 @@ def _check(ok: bool, message: str) -> None:
 def build(algorithm: AlgorithmConfig) -> Objective:
     """The objective `algorithm` names, with its hyper-parameters bound."""
     args = algorithm.policy_loss_fn_args
+    if algorithm.policy_loss_fn == "sft":
+        return _sft(algorithm.loss_agg_mode)
     if algorithm.policy_loss_fn == "dpo":
         return _dpo(args)
     if algorithm.policy_loss_fn == "orpo":
@@ -194,6 +204,29 @@ def _orpo(args: LossArgs) -> Objective:
 
     metrics = (*_REWARD_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen")
     return Objective("orpo", 2, False, ("logps", "tokens", "prompt_logps", "mean_logits"), (), metrics, compute)
+
+
+def _sft(agg: str) -> Objective:
+    """SFT: the NLL of the trained (assistant) tokens, aggregated as Trinity's `loss_agg_mode` says: `token-mean`
+    over all of the step's trained tokens (TRL's SFT loss), `seq-mean-token-mean` (each row's token mean, averaged
+    over rows) or `seq-mean-token-sum` (each row's sum, averaged)."""
+
+    def compute(policy: Stats, reference: Optional[Stats], totals: dict):
+        nll = -policy["logps"]
+        if agg == "token-mean":
+            losses = nll * totals["examples"] / max(totals["tokens/0"], 1)
+        else:
+            losses = nll / policy["tokens"].clamp(min=1.0) if agg == "seq-mean-token-mean" else nll
+        per = lambda values: values.detach() * totals["examples"] / max(totals["tokens/0"], 1)  # noqa: E731
+        return losses, {"entropy": per(policy["entropy"]), "mean_token_accuracy": per(policy["top1"]),
+                        "nll": per(nll)}
+
+    def derived(means: dict[str, float]) -> dict[str, float]:
+        # Perplexity of the trained tokens: exp of their mean NLL (the loss itself under token-mean).
+        return {"ppl": math.exp(min(means["nll"], 700.0))}
+
+    return Objective("sft", 1, False, ("logps", "tokens", "entropy", "top1"), (),
+                     ("entropy", "mean_token_accuracy", "nll"), compute, derived)
 
 
 def _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict[str, torch.Tensor]:

@@ -32,6 +32,13 @@ class Pair:
         """Tokens of both sequences (the prompt counts twice: chosen and rejected are separate rows)."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
+    def sequences(self) -> list[tuple[list[int], list[int], list[int] | None]]:
+        """The pair's two sequences, (prompt, response, None: every response token trains): chosen, rejected."""
+        return [(self.prompt_ids, self.chosen_ids, None), (self.prompt_ids, self.rejected_ids, None)]
+
+    def target_counts(self) -> tuple[int, ...]:
+        return len(self.chosen_ids), len(self.rejected_ids)
+
 
 @dataclass
 class Limits:

@@ -12,10 +12,12 @@ import json
 from pathlib import Path
 
 CHARTS = [  # file, title, series (key, label) from train records, eval key drawn on the same axes
-    ("loss.png", "DPO loss", [("loss", "train")], "eval/loss"),
+    ("loss.png", "loss", [("loss", "train")], "eval/loss"),
+    ("ppl.png", "perplexity of the trained tokens", [("ppl", "train")], "eval/ppl"),
     ("accuracies.png", "reward accuracy", [("rewards/accuracies", "train")], "eval/rewards/accuracies"),
     ("margins.png", "reward margin", [("rewards/margins", "train")], "eval/rewards/margins"),
     ("rewards.png", "implicit rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")], None),
+    ("token_accuracy.png", "top-1 token accuracy", [("mean_token_accuracy", "train")], "eval/mean_token_accuracy"),
     ("lr.png", "learning rate", [("lr", "lr")], None),
 ]
 
@@ -56,8 +58,8 @@ def write_charts(run_dir: Path) -> list[str]:
         if any(key in r for r in train for key, _ in series):
             _plot(run_dir / name, title, train, series, evals, eval_key)
             names.append(name)
-    if evals:
-        eval_series = [("eval/rewards/accuracies", "reward accuracy"), ("eval/prefers_chosen", "prefers chosen")]
+    eval_series = [("eval/rewards/accuracies", "reward accuracy"), ("eval/prefers_chosen", "prefers chosen")]
+    if any(key in r for r in evals for key, _ in eval_series):
         _plot(run_dir / "eval.png", "held-out evaluation", evals, eval_series, [], None)
         names.append("eval.png")
     return names

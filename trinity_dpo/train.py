@@ -1,4 +1,5 @@
-"""The training run: data -> pairs -> reference log-probs -> DPO steps -> checkpoints, metrics and report.
+"""The training run: data -> examples (pairs or SFT rows) -> reference log-probs (where the objective has one) ->
+optimizer steps -> checkpoints, metrics and report.
 
 Entry point: `trinity run --config examples/dpo_humanlike/dpo.yaml` (see `cli.py`), which calls `run(cfg)`.
 """
@@ -115,7 +116,8 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
              "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
     total = dataset.total_steps_of(cfg, len(data.train))
-    log.info("%d pairs, batch %d: %s", len(data.train), cfg.buffer.train_batch_size,
+    log.info("%d %s, batch %d: %s", len(data.train), "rows" if cfg.algorithm.algorithm_type == "sft" else "pairs",
+             cfg.buffer.train_batch_size,
              dataset.explain_steps(cfg, len(data.train)))
     # Before the optimizer exists and before any restore: the reference is the initial weights.
     objective = build_objective(cfg.algorithm)
@@ -285,6 +287,8 @@ def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Ta
     grad_norm = distributed.clip_grad_norm(model, clip)
     totals = d.all_sum(sums).tolist()  # one host sync per step
     record = {name: total / n_pairs for name, total in zip(names, totals)}
+    record.update(objective.derived(record))
+    record["pairs" if objective.sequences == 2 else "rows"] = n_pairs
     tokens, real, slots = totals[len(names):]
     # A non-finite loss or norm would poison the weights and Adam's moments: drop this step's update entirely.
     skipped = not (math.isfinite(record["loss"]) and math.isfinite(grad_norm))
@@ -293,7 +297,6 @@ def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Ta
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
-    record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), pairs=n_pairs, tokens=int(tokens),
-                  positions=int(real), pad_share=1 - real / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+    record.update(grad_norm=grad_norm, lr=lr, skipped=int(skipped), tokens=int(tokens), positions=int(real), pad_share=1 - real / slots, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
     return record
 
