@@ -276,3 +276,16 @@ def test_sft_crash_then_resume_equals_uninterrupted(sft_config, monkeypatch):
     run_killed_in_step(config("crashed"), 3, monkeypatch)
     train.run(load_config(config("crashed")))
     assert_same_run(whole, whole.parent / "crashed", 6)
+
+
+def test_trinity_eval_of_an_sft_checkpoint(sft_config):
+    """`trinity eval --model CKPT --config sft.yaml`: the base model's and the checkpoint's held-out perplexity
+    side by side, on one-sequence rows."""
+    from trinity_dpo.config_loader import config_for_eval
+    from trinity_dpo.evaluate import evaluate_checkpoint
+
+    path = sft_config(main={"trainer": {"total_steps": 2, "save_interval": 2}})
+    run_dir = train.run(load_config(path))
+    text = evaluate_checkpoint(config_for_eval(str(path), None, None, []), str(run_dir / "global_step_2"), 1)
+    assert "held-out evaluation (12 rows)" in text and "perplexity" in text and "base     model" in text
+    assert "model:  " in text

@@ -101,7 +101,7 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
     for path in (ref_path, cfg.model.model_path):
         model, _ = load_model(cfg, runtime.device, path)
-        tables.append(score(model, groups, len(data.eval), pad, runtime, stats=stats))
+        tables.append(score(model, groups, len(data.eval), pad, runtime, objective.sequences, stats))
         answers.append(generate(model, tokenizer, data.sample_prompts, runtime, max_new))
         del model
     figures = [eval_metrics(t, tables[0], data.eval, objective) for t in tables]
