@@ -89,12 +89,18 @@ class DataReport:
 def load_conversations(storage: StorageConfig, key: str = "buffer.trainer_input.experience_buffer"
                        ) -> tuple[list[Conversation], DataReport]:
     """The conversations of `storage` (the config section `key`, named in errors) and what reading them did."""
+    return convert_rows(storage, key, to_conversation)
+
+
+def convert_rows(storage: StorageConfig, key: str, convert, unit: str = "pairs") -> tuple[list, DataReport]:
+    """`convert(row, row_number, format)` of every row of `storage`, bad rows counted (or stopping the run) by
+    `DataReport.refuse`, and the report."""
     rows = read_rows(storage.path, storage.split, storage.subset_name, key)
-    report = DataReport(source=storage.path, read=len(rows))
+    report = DataReport(source=storage.path, read=len(rows), unit=unit)
     out = []
     for i, row in enumerate(rows, start=1):
         try:
-            out.append(to_conversation(row, i, storage.format))
+            out.append(convert(row, i, storage.format))
         except BadRow as e:
             report.refuse(storage, i, e)
     return out, report

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import FormatConfig, StorageConfig
-from .data import BadRow, DataError, DataReport, _get, _lookup, _system, _text
-from .sources import read_rows
+from .data import BadRow, DataError, DataReport, _get, _lookup, _system, _text, convert_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +73,7 @@ class SftExample:
 
 def load_dialogues(storage: StorageConfig, key: str) -> tuple[list[Dialogue], DataReport]:
     """The SFT rows of `storage` (the config section `key`, named in errors) and what reading them did."""
-    rows = read_rows(storage.path, storage.split, storage.subset_name, key)
-    report = DataReport(source=storage.path, read=len(rows), unit="rows")
-    out = []
-    for i, row in enumerate(rows, start=1):
-        try:
-            out.append(to_dialogue(row, i, storage.format))
-        except BadRow as e:
-            report.refuse(storage, i, e)
-    return out, report
+    return convert_rows(storage, key, to_dialogue, unit="rows")
 
 
 def to_dialogue(row: dict[str, Any], index: int, fmt: FormatConfig) -> Dialogue:
