@@ -106,11 +106,9 @@ def _segment_sum(values: torch.Tensor, seq: torch.Tensor, n_seqs: int) -> torch.
     """Per-sequence sums of `values` [N] whose sequences `seq` [N] are sorted. A deterministic sum (index_add is
     not on CUDA, and step 1 must reproduce the reference to the bit): each value gets its own slot of an
     [n_seqs, longest] table, which is summed by rows."""
-    counts = torch.bincount(seq, minlength=n_seqs)
     if values.numel() == 0:
         return values.new_zeros(n_seqs)
-    starts = counts.cumsum(0) - counts
-    rank = torch.arange(seq.numel(), device=seq.device) - starts[seq]
+    counts, rank = _ranks(seq, n_seqs)
     table = values.new_zeros(n_seqs, int(counts.max()))
     return table.index_put((seq, rank), values).sum(1)
 
@@ -118,11 +116,16 @@ def _segment_sum(values: torch.Tensor, seq: torch.Tensor, n_seqs: int) -> torch.
 def _shared_mask(mb: MicroBatch) -> torch.Tensor:
     """1.0 for the response tokens within the length every sequence of its example has (LD-DPO's shared part),
     else 0.0; [N]."""
-    counts = torch.bincount(mb.target_seq, minlength=mb.n_seqs)
+    counts, rank = _ranks(mb.target_seq, mb.n_seqs)
     shared = counts.view(mb.seqs_per_example, -1).min(0).values.repeat(mb.seqs_per_example)  # [n_seqs]
-    starts = counts.cumsum(0) - counts
-    rank = torch.arange(mb.target_seq.numel(), device=counts.device) - starts[mb.target_seq]
     return (rank < shared[mb.target_seq]).float()
+
+
+def _ranks(seq: torch.Tensor, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens per sequence [n_seqs], each token's position within its sequence [N]) for sorted `seq` [N]."""
+    counts = torch.bincount(seq, minlength=n_seqs)
+    starts = counts.cumsum(0) - counts
+    return counts, torch.arange(seq.numel(), device=seq.device) - starts[seq]
 
 
 def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, transform=None) -> torch.Tensor:
