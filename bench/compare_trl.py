@@ -2,6 +2,7 @@
 
     python bench/compare_trl.py [--steps 6] [--batch 4] [--max-length 512] [--out docs/benchmarks.md]
     python bench/compare_trl.py --device cuda --model qwen2.5-1.5b-shape --precisions bf16 --batch 8 --max-length 1024
+    python bench/compare_trl.py --lora-rank 16 [--layers 17]   # LoRA on both sides, plus trinity-dpo's full tuning
 
 The second line is issue 4's GPU job: the Qwen2.5-1.5B-Instruct architecture with random weights from its published
 config (hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960, vocabulary 151936, tied embeddings),
@@ -104,6 +105,8 @@ def run_ours(model: str, data: Path, args, work: Path) -> dict:
            "cluster": {"device": args.device},
            "trainer": {"precision": args.precision, "save_interval": 0, "eval_samples": 0, "trainer_config": {
                "actor_rollout_ref": {"model": {"enable_gradient_checkpointing": args.checkpointing}}}}}
+    if args.lora_rank:  # TRL's LoraConfig below: all linear layers, alpha = 2 x rank
+        cfg["model"]["lora"] = {"rank": args.lora_rank, "alpha": 2 * args.lora_rank, "save_merged": "never"}
     (work / "ours.yaml").write_text(yaml.safe_dump(cfg))
     start = time.perf_counter()
     run_dir = train.run(load_config(work / "ours.yaml"))
@@ -141,8 +144,14 @@ def run_trl(model: str, data: Path, args, work: Path) -> dict:
                        save_strategy="no", use_cpu=args.device == "cpu", bf16=args.precision == "bf16", disable_tqdm=True,
                        lr_scheduler_type="constant", seed=42)
     start = time.perf_counter()
+    peft = {}
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        peft["peft_config"] = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
+                                         task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=policy, args=config, train_dataset=Dataset.from_list(conv), processing_class=tok,
-                         callbacks=[Clock()])
+                         callbacks=[Clock()], **peft)
     collate = trainer.data_collator
 
     def counting(examples):
@@ -171,6 +180,7 @@ def side(args) -> None:
     result["params"] = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         model).parameters())
     result["source"] = source
+    result["lora"] = args.lora_rank > 0
     print("RESULT " + json.dumps(result))
 
 
@@ -179,7 +189,8 @@ def summarize(r: dict, peak: float) -> dict:
     t = sum(s["time"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
     # Useful FLOPs count the positions a side computes: a prompt shared by both answers counts once.
-    flops = (6 + 2 * r["ref_tokens_in_step"]) * r["params"] * sum(s["computed"] for s in steps)
+    # LoRA's backward computes no weight gradient of the frozen base: 4 x params per token instead of 6.
+    flops = (6 - 2 * r.get("lora", False) + 2 * r["ref_tokens_in_step"]) * r["params"] * sum(s["computed"] for s in steps)
     return {"pairs/s": sum(s["pairs"] for s in steps) / t, "tokens/s": tokens / t, "s/step": t / len(steps),
             "MFU": flops / t / peak, "peak memory (GB)": r["peak_rss_gb"], "step-1 loss": r["loss1"],
             "wall (s)": r["wall"]}
@@ -200,6 +211,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, help="fewer layers of the Qwen shape (a smoke test of this script)")
     parser.add_argument("--model-path", help=argparse.SUPPRESS)  # set for the side processes
     parser.add_argument("--objective", default="dpo", help=argparse.SUPPRESS)  # bench/objectives.py's side runs
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on every linear layer "
+                        "(both sides); trinity-dpo's full fine-tuning is measured too")
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     args = parser.parse_args()
     if args.side:
@@ -216,7 +229,7 @@ def compare(args) -> int:
              for p in args.precisions.split(",")}
     table = {}
     for precision in args.precisions.split(","):
-        for who in ("trl", "ours"):
+        for who in ("trl", "ours", *(("full",) if args.lora_rank else ())):
             raw = run_side(args, who, precision)
             if raw is None:
                 return 1
@@ -229,9 +242,11 @@ def compare(args) -> int:
 def run_side(args, who: str, precision: str, objective: str = "dpo") -> dict | None:
     """One side's figures from its own process (its peak memory is its own); None, with its output shown, on
     failure."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", who, "--precision", precision, "--steps",
-           str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--device", args.device,
-           "--model-path", args.model_path, "--objective", objective]
+    lora_rank = 0 if who == "full" else getattr(args, "lora_rank", 0)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "ours" if who == "full" else who, "--precision",
+           precision, "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
+           "--device", args.device, "--model-path", args.model_path, "--objective", objective, "--lora-rank",
+           str(lora_rank)]
     if not args.checkpointing:
         cmd.append("--no-checkpointing")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -245,6 +260,7 @@ def run_side(args, who: str, precision: str, objective: str = "dpo") -> dict | N
 def write_doc(out: Path, args, peaks, table, source) -> None:
     """Replace (or add) this device's and model's section of `out`; the rest of the file is kept."""
     key = f"{args.device}-{args.model}" + ("" if args.checkpointing else "-no-checkpointing")
+    key += f"-lora{args.lora_rank}" + (f"-{args.layers}layers" if args.layers else "") if args.lora_rank else ""
     replace_section(out, key, _section(args, peaks, table, source))
 
 
@@ -264,6 +280,7 @@ def _section(args, peaks, table, source) -> list[str]:
     keys = ["pairs/s", "tokens/s", "s/step", "MFU", "peak memory (GB)", "step-1 loss", "wall (s)"]
     flags = f"--steps {args.steps} --batch {args.batch} --max-length {args.max_length} --precisions {args.precisions}"
     flags += f" --device {args.device} --model {args.model}" + ("" if args.checkpointing else " --no-checkpointing")
+    flags += (f" --lora-rank {args.lora_rank}" if args.lora_rank else "") + (f" --layers {args.layers}" if args.layers else "")
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         machine = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), torch {torch.__version__}; peak memory is"
@@ -284,13 +301,18 @@ def _section(args, peaks, table, source) -> list[str]:
              "useful FLOPs count 2 x params per reference token too. Tokens count both sequences of each pair on both "
              "sides; MFU counts the positions each side computes (trinity-dpo computes a pair's prompt once). trinity-dpo runs with gradient checkpointing "
              f"{'on' if args.checkpointing else 'off'} (`enable_gradient_checkpointing`); TRL with its defaults.", ""]
+    if args.lora_rank:
+        lines += [f"LoRA: rank {args.lora_rank}, alpha {2 * args.lora_rank}, every linear layer, on both sides (TRL: "
+                  "`peft_config`); the last column is trinity-dpo training every weight on the same job.", ""]
     for precision in args.precisions.split(","):
-        trl, ours = table[(precision, "trl")], table[(precision, "ours")]
-        lines += [f"### {precision}", "", "| | TRL | trinity-dpo | ratio |", "| --- | --- | --- | --- |"]
+        trl, ours, full = table[(precision, "trl")], table[(precision, "ours")], table.get((precision, "full"))
+        head = "| | TRL | trinity-dpo | ratio |" + (" trinity-dpo, all weights |" if full else "")
+        lines += [f"### {precision}", "", head, "| --- | --- | --- | --- |" + (" --- |" if full else "")]
         for k in keys:
             ratio = ours[k] / trl[k] if trl[k] else float("nan")
             fmt = "{:.4f}" if k in ("step-1 loss", "MFU") else "{:.2f}"
-            lines.append(f"| {k} | {fmt.format(trl[k])} | {fmt.format(ours[k])} | {ratio:.2f}x |")
+            extra = f" {fmt.format(full[k])} |" if full else ""
+            lines.append(f"| {k} | {fmt.format(trl[k])} | {fmt.format(ours[k])} | {ratio:.2f}x |{extra}")
         lines.append("")
     return lines
 

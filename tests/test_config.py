@@ -229,8 +229,6 @@ REFUSED = [
     ({"algorithm": {"kl_loss_fn": "k2"}}, None, "algorithm.kl_loss_fn: Trinity 0.2+ adds kl_coef (default 0.001)"),
     ({"algorithm": {"entropy_loss_fn_args": {"entropy_coef": 0.01}}}, None,
      "entropy_coef: 0.01 adds an entropy term to the loss, which this tool does not compute"),
-    ({"model": {"lora_configs": [{"lora_rank": 8}]}}, None, "LoRA (model.lora_configs, "),
-    (None, {"actor_rollout_ref": {"model": {"lora_rank": 16}}}, "LoRA (model.lora_configs, "),
     ({"buffer": {"trainer_input": {"experience_buffer": {"format": {"image_key": "images"}}}}}, None,
      "multimodal rows are not supported"),
     (None, {"actor_rollout_ref": {"model": {"override_config": {"attention_dropout": 0.1}}}},

@@ -39,20 +39,21 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def weights(run_dir, step):
-    return load_file(str(run_dir / f"global_step_{step}" / "model.safetensors"))
+def weights(run_dir, step, name="model.safetensors"):
+    return load_file(str(run_dir / f"global_step_{step}" / name))
 
 
-def assert_close_runs(a, b, step, tol=1e-5):
+def assert_close_runs(a, b, step, tol=1e-5, files=("model.safetensors",)):
     ra, rb = records(a), records(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
         assert x.keys() == y.keys()
         for key in x.keys() - set(TIMING):
             assert abs(x[key] - y[key]) <= tol * max(1.0, abs(x[key])), (x["step"], key, x[key], y[key])
-    wa, wb = weights(a, step), weights(b, step)
-    assert wa.keys() == wb.keys()  # tied embeddings are stored once by both
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
+    for name in files:
+        wa, wb = weights(a, step, name), weights(b, step, name)
+        assert wa.keys() == wb.keys()  # tied embeddings are stored once by both
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,18 @@ def test_two_processes_equal_one(runs):
     assert_close_runs(one, two, 6)
     assert [r["pairs"] for r in records(two) if "pairs" in r] == [8, 8, 1] * 2
     assert abs(records(two)[1]["loss"] - 0.6931471805599453) < 1e-6  # step 1: policy = reference
+    # Greedy answers before and after, generated with every layer gathered once (`distributed.gathered`).
+    for name in ("samples_base.json", "samples.json"):
+        assert json.loads((one / name).read_text()) == json.loads((two / name).read_text())
+
+
+def test_gradients_reduce_once_per_step_on_the_last_micro_batch(make_config, monkeypatch):
+    """Two micro-batches a step: the first backward keeps its gradients local, the second reduces (under FSDP2:
+    one reduce-scatter a step); the numbers are those of `test_two_processes_equal_one`."""
+    calls = []
+    monkeypatch.setattr(distributed, "sync_gradients", lambda model, on: calls.append(on))
+    train.run(load_config(make_config(main={"trainer": {"total_steps": 2, "eval_samples": 0}})))
+    assert calls == [False, True] * 2  # batch 8, ppo_micro_batch_size_per_gpu 4
 
 
 def test_two_processes_equal_one_for_orpo(config):
@@ -273,3 +286,15 @@ def test_shard_step_with_one_process_is_plan_micro():
     batch = _pairs(12)
     assert shard_step(batch, 1, 4) == [plan_micro(batch, 4)]
     assert shard_step(batch, 1, None, 150) == [plan_micro(batch, None, 150)]
+
+
+def test_two_processes_equal_one_with_lora(config):
+    """A rank-4 adapter on every linear layer, under FSDP2 with frozen base weights in every unit: 2 workers equal
+    1 (losses, metrics and the saved adapter), and each writes one PEFT adapter folder plus the merged model."""
+    overrides = ["model.lora.rank=4", "model.lora.alpha=8", "trainer.total_steps=3", "algorithm.optimizer.lr=1e-2"]
+    one = train.run(load_config(config, ["name=lora1", *overrides]))
+    proc = cli(config, "cluster.gpu_per_node=2", "name=lora2", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = one.parent / "lora2"
+    assert_close_runs(one, two, 3, files=("adapter_model.safetensors", "merged/model.safetensors"))
+    assert abs(records(two)[1]["loss"] - 0.6931471805599453) < 1e-6

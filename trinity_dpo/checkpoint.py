@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, lora
 from .config import ConfigError
 from .distributed import Dist
 
@@ -38,13 +38,17 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, step: int, model, tokenizer, save_dtype: torch.dtype, optimizer, state: dict,
-         d: Dist) -> Path:
-    """Write `global_step_<step>/` atomically: HF folder (weights in `save_dtype`) plus `trainer_state/`. Every
-    process must call it; a failure anywhere raises CheckpointError everywhere."""
+         d: Dist, merge: bool = False) -> Path:
+    """Write `global_step_<step>/` atomically: HF folder (weights in `save_dtype`; with LoRA, the adapter in PEFT's
+    layout, and with `merge` the merged model in `merged/`) plus `trainer_state/`. Every process must call it; a
+    failure anywhere raises CheckpointError everywhere."""
     final = step_dir(run_dir, step)
     tmp = run_dir / f".tmp_global_step_{step}"
-    weights = distributed.full_state_dict(model, d.main)  # a collective: before anything can fail
-    error = _attempt(lambda: _write(tmp, model, weights, tokenizer, save_dtype, state) if d.main else None)
+    # Collectives, before anything can fail.
+    weights = distributed.full_state_dict(model, d.main, trainable_only=lora.enabled(model))
+    full = distributed.full_state_dict(model, d.main) if merge else {}  # {} on every rank but 0
+    merged = lora.merged_weights(model, full) if full else None
+    error = _attempt(lambda: _write(tmp, model, weights, merged, tokenizer, save_dtype, state) if d.main else None)
     error = d.first_error(error)  # the folder exists everywhere before the shards go in
     if error is None:
         error = d.first_error(_attempt(lambda: distributed.save_state(tmp / STATE / "dcp", model, optimizer)))
@@ -77,20 +81,32 @@ def _attempt(write) -> str | None:
     return None
 
 
-def _write(tmp: Path, model, weights: dict, tokenizer, save_dtype: torch.dtype, state: dict) -> None:
-    """Rank 0's part: the HF folder and the small state files, into the fresh temporary folder `tmp`."""
+def _write(tmp: Path, model, weights: dict, merged: dict | None, tokenizer, save_dtype: torch.dtype,
+           state: dict) -> None:
+    """Rank 0's part: the HF folder (or adapter) and the small state files, into the fresh temporary folder `tmp`."""
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / STATE).mkdir(parents=True)
+    if lora.enabled(model):
+        lora.save_adapter(model, tmp, weights)  # fp32, as PEFT keeps adapters
+    else:
+        _save_hf(model, tmp, weights, save_dtype)
+    tokenizer.save_pretrained(tmp)
+    if merged is not None:
+        _save_hf(model, tmp / lora.MERGED, merged, save_dtype)
+        tokenizer.save_pretrained(tmp / lora.MERGED)
+    torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}, tmp / STATE / "rng.pt")
+    (tmp / STATE / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def _save_hf(model, folder: Path, weights: dict, save_dtype: torch.dtype) -> None:
+    """A plain Hugging Face model folder with `weights` stored in `save_dtype`."""
     weights = {k: v.to(save_dtype) for k, v in weights.items()}
     original_dtype = model.config.dtype
     model.config.dtype = save_dtype
     try:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
     finally:
         model.config.dtype = original_dtype
-    tokenizer.save_pretrained(tmp)
-    torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}, tmp / STATE / "rng.pt")
-    (tmp / STATE / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:
@@ -109,7 +125,8 @@ def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:
 
 def is_complete(path: Path) -> bool:
     state = path / STATE
-    return ((state / "state.json").is_file() and (path / "config.json").is_file()
+    model = (path / "config.json").is_file() or (path / lora.ADAPTER_CONFIG).is_file()
+    return ((state / "state.json").is_file() and model
             and ((state / "dcp" / ".metadata").is_file() or (state / "optimizer.pt").is_file()))
 
 

@@ -16,8 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import builtin, hub
 from .config import ALIASES, Config, ConfigError
+from .config_checks import get_field, validate
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,11 @@ def _build(cls: type, data: Any, prefix: str, provided: set[str], ignored: list[
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
             raise ConfigError(f"unknown key '{dotted}'{hint}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        item = _listed_dataclass(tp)
+        if item is not None and isinstance(value, (list, tuple)):
+            kwargs[key] = [_build(item, v, f"{dotted}[{i}].", provided, ignored) for i, v in enumerate(value)]
+            provided.add(dotted)
+        elif dataclasses.is_dataclass(tp):
             inner = getattr(default, key) if default is not None else _field_default(cls, key)
             kwargs[key] = _build(tp, value, dotted + ".", provided, ignored, inner)
         else:
@@ -149,6 +153,14 @@ def _build(cls: type, data: Any, prefix: str, provided: set[str], ignored: list[
             if value is not None:
                 provided.add(dotted)
     return dataclasses.replace(default, **kwargs) if default is not None else cls(**kwargs)
+
+
+def _listed_dataclass(tp: Any) -> type | None:
+    """The dataclass of a `list[D]` or `Optional[list[D]]` field (Trinity's `model.lora_configs`), else None."""
+    if typing.get_origin(tp) is Union:
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
+    args = typing.get_args(tp) if typing.get_origin(tp) is list else ()
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else None
 
 
 def _refuse_non_mapping(value: Any, where: str) -> None:
@@ -219,12 +231,6 @@ def _describe(value: Any) -> str:
 # --------------------------------------------------------------------------- aliases and validation
 
 
-def get_field(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def _set(cfg: Any, dotted: str, value: Any) -> None:
     *parents, last = dotted.split(".")
     for part in parents:
@@ -257,6 +263,7 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
                      ", ".join(f"{k}={v!r}" for k, v in losers.items()))
         _set(cfg, canonical, value)
         provided.add(canonical)
+    _fold_lora(cfg, provided)
     algo = cfg.algorithm
     if algo.algorithm_type == "sft" and "algorithm.policy_loss_fn" not in provided:
         algo.policy_loss_fn = "sft"  # Trinity's default loss for its SFT algorithm
@@ -282,6 +289,40 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
         inputs.eval_buffer.format = dataclasses.replace(inputs.experience_buffer.format)
 
 
+_VERL_MODEL = _VERL_PREFIX + "actor_rollout_ref.model."
+# model.lora field <- (Trinity's lora_configs[0] key, verl's actor_rollout_ref.model key)
+_LORA_SPELLINGS = {"rank": ("lora_rank", "lora_rank"), "alpha": ("lora_alpha", "lora_alpha"),
+                   "target_modules": ("target_modules", "target_modules"),
+                   "exclude_modules": ("exclude_modules", "exclude_modules"), "path": ("path", "lora_adapter_path")}
+
+
+def _fold_lora(cfg: Config, provided: set[str]) -> None:
+    """Fold Trinity's `model.lora_configs[0]` and verl's `lora_*` keys into `model.lora`. The three spellings are
+    one tier: values given under two of them must agree. Unset fields take the default of the spelling that turned
+    LoRA on (Trinity: rank 32, alpha 32; verl: alpha 16)."""
+    entries = cfg.model.lora_configs or []
+    if len(entries) > 1:
+        raise ConfigError(f"model.lora_configs: {len(entries)} adapters given; one adapter is trained at a time (as "
+                          "in Trinity)")
+    verl_model = cfg.trainer.trainer_config.actor_rollout_ref.model
+    lora = cfg.model.lora
+    for name, (trinity_key, verl_key) in _LORA_SPELLINGS.items():
+        given = {f"model.lora.{name}": getattr(lora, name)} if f"model.lora.{name}" in provided else {}
+        if entries and f"model.lora_configs[0].{trinity_key}" in provided:
+            given[f"model.lora_configs[0].{trinity_key}"] = getattr(entries[0], trinity_key)
+        if _VERL_MODEL + verl_key in provided:
+            given[_VERL_MODEL[len(_VERL_PREFIX):] + verl_key] = getattr(verl_model, verl_key)
+        if len(set(map(repr, given.values()))) > 1:
+            listing = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise ConfigError(f"conflicting values for one setting: {listing}")
+        if given:
+            setattr(lora, name, next(iter(given.values())))
+        elif entries:
+            setattr(lora, name, getattr(entries[0], trinity_key))  # Trinity's defaults, as Trinity reads an entry
+    if lora.alpha is None:
+        lora.alpha = 32.0 if entries else 16.0 if verl_model.lora_rank else 32.0
+
+
 def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
     opt = get_field(cfg, section)
     if opt.beta1 is None and opt.beta2 is None:
@@ -291,126 +332,6 @@ def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
         raise ConfigError(f"conflicting values for one setting: {section}.betas={opt.betas} and beta1/beta2={betas}")
     opt.betas = betas
     provided.add(f"{section}.betas")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: Config) -> None:
-    """Range and path checks, all before any model or data loads."""
-    opt = cfg.algorithm.optimizer
-    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
-    for key in ("buffer.train_batch_size", "buffer.total_epochs", "trainer.max_consecutive_skips", "cluster.node_num",
-                "cluster.gpu_per_node", "trainer.log_interval"):
-        _check(get_field(cfg, key) > 0, f"{key} must be a positive integer, got {get_field(cfg, key)}")
-    for key in ("trainer.total_steps", "buffer.total_steps", "model.max_model_len", "model.max_prompt_tokens",
-                "model.max_response_tokens", _ACTOR_MICRO, "trainer.max_checkpoints_to_keep"):
-        value = get_field(cfg, key)
-        _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
-    for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples"):
-        _check(get_field(cfg, key) >= 0, f"{key} must be >= 0, got {get_field(cfg, key)}")
-    _check(cfg.trainer.eval_max_new_tokens > 0,
-           f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
-    fraction = cfg.buffer.trainer_input.eval_fraction
-    _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
-    from .objectives import validate as validate_objective
-
-    validate_objective(cfg.algorithm)
-    _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")
-    _check(0 <= opt.lr_warmup_steps_ratio <= 1,
-           f"algorithm.optimizer.lr_warmup_steps_ratio must be in [0, 1], got {opt.lr_warmup_steps_ratio}")
-    _check(0 <= opt.min_lr_ratio <= 1, f"algorithm.optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
-    _check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
-           f"algorithm.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
-    _check(opt.weight_decay >= 0, f"algorithm.optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
-    _check(opt.num_cycles > 0, f"algorithm.optimizer.num_cycles must be > 0, got {opt.num_cycles}")
-    _check(opt.optimizer_type.lower() in ("adam", "adamw"), f"algorithm.optimizer.optimizer_type: "
-           f"{opt.optimizer_type!r} is not supported; this tool trains with AdamW ('adam' or 'adamw')")
-    _refuse_unsupported(cfg)
-    _check(cfg.trainer.grad_clip >= 0, f"trainer.grad_clip must be >= 0, got {cfg.trainer.grad_clip}")
-    micro = actor.ppo_micro_batch_size_per_gpu
-    world = cfg.cluster.node_num * cfg.cluster.gpu_per_node
-    _check(actor.ppo_max_token_len_per_gpu > 0,
-           f"ppo_max_token_len_per_gpu must be a positive integer, got {actor.ppo_max_token_len_per_gpu}")
-    _check(cfg.buffer.train_batch_size % world == 0,
-           f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by the number of processes, "
-           f"cluster.node_num x cluster.gpu_per_node ({world}): each takes an equal share of every step's pairs")
-    if micro is not None and not actor.use_dynamic_bsz:
-        _check(cfg.buffer.train_batch_size % (micro * world) == 0,
-               f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by "
-               f"ppo_micro_batch_size_per_gpu ({micro}) x processes ({world})")
-    _check(cfg.trainer.trainer_config.actor_rollout_ref.nccl_timeout > 0,
-           "trainer.trainer_config.actor_rollout_ref.nccl_timeout must be a positive number of seconds")
-    resume = cfg.trainer.resume_from_path
-    _check(cfg.trainer.resume_mode != "resume_path" or bool(resume),
-           "trainer.resume_mode is 'resume_path' but trainer.resume_from_path is not set")
-    _check(not resume or Path(resume, "trainer_state", "state.json").is_file(),
-           f"trainer.resume_from_path: {resume} is not a checkpoint folder of this tool (global_step_<N> with "
-           "trainer_state/)")
-    _validate_paths(cfg)
-    from .metrics import check_sinks
-
-    check_sinks(cfg)
-
-
-_ACTOR_MICRO = "trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
-
-
-def _refuse_unsupported(cfg: Config) -> None:
-    """Trinity and verl settings that would change training but that this tool does not do: one line each."""
-    algo, verl_model = cfg.algorithm, cfg.trainer.trainer_config.actor_rollout_ref.model
-    coef, kl_fn = algo.kl_loss_fn_args.kl_coef, algo.kl_loss_fn
-    _check(coef in (None, 0) and (coef == 0 or kl_fn in (None, "none")),
-           f"algorithm.kl_loss_fn{'_args.kl_coef' if coef else ''}: Trinity 0.2+ adds kl_coef (default 0.001) x a "
-           f"per-token KL ({kl_fn or 'k2'}) to the DPO loss, which this tool does not compute; set "
-           "algorithm.kl_loss_fn_args.kl_coef: 0 to train DPO alone (its beta is policy_loss_fn_args.beta)")
-    entropy = algo.entropy_loss_fn_args.entropy_coef
-    _check(not entropy, f"algorithm.entropy_loss_fn_args.entropy_coef: {entropy} adds an entropy term to the loss, "
-           "which this tool does not compute; set it to 0")
-    _check(not cfg.model.lora_configs and not verl_model.lora_rank,
-           "LoRA (model.lora_configs, actor_rollout_ref.model.lora_rank) is not supported yet: remove it to train all "
-           "weights")
-    fmt = cfg.buffer.trainer_input.experience_buffer.format
-    sft = algo.algorithm_type == "sft"
-    _check(sft or not fmt.enable_concatenated_multi_turn, "format.enable_concatenated_multi_turn applies to SFT rows "
-           "(algorithm.algorithm_type: sft); preference pairs train their responses")
-    _check(not sft or fmt.prompt_type != "chatpair", "format.prompt_type: chatpair is for preference pairs; SFT rows "
-           "are 'messages' (messages_key) or 'plaintext' (prompt_key, response_key)")
-    _check(not fmt.image_key and not fmt.video_key, "format.image_key/video_key: multimodal rows are not supported; "
-           "this tool trains text chat models")
-    _check(not verl_model.override_config, "actor_rollout_ref.model.override_config: changing the model's config is "
-           "not supported; edit the model folder's config.json instead")
-    _check(not verl_model.external_lib, "actor_rollout_ref.model.external_lib: importing custom model code is not "
-           "supported; use a model folder with model.trust_remote_code: true")
-    _check(not cfg.stages, "stages: several stages in one config are not supported; write one config per stage and "
-           "run them one after the other (model_path: the previous stage's last checkpoint)")
-
-
-def _validate_paths(cfg: Config) -> None:
-    """Local paths exist; hub ids are replaced by their folders in the Hugging Face cache (`hub.resolve`)."""
-    model = cfg.model.model_path
-    _check(bool(model), "model.model_path is required: a local Hugging Face model folder or a hub id")
-    if builtin.is_builtin(model):
-        builtin.check(model)
-    else:
-        cfg.model.model_path = model = hub.resolve(model, "model", "model.model_path")
-        _check(Path(model).is_dir(), f"model.model_path: folder not found: {model}")
-        _check((Path(model) / "config.json").is_file(), f"model.model_path: {model} has no config.json (not a model "
-                                                        "folder)")
-    inputs = cfg.buffer.trainer_input
-    _check(bool(inputs.experience_buffer.path), "buffer.trainer_input.experience_buffer.path is required: a "
-           ".json/.jsonl/.parquet file, a dataset folder or a hub dataset id")
-    for key, storage in (("experience_buffer", inputs.experience_buffer), ("eval_buffer", inputs.eval_buffer)):
-        key = f"buffer.trainer_input.{key}.path"
-        if storage.path and not builtin.is_builtin(storage.path):
-            storage.path = hub.resolve(storage.path, "dataset", key)
-            _check(Path(storage.path).exists(), f"{key}: not found: {storage.path}")
-    root = Path(cfg.checkpoint_root_dir)
-    existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
-    _check(existing.is_dir(), f"checkpoint_root_dir: {root} cannot be created: {existing} is not a folder")
-    _check(os.access(existing, os.W_OK), f"checkpoint_root_dir: {root} is not writable ({existing} is read-only)")
 
 
 def config_for_eval(config: str | None, data: str | None, ref: str | None, overrides: list[str]) -> Config:

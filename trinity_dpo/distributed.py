@@ -10,6 +10,7 @@ With one process there is no process group and every helper is the identity, so 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
@@ -230,6 +231,33 @@ def shard(model: torch.nn.Module, d: Dist, bf16: bool, forward_method: str) -> N
             module.set_force_sum_reduction_for_comms(True)
 
 
+def sync_gradients(model: torch.nn.Module, on: bool) -> None:
+    """Whether the next backward reduce-scatters FSDP2's gradients: only on a step's last micro-batch. Before it
+    each process adds its micro-batches' gradients locally (unsharded: memory for speed), and the one reduction
+    sums them all, the same numbers as reducing every micro-batch."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(on)
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Every decoder layer's full weights kept on each process for a while: generation then gathers each layer once,
+    not once per new token. The root (embeddings, head) stays gathered after a forward anyway (FSDP2's root
+    heuristic); `modeling.inference_mode` gives it back. Without FSDP, nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)  # as `shard` made them
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the gradients to `max_norm` in total; returns the norm before clipping, the same on every process."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -238,13 +266,18 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return norm.item()
 
 
-def full_state_dict(model: torch.nn.Module, main: bool) -> dict[str, torch.Tensor]:
-    """The whole model's weights on rank 0's CPU ({} elsewhere); every process must call it."""
+def full_state_dict(model: torch.nn.Module, main: bool, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU ({} elsewhere), or only those that train (LoRA's adapters);
+    every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if main else {}
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        frozen = _frozen(model) if trainable_only else set()
+        return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen} if main else {}
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                   ignore_frozen_params=trainable_only))
+    if trainable_only:
+        return {k: v for k, v in weights.items() if k not in _frozen(model)}
     # Tied parameters come back as separate copies; make them one tensor again so the HF copy stores it once.
     first: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -254,13 +287,28 @@ def full_state_dict(model: torch.nn.Module, main: bool) -> dict[str, torch.Tenso
     return weights
 
 
+def _frozen(model: torch.nn.Module) -> set[str]:
+    """Names of the weights that do not train (LoRA's base), each name of a tied weight included: torch's
+    `ignore_frozen_params` keeps a tied head (`lm_head.weight`) that shares a frozen embedding."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's trained weights and the optimizer's state, as DCP saves and loads them. Frozen weights are the
+    model folder's: a checkpoint keeps only what trains."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    frozen = _frozen(model)
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
+
+
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """fp32 weights and optimizer state with torch.distributed.checkpoint: each process writes its shards, and the
     files can be loaded by any number of processes."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
@@ -269,11 +317,12 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read what `save_state` wrote (by however many processes) into this process's shards."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))  # frozen weights stay as loaded

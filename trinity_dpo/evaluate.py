@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .objectives import Objective, step_totals
 from .modeling import Runtime, inference_mode
 from .pairs import Pair, Turns, prompt_ids, prompt_text
@@ -36,7 +37,7 @@ def generate(model, tokenizer, prompts: list[Turns], runtime: Runtime, max_new_t
     `synced`: the model is sharded over processes that all answer the same prompts; each keeps stepping until
     all are done, so that their forward passes (and FSDP's collectives) stay matched."""
     answers = []
-    with inference_mode(model), runtime.autocast():
+    with inference_mode(model), distributed.gathered(model), runtime.autocast():
         for prompt in prompts:
             ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=runtime.device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import lora
 from .attention import is_varlen, use_varlen
 from .config import Config, ConfigError
 from .distributed import local_rank
@@ -78,7 +79,8 @@ def pick_runtime(cfg: Config) -> Runtime:
         torch.cuda.set_device(device)
     precision = cfg.trainer.precision
     if precision == "auto":
-        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+        # Emulated bf16 (V100, T4) runs slower than fp32: only native support counts.
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else cpu_has_fast_bf16()
     else:
         bf16 = precision == "bf16"
     return Runtime(device=device, bf16=bf16)
@@ -122,12 +124,17 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None) -> tu
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = path or cfg.model.model_path
+    policy, path = path is None, path or cfg.model.model_path
+    adapter, path = (path, lora.base_of(path)) if lora.is_adapter(path) else (None, path)
+    quantized = policy and cfg.model.lora.rank > 0 and cfg.model.lora.load_in_4bit
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
+            path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True,
+            **(_four_bit(device) if quantized else {}))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model from {path}: {str(e).strip().splitlines()[0]}") from None
+    if adapter is not None:  # `trinity eval` of a LoRA checkpoint: score the merged model
+        model = lora.merge_into(model, adapter)
     _disable_dropout(model)
     use_varlen(model)
     if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
@@ -136,9 +143,20 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None) -> tu
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if policy and cfg.model.lora.rank > 0:
+        lora.attach(model, cfg.model.lora, path)
     stored = _stored_dtype(path)
     model.config.use_cache = False
-    return model.to(device).train(), stored
+    return (model if quantized else model.to(device)).train(), stored
+
+
+def _four_bit(device: torch.device) -> dict:
+    """QLoRA's loading arguments: NF4 base weights placed on `device` as they load (a 4-bit model cannot move)."""
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": device}}
 
 
 def _stored_dtype(model_path: str) -> torch.dtype:

@@ -85,11 +85,11 @@ def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime,
 
 
 def cached_score(model, model_path: str, plan: list[list[list[Pair]]], n_rows: int, pad_id: int, runtime: Runtime,
-                 run_dir: Path, label: str, d: Dist, stats: tuple[str, ...] = ("logps",)) -> Tables:
+                 run_dir: Path, label: str, d: Dist, stats: tuple[str, ...] = ("logps",), salt: str = "") -> Tables:
     """`score` of the `[rank][micro-batch]` plan (each process scores its own part; the parts are merged), read
     from `ref_cache/<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
     rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one."""
-    fp = fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}")
+    fp = fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}|{salt}")
     name = f"ref_cache/{label}-{fp}.pt"
     saved = d.from_main(_find(run_dir, name, fp, n_rows) if d.main else None)  # rank 0 decides for all
     if saved is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin, checkpoint, dataset, distributed, logprobs, report, run_folder
+from . import builtin, checkpoint, dataset, distributed, logprobs, lora, report, run_folder
 from .batching import collate, is_padding, shard_step, step_indices
 from .config import Config
 from .dataset import Data
@@ -111,6 +111,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     if d.main:
         run_folder.write_json(run_dir / "data_summary.json", data.summary)
     model, save_dtype = load_model(cfg, runtime.device)
+    adapter = lora.initial_digest(model)  # before sharding: the reference cache depends on the starting adapter
     runtime = for_model(runtime, cfg, model)
     distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
@@ -122,7 +123,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     # Before the optimizer exists and before any restore: the reference is the initial weights.
     objective = build_objective(cfg.algorithm)
     ref, eval_groups, eval_ref = _reference_tables(cfg, objective, model, data, total, runtime, run_dir,
-                                                   tokenizer.pad_token_id, d)
+                                                   tokenizer.pad_token_id, d, adapter)
     optimizer = build_optimizer(model, cfg.algorithm.optimizer)
     state = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
     if resume_from is not None:
@@ -181,7 +182,7 @@ def _answer(s: Session) -> list[str]:
 
 def _save(s: Session, step: int) -> None:
     path = checkpoint.save(s.run_dir, step, s.model, s.tokenizer, s.save_dtype, s.optimizer,
-                           {**s.state, "total": s.total}, s.d)
+                           {**s.state, "total": s.total}, s.d, merge=lora.wants_merged(s.cfg.model.lora, step, s.total))
     if s.d.main:
         checkpoint.prune(s.run_dir, s.cfg.trainer.max_checkpoints_to_keep, s.resume_from)
     log.info("saved %s", path)
@@ -201,7 +202,7 @@ def _materialize_builtins(cfg: Config, d: Dist) -> None:
 
 
 def _reference_tables(cfg: Config, objective: Objective, model, data: Data, total: int, runtime: Runtime,
-                      run_dir: Path, pad: int, d: Dist):
+                      run_dir: Path, pad: int, d: Dist, adapter: str):
     """(training reference table, this process's held-out micro-batches, held-out reference table), both tables
     cached in the run folder; each process scores its own share. No reference pass for an objective without one."""
     plan = dataset.micro_plan(cfg)
@@ -211,12 +212,13 @@ def _reference_tables(cfg: Config, objective: Objective, model, data: Data, tota
     t0 = time.perf_counter()
     train_plan = first_epoch_plan(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, d.world, plan)
     model_path = cfg.model.model_path
-    ref = cached_score(model, model_path, train_plan, len(data.train), pad, runtime, run_dir, "train", d,
-                       objective.ref_stats)
-    # The held-out reference pass also gives the untrained policy's statistics (the step-0 evaluation).
-    eval_stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
-    eval_ref = cached_score(model, model_path, eval_plan, len(data.eval), pad, runtime, run_dir, "eval", d,
-                            eval_stats)
+    with lora.reference(model, cfg.model.lora):
+        ref = cached_score(model, model_path, train_plan, len(data.train), pad, runtime, run_dir, "train", d,
+                           objective.ref_stats, salt=adapter)
+        # The held-out reference pass also gives the untrained policy's statistics (the step-0 evaluation).
+        eval_stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
+        eval_ref = cached_score(model, model_path, eval_plan, len(data.eval), pad, runtime, run_dir, "eval", d,
+                                eval_stats, salt=adapter)
     log.info("reference log-probs of %d pairs in %.1f s", int((~ref["logps"].isnan()).all(1).sum()) + len(data.eval),
              time.perf_counter() - t0)
     return ref, eval_plan[d.rank], eval_ref
@@ -267,7 +269,8 @@ def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Ta
     # (positions and pads); summed over processes in one collective.
     sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=runtime.device)
     tokens = real = slots = 0
-    for group in groups:
+    for i, group in enumerate(groups):  # every process has as many micro-batches (`shard_step` pads)
+        distributed.sync_gradients(model, i == len(groups) - 1)
         mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
         stats = sequence_stats(model, mb, runtime.autocast(), objective.stats)
         runtime.release_host_memory()

@@ -1,0 +1,230 @@
+"""LoRA (PEFT adapters): the three spellings of its settings, a run's numbers (step 1 is ln 2, only adapters train,
+resume is bitwise), its checkpoints (PEFT's layout, the merged model), `trinity eval` of an adapter, and three AdamW
+steps against TRL 1.16's DPOTrainer on a PEFT model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from trinity_dpo import checkpoint, cli, train
+from trinity_dpo.config import ConfigError
+from trinity_dpo.config_loader import load_config
+
+from test_resume import records, run_killed_in_step
+
+LORA = {"lora_configs": [{"name": "demo", "lora_rank": 4, "lora_alpha": 8}]}
+
+
+def lora_settings(make_config, main=None, verl=None):
+    return load_config(make_config(main=main, verl=verl)).model.lora
+
+
+def test_trinity_and_verl_spellings_fold_into_model_lora(make_config):
+    """Trinity's entry takes Trinity's defaults (alpha 32, all-linear), verl's lora_rank takes verl's (alpha 16);
+    the same value under two spellings is one setting; lora_rank 0 is no LoRA."""
+    lora = lora_settings(make_config, {"model": {"lora_configs": [{"lora_rank": 8}]}})
+    assert (lora.rank, lora.alpha, lora.target_modules, lora.path) == (8, 32, "all-linear", None)
+    lora = lora_settings(make_config, verl={"actor_rollout_ref": {"model": {
+        "lora_rank": 16, "target_modules": ["q_proj", "v_proj"]}}})
+    assert (lora.rank, lora.alpha, lora.target_modules) == (16, 16, ["q_proj", "v_proj"])
+    lora = lora_settings(make_config, {"model": {"lora_configs": [{"lora_rank": 8, "lora_alpha": 16}]}},
+                         {"actor_rollout_ref": {"model": {"lora_rank": 8}}})
+    assert (lora.rank, lora.alpha) == (8, 16)
+    assert lora_settings(make_config, verl={"actor_rollout_ref": {"model": {"lora_rank": 0}}}).rank == 0
+    assert lora_settings(make_config, {"model": {"lora": {"rank": 2, "save_merged": "never"}}}).alpha == 32
+
+
+LORA_ERRORS = [
+    ({"model": {"lora_configs": [{"lora_rank": 8}]}}, {"actor_rollout_ref": {"model": {"lora_rank": 16}}},
+     "conflicting values for one setting: model.lora_configs[0].lora_rank=8, actor_rollout_ref.model.lora_rank=16"),
+    ({"model": {"lora_configs": [{"lora_rank": 8}, {"lora_rank": 4}]}}, None,
+     "model.lora_configs: 2 adapters given; one adapter is trained at a time"),
+    ({"model": {"lora_configs": [{"lora_rank": 8, "target_modules": ["q_proj", "lm_head"]}]}}, None,
+     "model.lora.target_modules: the LM head is scored from its weight in fp32 chunks"),
+    ({"model": {"lora_configs": [{"lora_rank": 8, "target_modules": ["no_such_layer"]}]}}, None, None),
+    ({"model": {"lora_configs": [{"path": "/nonexistent/adapter"}]}}, None,
+     "model.lora.path: /nonexistent/adapter is not a PEFT adapter folder (no adapter_config.json)"),
+    ({"model": {"lora": {"rank": 8, "load_in_4bit": True}}}, None,
+     "model.lora.load_in_4bit: QLoRA's 4-bit base weights need a CUDA device (bitsandbytes)"),
+    ({"model": {"lora": {"rank": 0, "load_in_4bit": True}}}, None, "model.lora.load_in_4bit needs LoRA on"),
+    ({"model": {"lora": {"rank": 4, "alpha": 0}}}, None, "model.lora.alpha must be > 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("main,verl,message", LORA_ERRORS)
+def test_lora_settings_errors_are_one_line(make_config, main, verl, message):
+    if message is None:  # a target that matches nothing is found when the adapters go on: still one line
+        cfg = load_config(make_config(main=main, verl=verl))
+        with pytest.raises(ConfigError) as err:
+            train.run(cfg)
+        message = "model.lora.target_modules: Target modules {'no_such_layer'} not found in the base model"
+    else:
+        with pytest.raises(ConfigError) as err:
+            load_config(make_config(main=main, verl=verl))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def lora_config(root, qwen_dir, name):
+    """DPO with a rank-4 adapter (gradient checkpointing, shared prompts, 2 micro-batches a step) on 18 training
+    pairs: 3 steps, a checkpoint after each."""
+    import yaml
+
+    from tiny import write_pairs
+
+    data = root / "pairs.json"
+    if not data.is_file():
+        write_pairs(data, n=24)
+    cfg = {"project": "p", "name": name, "checkpoint_root_dir": str(root / "ckpt"),
+           "model": {"model_path": str(qwen_dir), **LORA},
+           "algorithm": {"algorithm_type": "dpo", "optimizer": {"lr": 1e-2}},
+           "buffer": {"total_epochs": 1, "batch_size": 8, "trainer_input": {"eval_fraction": 0.25, "experience_buffer": {
+               "path": str(data), "format": {"prompt_type": "plaintext"}}}},
+           "trainer": {"precision": "fp32", "save_interval": 1, "eval_interval": 2, "eval_samples": 1,
+                       "eval_max_new_tokens": 4, "trainer_config": {"actor_rollout_ref": {
+                           "model": {"enable_gradient_checkpointing": True},
+                           "actor": {"ppo_micro_batch_size_per_gpu": 4}}}}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, qwen_dir):
+    """(config path, run folder) of the whole 3-step run."""
+    root = tmp_path_factory.mktemp("lora")
+    path = lora_config(root, qwen_dir, "whole")
+    return path, train.run(load_config(path))
+
+
+def test_lora_run_step_one_is_ln2_and_only_adapters_train(lora_run, qwen_dir):
+    _, run_dir = lora_run
+    rows = records(run_dir)
+    steps = [r for r in rows if "loss" in r and "eval" not in json.dumps(list(r))]
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-7 and steps[0]["rewards/margins"] == 0.0
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1e-3  # the adapter trained
+    ckpt = run_dir / "global_step_3"
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "merged"} <= files and "model.safetensors" not in files
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    # The trainer state keeps only what trains, and its optimizer state: no base weight.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt / "trainer_state" / "dcp")).read_metadata().state_dict_metadata
+    weights = [k for k in keys if k.startswith("model.")]
+    assert weights and all(".lora_" in k for k in weights), weights
+    assert not (run_dir / "global_step_2" / "merged").exists()  # save_merged: final
+
+
+def test_saved_adapter_loads_in_peft_and_merged_equals_merge_and_unload(lora_run, qwen_dir):
+    _, run_dir = lora_run
+    ckpt = run_dir / "global_step_3"
+    base = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(ckpt))
+    reference = peft_model.merge_and_unload().state_dict()
+    merged = load_file(str(ckpt / "merged" / "model.safetensors"))
+    original = load_file(str(qwen_dir / "model.safetensors"))
+    assert set(merged) == set(original)
+    assert max((merged[k] - reference[k]).abs().max().item() for k in merged) <= 1e-6
+    assert any(not torch.equal(merged[k], original[k]) for k in merged)
+    plain = AutoModelForCausalLM.from_pretrained(ckpt / "merged")  # a plain HF folder
+    assert type(plain).__name__ == type(base).__name__
+
+
+def test_trinity_eval_takes_an_adapter_folder(lora_run, capsys):
+    path, run_dir = lora_run
+    code = cli.main(["eval", "--model", str(run_dir / "global_step_3"), "--config", str(path), "name=evaluated"])
+    out = capsys.readouterr().out
+    final = [r for r in records(run_dir) if "eval/loss" in r][-1]["eval/loss"]
+    loss_line = next(line for line in out.splitlines() if line.strip().startswith("loss"))
+    assert code == 0 and float(loss_line.split()[-1]) == pytest.approx(final, abs=5e-4), (out, final)
+
+
+def test_lora_resume_after_a_crash_is_bitwise(lora_run, qwen_dir, monkeypatch):
+    path, whole = lora_run
+    crashed = lora_config(path.parent, qwen_dir, "crashed")
+    run_killed_in_step(crashed, 3, monkeypatch)  # dies inside step 3: resumes from global_step_2
+    run_dir = whole.parent / "crashed"
+    assert checkpoint.latest(run_dir).name == "global_step_2"
+    train.run(load_config(crashed))
+    assert records(run_dir) == records(whole)
+    a = load_file(str(whole / "global_step_3" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "global_step_3" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_three_adamw_steps_from_an_adapter_equal_trl(tmp_path, qwen_dir, make_config):
+    """One adapter (B away from zero, so the adapted policy differs from its base) loaded into both: TRL 1.16 trains
+    a PeftModel against a frozen copy of its starting adapter, ours against the starting policy's cached
+    log-probs. Batch 4 over the 4 pairs, so each step is the whole set."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from test_trl_parity import BETA, rows
+
+    lr, steps, adapter = 1e-2, 3, tmp_path / "adapter"
+    torch.manual_seed(3)
+    start = get_peft_model(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32),
+                           PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in start.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    start.save_pretrained(adapter)
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32),
+                                      str(adapter), is_trainable=True)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], beta=BETA, max_length=None, use_cpu=True,
+                         bf16=False, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                         per_device_train_batch_size=4, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
+                         weight_decay=0.0, max_grad_norm=1e9, seed=0)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows()),
+                             processing_class=AutoTokenizer.from_pretrained(qwen_dir))
+    trainer.train()
+    theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    path = make_config(
+        main={"model": {"lora": {"path": str(adapter)}}, "trainer": {"actor_kl_loss_coef": BETA},
+              "buffer": {"batch_size": 4, "total_epochs": steps, "trainer_input": {"experience_buffer": {
+                  "path": str(data), "format": {"prompt_type": "messages"}}}}},
+        verl={"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 2, "grad_clip": 1e9,
+                                              "optim": {"lr": lr, "weight_decay": 0.0}}}})
+    run_dir = train.run(load_config(path))
+    ours = [r["loss"] for r in records(run_dir) if "loss" in r and "pairs" in r]
+    assert len(ours) == len(theirs) == steps
+    assert all(abs(a - b) < 1e-5 for a, b in zip(ours, theirs)), (ours, theirs)
+    assert abs(ours[0] - math.log(2)) < 1e-6 and ours[-1] < ours[0] - 1e-3  # the start is the reference; it trained
+
+
+def test_reference_cache_is_keyed_by_the_starting_adapter(tmp_path, qwen_dir, make_config):
+    """Two adapters to continue from: each run's reference is its own starting policy, so the second run must not
+    reuse the first run's cached tables (the cache is searched across sibling runs); the same adapter reuses them."""
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        start = get_peft_model(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32),
+                               PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in start.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
+        start.save_pretrained(tmp_path / f"adapter{seed}")
+        adapters.append(tmp_path / f"adapter{seed}")
+    caches = []
+    for name, adapter in (("a", adapters[0]), ("b", adapters[1]), ("c", adapters[0])):
+        cfg = load_config(make_config(main={"name": name, "model": {"lora": {"path": str(adapter)}},
+                                            "trainer": {"total_steps": 1, "eval_samples": 0}}))
+        run_dir = train.run(cfg)
+        assert abs(records(run_dir)[0]["loss"] - math.log(2)) < 1e-6  # its own start is its reference
+        caches.append(sorted(p.name for p in (run_dir / "ref_cache").glob("train-*.pt")))
+    assert caches[0] != caches[1] and caches[0] == caches[2]

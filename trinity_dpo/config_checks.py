@@ -1,0 +1,173 @@
+"""Checking a loaded configuration: ranges, settings this tool does not do (refused in one line each) and paths.
+Nothing here loads a model or data; every failure is a `ConfigError` with one line for the user.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import builtin, hub
+from .config import Config, ConfigError
+
+
+def get_field(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range and path checks, all before any model or data loads."""
+    opt = cfg.algorithm.optimizer
+    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
+    for key in ("buffer.train_batch_size", "buffer.total_epochs", "trainer.max_consecutive_skips", "cluster.node_num",
+                "cluster.gpu_per_node", "trainer.log_interval"):
+        _check(get_field(cfg, key) > 0, f"{key} must be a positive integer, got {get_field(cfg, key)}")
+    for key in ("trainer.total_steps", "buffer.total_steps", "model.max_model_len", "model.max_prompt_tokens",
+                "model.max_response_tokens", _ACTOR_MICRO, "trainer.max_checkpoints_to_keep"):
+        value = get_field(cfg, key)
+        _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
+    for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples"):
+        _check(get_field(cfg, key) >= 0, f"{key} must be >= 0, got {get_field(cfg, key)}")
+    _check(cfg.trainer.eval_max_new_tokens > 0,
+           f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
+    fraction = cfg.buffer.trainer_input.eval_fraction
+    _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
+    from .objectives import validate as validate_objective
+
+    validate_objective(cfg.algorithm)
+    _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")
+    _check(0 <= opt.lr_warmup_steps_ratio <= 1,
+           f"algorithm.optimizer.lr_warmup_steps_ratio must be in [0, 1], got {opt.lr_warmup_steps_ratio}")
+    _check(0 <= opt.min_lr_ratio <= 1, f"algorithm.optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
+    _check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+           f"algorithm.optimizer.betas must be two numbers in [0, 1), got {opt.betas}")
+    _check(opt.weight_decay >= 0, f"algorithm.optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+    _check(opt.num_cycles > 0, f"algorithm.optimizer.num_cycles must be > 0, got {opt.num_cycles}")
+    _check(opt.optimizer_type.lower() in ("adam", "adamw"), f"algorithm.optimizer.optimizer_type: "
+           f"{opt.optimizer_type!r} is not supported; this tool trains with AdamW ('adam' or 'adamw')")
+    _refuse_unsupported(cfg)
+    _check(cfg.trainer.grad_clip >= 0, f"trainer.grad_clip must be >= 0, got {cfg.trainer.grad_clip}")
+    micro = actor.ppo_micro_batch_size_per_gpu
+    world = cfg.cluster.node_num * cfg.cluster.gpu_per_node
+    _check(actor.ppo_max_token_len_per_gpu > 0,
+           f"ppo_max_token_len_per_gpu must be a positive integer, got {actor.ppo_max_token_len_per_gpu}")
+    _check(cfg.buffer.train_batch_size % world == 0,
+           f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by the number of processes, "
+           f"cluster.node_num x cluster.gpu_per_node ({world}): each takes an equal share of every step's pairs")
+    if micro is not None and not actor.use_dynamic_bsz:
+        _check(cfg.buffer.train_batch_size % (micro * world) == 0,
+               f"buffer.batch_size ({cfg.buffer.train_batch_size}) must be divisible by "
+               f"ppo_micro_batch_size_per_gpu ({micro}) x processes ({world})")
+    _check(cfg.trainer.trainer_config.actor_rollout_ref.nccl_timeout > 0,
+           "trainer.trainer_config.actor_rollout_ref.nccl_timeout must be a positive number of seconds")
+    resume = cfg.trainer.resume_from_path
+    _check(cfg.trainer.resume_mode != "resume_path" or bool(resume),
+           "trainer.resume_mode is 'resume_path' but trainer.resume_from_path is not set")
+    _check(not resume or Path(resume, "trainer_state", "state.json").is_file(),
+           f"trainer.resume_from_path: {resume} is not a checkpoint folder of this tool (global_step_<N> with "
+           "trainer_state/)")
+    _validate_paths(cfg)
+    _check_lora(cfg)
+    from .metrics import check_sinks
+
+    check_sinks(cfg)
+
+
+_ACTOR_MICRO = "trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
+
+
+def _refuse_unsupported(cfg: Config) -> None:
+    """Trinity and verl settings that would change training but that this tool does not do: one line each."""
+    algo, verl_model = cfg.algorithm, cfg.trainer.trainer_config.actor_rollout_ref.model
+    coef, kl_fn = algo.kl_loss_fn_args.kl_coef, algo.kl_loss_fn
+    _check(coef in (None, 0) and (coef == 0 or kl_fn in (None, "none")),
+           f"algorithm.kl_loss_fn{'_args.kl_coef' if coef else ''}: Trinity 0.2+ adds kl_coef (default 0.001) x a "
+           f"per-token KL ({kl_fn or 'k2'}) to the DPO loss, which this tool does not compute; set "
+           "algorithm.kl_loss_fn_args.kl_coef: 0 to train DPO alone (its beta is policy_loss_fn_args.beta)")
+    entropy = algo.entropy_loss_fn_args.entropy_coef
+    _check(not entropy, f"algorithm.entropy_loss_fn_args.entropy_coef: {entropy} adds an entropy term to the loss, "
+           "which this tool does not compute; set it to 0")
+    fmt = cfg.buffer.trainer_input.experience_buffer.format
+    sft = algo.algorithm_type == "sft"
+    _check(sft or not fmt.enable_concatenated_multi_turn, "format.enable_concatenated_multi_turn applies to SFT rows "
+           "(algorithm.algorithm_type: sft); preference pairs train their responses")
+    _check(not sft or fmt.prompt_type != "chatpair", "format.prompt_type: chatpair is for preference pairs; SFT rows "
+           "are 'messages' (messages_key) or 'plaintext' (prompt_key, response_key)")
+    _check(not fmt.image_key and not fmt.video_key, "format.image_key/video_key: multimodal rows are not supported; "
+           "this tool trains text chat models")
+    _check(not verl_model.override_config, "actor_rollout_ref.model.override_config: changing the model's config is "
+           "not supported; edit the model folder's config.json instead")
+    _check(not verl_model.external_lib, "actor_rollout_ref.model.external_lib: importing custom model code is not "
+           "supported; use a model folder with model.trust_remote_code: true")
+    _check(not cfg.stages, "stages: several stages in one config are not supported; write one config per stage and "
+           "run them one after the other (model_path: the previous stage's last checkpoint)")
+
+
+def _validate_paths(cfg: Config) -> None:
+    """Local paths exist; hub ids are replaced by their folders in the Hugging Face cache (`hub.resolve`)."""
+    model = cfg.model.model_path
+    _check(bool(model), "model.model_path is required: a local Hugging Face model folder or a hub id")
+    if builtin.is_builtin(model):
+        builtin.check(model)
+    else:
+        cfg.model.model_path = model = hub.resolve(model, "model", "model.model_path")
+        _check(Path(model).is_dir(), f"model.model_path: folder not found: {model}")
+        _check(not (Path(model) / "adapter_config.json").is_file() or (Path(model) / "config.json").is_file(),
+               f"model.model_path: {model} is a LoRA adapter, not a model: give its merged/ folder, or the base model "
+               "here and the adapter as model.lora.path")
+        _check((Path(model) / "config.json").is_file(), f"model.model_path: {model} has no config.json (not a model "
+                                                        "folder)")
+    inputs = cfg.buffer.trainer_input
+    _check(bool(inputs.experience_buffer.path), "buffer.trainer_input.experience_buffer.path is required: a "
+           ".json/.jsonl/.parquet file, a dataset folder or a hub dataset id")
+    for key, storage in (("experience_buffer", inputs.experience_buffer), ("eval_buffer", inputs.eval_buffer)):
+        key = f"buffer.trainer_input.{key}.path"
+        if storage.path and not builtin.is_builtin(storage.path):
+            storage.path = hub.resolve(storage.path, "dataset", key)
+            _check(Path(storage.path).exists(), f"{key}: not found: {storage.path}")
+    root = Path(cfg.checkpoint_root_dir)
+    existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
+    _check(existing.is_dir(), f"checkpoint_root_dir: {root} cannot be created: {existing} is not a folder")
+    _check(os.access(existing, os.W_OK), f"checkpoint_root_dir: {root} is not writable ({existing} is read-only)")
+
+
+def _check_lora(cfg: Config) -> None:
+    lora, world = cfg.model.lora, cfg.cluster.node_num * cfg.cluster.gpu_per_node
+    _check(lora.rank >= 0, f"model.lora.rank must be >= 0 (0: no LoRA), got {lora.rank}")
+    if lora.path:
+        adapter = Path(lora.path) / "adapter_config.json"
+        _check(adapter.is_file(), f"model.lora.path: {lora.path} is not a PEFT adapter folder (no adapter_config.json)")
+        import json
+
+        saved = json.loads(adapter.read_text())  # a continued adapter keeps its own shape
+        lora.rank, lora.alpha = int(saved.get("r") or 0), saved.get("lora_alpha")
+        lora.target_modules = saved.get("target_modules") or lora.target_modules
+    if not lora.rank:
+        _check(not lora.load_in_4bit, "model.lora.load_in_4bit needs LoRA on: set model.lora.rank (or "
+               "lora_configs[0].lora_rank) above 0")
+        return
+    _check(lora.alpha is not None and lora.alpha > 0, f"model.lora.alpha must be > 0, got {lora.alpha}")
+    _check(0 <= lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+    _check("lm_head" not in targets, "model.lora.target_modules: the LM head is scored from its weight in fp32 chunks "
+           "and cannot take an adapter; adapt the other modules ('all-linear' leaves the head out)")
+    if lora.load_in_4bit:
+        import importlib.util
+
+        import torch
+
+        _check(cfg.cluster.device != "cpu" and torch.cuda.is_available(), "model.lora.load_in_4bit: QLoRA's 4-bit "
+               "base weights need a CUDA device (bitsandbytes); on CPU train LoRA with load_in_4bit: false")
+        _check(importlib.util.find_spec("bitsandbytes") is not None, "model.lora.load_in_4bit: QLoRA needs the "
+               "bitsandbytes package: pip install bitsandbytes")
+        _check(world == 1, "model.lora.load_in_4bit: QLoRA runs in one process; 4-bit weights are not sharded with "
+               "FSDP2 here (set cluster.gpu_per_node: 1, or train LoRA without 4-bit)")
+        _check(lora.save_merged == "never", "model.lora.load_in_4bit: merging into 4-bit weights would lose the "
+               "adapter's precision; set model.lora.save_merged: never and merge the saved adapter into the "
+               "full-precision base")

@@ -1,0 +1,132 @@
+"""LoRA adapters (PEFT) on the policy: attached at load, the reference they start from, their files in a checkpoint
+and the merged model.
+
+The Hugging Face model stays the model every other module sees: PEFT replaces the targeted layers inside it, so
+scoring, FSDP2, generation and the optimizer (trainable parameters only) need no LoRA branch. The PeftModel
+wrapper is kept on the side, only to write PEFT's own files.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, LoraConfig
+
+log = logging.getLogger(__name__)
+
+_WRAPPER = "_trinity_peft"  # set with object.__setattr__: a plain attribute, not a submodule (no second state dict)
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED = "merged"
+
+
+def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str) -> torch.nn.Module:
+    """Put adapters on `model` in place (a fresh one as `lora` says, or the one at `lora.path` to continue) and
+    freeze every other weight. The fresh adapter's random half is drawn from torch's global generator."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    if lora.path:
+        wrapper = PeftModel.from_pretrained(model, lora.path, is_trainable=True)
+        c = wrapper.peft_config["default"]
+        log.info("LoRA: continuing the adapter %s (rank %d, alpha %s, targets %s); its own settings apply",
+                 lora.path, c.r, c.lora_alpha, sorted(c.target_modules) if c.target_modules else "?")
+    else:
+        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                                exclude_modules=lora.exclude_modules, lora_dropout=lora.dropout, bias="none",
+                                task_type="CAUSAL_LM")
+        try:
+            wrapper = get_peft_model(model, config)
+        except ValueError as e:  # target modules that match nothing, or layers PEFT cannot adapt
+            raise ConfigError(f"model.lora.target_modules: {str(e).strip().splitlines()[0]}") from None
+    wrapper.peft_config["default"].base_model_name_or_path = base_path
+    object.__setattr__(model, _WRAPPER, wrapper)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA: %.2fM trainable parameters of %.1fM", trainable / 1e6,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def enabled(model: torch.nn.Module) -> bool:
+    return hasattr(model, _WRAPPER)
+
+
+def reference(model: torch.nn.Module, lora: LoraConfig) -> contextlib.AbstractContextManager:
+    """Where the reference pass runs. A fresh adapter starts as zero (PEFT's B = 0), so the reference is the base
+    with adapters switched off: the same numbers without the adapters' work. A continued adapter is part of the
+    starting policy, which is the reference (as TRL does with a copy of it)."""
+    if not enabled(model) or lora.path:
+        return contextlib.nullcontext()
+    return getattr(model, _WRAPPER).disable_adapter()
+
+
+def initial_digest(model: torch.nn.Module) -> str:
+    """A digest of the adapter's initial weights ('' without LoRA), for the reference cache's fingerprint."""
+    if not enabled(model):
+        return ""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_adapter(model: torch.nn.Module, folder: Path, trainable: dict[str, torch.Tensor]) -> None:
+    """PEFT's layout in `folder` (adapter_config.json, adapter_model.safetensors), from the trainable weights'
+    full state dict (`distributed.full_state_dict(..., trainable_only=True)`)."""
+    wrapper = getattr(model, _WRAPPER)
+    prefixed = {f"base_model.model.{k}": v for k, v in trainable.items()}
+    wrapper.save_pretrained(folder, state_dict=prefixed, save_embedding_layers=False, safe_serialization=True)
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+
+
+def merged_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain model's weights from the LoRA model's full state dict: W + scaling * B @ A for every adapted layer,
+    in fp32, under the base layer's own names."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {k: v for k, v in full.items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.scaling:
+            continue
+        key = f"{name}.base_layer.weight"
+        if f"{name}.lora_A.default.weight" in full:
+            delta = full[f"{name}.lora_B.default.weight"].float() @ full[f"{name}.lora_A.default.weight"].float()
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+        elif f"{name}.lora_embedding_A.default" in full:
+            delta = (full[f"{name}.lora_embedding_B.default"].float() @ full[f"{name}.lora_embedding_A.default"].float()).T
+        else:
+            raise ConfigError(f"model.lora.save_merged: cannot merge the adapter of {name} "
+                              f"({type(module).__name__}); set save_merged: never")
+        merged[key] = full[key].float() + delta * module.scaling["default"]
+    return {k.replace(".base_layer.", "."): v for k, v in merged.items()}
+
+
+def wants_merged(lora: LoraConfig, step: int, total: int) -> bool:
+    return lora.rank > 0 and (lora.save_merged == "every" or (lora.save_merged == "final" and step == total))
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
+
+
+def base_of(adapter: str | Path) -> str:
+    """The base model folder an adapter folder names (`base_model_name_or_path`)."""
+    base = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"{adapter}: a LoRA adapter whose base model {base!r} is not a local model folder; give "
+                          "the checkpoint's merged/ folder instead")
+    return base
+
+
+def merge_into(model: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
+    """`model` (the adapter's base) with the adapter at `adapter` merged in: a plain model for scoring."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
