@@ -228,3 +228,37 @@ def test_reference_cache_is_keyed_by_the_starting_adapter(tmp_path, qwen_dir, ma
         assert abs(records(run_dir)[0]["loss"] - math.log(2)) < 1e-6  # its own start is its reference
         caches.append(sorted(p.name for p in (run_dir / "ref_cache").glob("train-*.pt")))
     assert caches[0] != caches[1] and caches[0] == caches[2]
+
+
+def test_lora_micro_batches_equal_one_and_bf16_sft_and_orpo_train(make_config, tmp_path):
+    """A step in 4 micro-batches equals it in one; SFT (bf16 autocast) and ORPO, which have no reference, train an
+    adapter too."""
+    from test_sft import sft_rows
+
+    lora = {"lora": {"rank": 4, "alpha": 8}}
+    runs = {}
+    for micro in (8, 2):
+        path = make_config(main={"name": f"micro{micro}", "model": lora, "trainer": {"total_steps": 2}},
+                           verl={"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": micro}}})
+        runs[micro] = train.run(load_config(path))
+    for a, b in zip(records(runs[8]), records(runs[2])):
+        for key in a.keys() - {"tokens_per_s", "step_time_s", "pad_share", "positions"}:
+            assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), key
+    wa, wb = (load_file(str(r / "global_step_2" / "adapter_model.safetensors")) for r in (runs[8], runs[2]))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(8)))
+    fmt = {"prompt_type": "messages", "messages_key": "messages"}
+    sft = make_config(main={"name": "sft", "model": lora, "algorithm": {"algorithm_type": "sft"},
+                            "trainer": {"total_steps": 3, "precision": "bf16", "eval_samples": 0},
+                            "buffer": {"batch_size": 4, "trainer_input": {"experience_buffer": {
+                                "path": str(data), "format": fmt}}}})
+    orpo = make_config(main={"name": "orpo", "model": lora, "algorithm": {"policy_loss_fn": "orpo"},
+                             "trainer": {"total_steps": 3, "eval_samples": 0}})
+    for path in (sft, orpo):
+        run_dir = train.run(load_config(path))
+        losses = [r["loss"] for r in records(run_dir)]
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+        assert (run_dir / "global_step_3" / "adapter_model.safetensors").is_file()
+        assert (run_dir / "global_step_3" / "merged" / "model.safetensors").is_file()
