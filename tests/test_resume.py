@@ -245,6 +245,7 @@ def test_checkpoint_of_the_earlier_single_file_layout_still_resumes(six_steps):
     distributed.load_state(old / "dcp", model, optimizer)
     torch.save(optimizer.state_dict(), old / "optimizer.pt")
     shutil.rmtree(old / "dcp")
+    (old / "manifest.json").unlink()  # that layout predates manifests
     assert checkpoint.latest(run_dir).name == "global_step_2"
     train.run(load_config(six_steps("legacy")))
     assert records(run_dir) == expected

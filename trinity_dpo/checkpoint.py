@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, lora
+from . import distributed, lora, manifest
 from .config import ConfigError
 from .distributed import Dist
 
@@ -30,7 +30,7 @@ STATE = "trainer_state"
 
 
 class CheckpointError(RuntimeError):
-    """Saving failed (a full disk, say); the previous checkpoint is intact. One line for the user, exit code 1."""
+    """Saving failed (a full disk, say); the previous checkpoint is intact. One line for the user, exit code 2."""
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -110,7 +110,9 @@ def _save_hf(model, folder: Path, weights: dict, save_dtype: torch.dtype) -> Non
 
 
 def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:
-    """Flush every file of `tmp`, rename it to `final`, then move the marker: a crash leaves either checkpoint."""
+    """Record what `tmp` holds, flush every file, rename it to `final`, then move the marker: a crash leaves
+    either checkpoint."""
+    manifest.write(tmp, tmp / STATE / manifest.NAME)
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -118,6 +120,10 @@ def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _mark(run_dir, step)
+
+
+def _mark(run_dir: Path, step: int) -> None:
     marker_tmp = run_dir / f".{MARKER}"
     marker_tmp.write_text(str(step))
     os.replace(marker_tmp, run_dir / MARKER)
@@ -163,11 +169,96 @@ def prune(run_dir: Path, keep: int | None, protect: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class Resume(type(Path())):
+    """The checkpoint to resume from as the run folder chose it: a Path (train.py hands it to `restore` as one) that
+    also carries `fallback`, the older checkpoints to load, newest first, if loading it raises; None for an
+    explicit `trainer.resume_from_path`: the user named that one."""
+
+    fallback: tuple[Path, ...] | None = None
+
+
+def resume_of(paths: list[str], explicit: bool) -> Resume:
+    chosen = Resume(paths[0])
+    chosen.fallback = None if explicit else tuple(Path(p) for p in paths[1:])
+    return chosen
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (incomplete, or not what its manifest records), or None."""
+    if not is_complete(path):
+        return f"it is not a complete checkpoint of this tool ({STATE}/state.json, config.json or {STATE}/dcp missing)"
+    return manifest.verify(path, path / STATE / manifest.NAME)
+
+
+def choose(run_dir: Path) -> Resume | None:
+    """The newest checkpoint of `run_dir` that verifies, the older ones its fallback; None when there is none to
+    resume. Newer ones that fail verification are set aside, kept, with a warning; if none verifies, ConfigError."""
+    found = _complete(run_dir)[::-1]
+    failed = []
+    for i, path in enumerate(found):
+        reason = verify(path)
+        if reason is None:
+            _set_aside(failed, path)
+            return resume_of([str(p) for p in found[i:]], explicit=False)
+        failed.append((path, reason))
+    if failed:
+        raise cannot_resume(failed, explicit=False)
+    return None
+
+
+def cannot_resume(failed: list[tuple[Path, str]], explicit: bool) -> ConfigError:
+    why = "; ".join(f"{path}: {reason}" for path, reason in failed)
+    if explicit:
+        return ConfigError(f"trainer.resume_from_path: cannot resume from {why}; point it at another checkpoint, or "
+                           "set trainer.resume_mode: disable to start afresh")
+    return ConfigError(f"no checkpoint of {failed[0][0].parent} can be resumed from ({why}); set "
+                       "trainer.resume_from_path to a checkpoint you trust, or trainer.resume_mode: disable (with a "
+                       "new `name`) to start afresh")
+
+
+def _set_aside(failed: list[tuple[Path, str]], chosen: Path) -> None:
+    """Rename the checkpoints skipped in favour of `chosen` out of the way (the run would overwrite them when it
+    reaches their step again), keeping them for the user to inspect; point the marker at `chosen`."""
+    for path, reason in failed:
+        kept = path.with_name(f"{path.name}.skipped")
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = path.with_name(f"{path.name}.skipped{n}")
+        if distributed.is_main_process():
+            os.replace(path, kept)
+        log.warning("checkpoint %s skipped: %s; kept as %s; resuming from %s", path, reason, kept.name, chosen.name)
+    if failed and distributed.is_main_process():
+        _mark(chosen.parent, int(chosen.name[12:]))
+
+
 def restore(path: Path, model, optimizer) -> dict:
     """Load fp32 weights, optimizer state (whatever number of processes wrote them) and RNG states from checkpoint
-    `path`; return its loop state."""
+    `path`; return its loop state. If loading it raises, the first of its `fallback` that verifies and loads is
+    used instead, and those that failed are set aside (`_set_aside`)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's wrapper of causes
+
     if not is_complete(path):
         raise ConfigError(f"{path} is not a complete checkpoint of this tool (no {STATE}/state.json)")
+    fallback = getattr(path, "fallback", None)
+    failed = []
+    for candidate in (path, *(fallback or ())):
+        reason = verify(candidate) if failed else None  # `path` was verified when it was chosen
+        if reason is None:
+            try:
+                state = _load(candidate, model, optimizer)
+            except ConfigError:
+                raise
+            except (Exception, CheckpointException) as e:  # whatever a damaged file makes its reader raise
+                reason = f"loading it raised {_one_line(e)}"
+        if reason is None:
+            _set_aside(failed, candidate)
+            return state
+        failed.append((candidate, reason))
+    raise cannot_resume(failed, explicit=fallback is None)
+
+
+def _load(path: Path, model, optimizer) -> dict:
     if (path / STATE / "dcp").is_dir():
         distributed.load_state(path / STATE / "dcp", model, optimizer)
     else:
@@ -176,6 +267,16 @@ def restore(path: Path, model, optimizer) -> dict:
     torch.set_rng_state(rng["torch"])
     random.setstate((3, tuple(rng["python"]), None))
     return json.loads((path / STATE / "state.json").read_text())
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as `Type: first line`; DCP's CheckpointException is reduced to its first process's cause."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        e = cause[0] if isinstance(cause, tuple) else cause
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _restore_single_file(path: Path, model, optimizer) -> None:

@@ -5,8 +5,10 @@
     trinity report RUN_DIR
     trinity models
 
-Each subcommand parses, validates before anything heavy loads, and calls one function. A user error
-(configuration or data) prints one line and exits with code 2.
+Each subcommand parses, validates before anything heavy loads, and calls one function. Exit codes (the README's
+table): 0 done, or stopped by SIGINT/SIGTERM after saving; 2 a problem the user must fix (configuration, data, a
+run folder another run holds, a checkpoint that cannot be resumed or saved, a diverged run), in one line; 1 a bug,
+with its traceback.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, (CheckpointError, NumericError)):
             raise
         print(f"trinity: stopped: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

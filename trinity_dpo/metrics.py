@@ -41,6 +41,25 @@ def check_sinks(cfg: Config) -> None:
             raise ConfigError(f"monitor '{sink}' needs the package '{PACKAGES[sink]}': pip install {PACKAGES[sink]}")
 
 
+def load_lines(path: Path) -> list[tuple[str, dict]]:
+    """Each line of a metrics.jsonl with its record. A last line that is no record was cut off by a crash in
+    mid-write: it is left out, with a warning that shows it. Any other such line stops with a ConfigError."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            out.append((line, record))
+        elif i == len(lines):
+            log.warning("%s: the last line was cut off by a crash in mid-write and is dropped: %r", path, line[:120])
+        else:
+            raise ConfigError(f"{path}: line {i} is not a metrics record (edited by hand?); correct or delete it")
+    return out
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, cfg: Config, total_steps: int, first_step: int = 0):
         self.path = run_dir / "metrics.jsonl"

@@ -68,11 +68,7 @@ def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime,
     (which carry the tokenizer, chat template, data and length settings), the micro-batch composition on each
     process (bf16 sums depend on it), the precision, the layout and the CPU thread count."""
     h = hashlib.blake2b(digest_size=16)
-    for f in sorted(Path(model_path).glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+    h.update(_weights_digest(model_path).encode())
     # CPU kernels split sums by thread count: a table scored with other threads is off in the last bits, and the
     # step-1 policy would no longer equal its reference to the bit.
     threads = torch.get_num_threads() if runtime.device.type == "cpu" else 0
@@ -84,16 +80,38 @@ def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime,
     return h.hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}  # (file name, size, mtime) of every weight file -> their digest, for this process
+
+
+def _weights_digest(model_path: str) -> str:
+    """A digest of the weight files' bytes, read once per process for as long as no file changes (a 7B model is
+    14 GB to read; the train and held-out tables both need it)."""
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def cached_score(model, model_path: str, plan: list[list[list[Pair]]], n_rows: int, pad_id: int, runtime: Runtime,
                  run_dir: Path, label: str, d: Dist, stats: tuple[str, ...] = ("logps",), salt: str = "") -> Tables:
     """`score` of the `[rank][micro-batch]` plan (each process scores its own part; the parts are merged), read
     from `ref_cache/<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
     rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one."""
-    fp = fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}|{salt}")
+    # Rank 0 hashes (every process would read every weight file) and decides for all.
+    fp = d.from_main(fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}|{salt}")
+                     if d.main else None)
     name = f"ref_cache/{label}-{fp}.pt"
-    saved = d.from_main(_find(run_dir, name, fp, n_rows) if d.main else None)  # rank 0 decides for all
-    if saved is not None:
-        if d.main and not (run_dir / name).is_file():
+    found = d.from_main(_find(run_dir, name, fp, n_rows) if d.main else None)  # rank 0 decides for all
+    if found is not None:
+        saved, source = found
+        if d.main and source != run_dir / name:
             _save(run_dir / name, saved)
         return saved["tables"]
     tables = score(model, plan[d.rank], n_rows, pad_id, runtime, stats=stats)
@@ -103,19 +121,46 @@ def cached_score(model, model_path: str, plan: list[list[list[Pair]]], n_rows: i
     return tables
 
 
-def _find(run_dir: Path, name: str, fp: str, n_rows: int) -> dict | None:
-    for path in (run_dir / name, *sorted(run_dir.parent.parent.glob(f"*/*/{name}"))):
+def _find(run_dir: Path, name: str, fp: str, n_rows: int) -> tuple[dict, Path] | None:
+    """The cached tables under `name` and the file they came from (this run's, else a sibling run's); a damaged
+    file is passed over with a warning, and this run's copy is then rewritten."""
+    for path in dict.fromkeys((run_dir / name, *sorted(run_dir.parent.parent.glob(f"*/*/{name}")))):
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            tables = saved.get("tables") or {}
-            if saved["fingerprint"] == fp and all(t.shape[0] == n_rows for t in tables.values()) and tables:
+            saved, problem = _read(path, fp, n_rows)
+            if problem is None:
                 log.info("reference log-probs reused from %s", path)
-                return saved
+                return saved, path
+            log.warning("reference cache %s %s; not used (recomputed, or another run's good copy reused)", path,
+                        problem)
     return None
+
+
+def _read(path: Path, fp: str, n_rows: int) -> tuple[dict | None, str | None]:
+    """(the cache file's contents, None), or (None, what is wrong with it)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a cut-off or overwritten file: torch's zip reader raises RuntimeError, pickle others
+        return None, f"is unreadable ({type(e).__name__})"
+    tables = saved.get("tables") if isinstance(saved, dict) else None
+    if (not isinstance(tables, dict) or not tables or saved.get("fingerprint") != fp
+            or any(not isinstance(t, torch.Tensor) or t.shape[0] != n_rows for t in tables.values())):
+        return None, "does not match its fingerprint"
+    if saved.get("digest") not in (None, _digest(tables)):  # None: written before digests were kept
+        return None, "does not hold the numbers it was written with"
+    return saved, None
+
+
+def _digest(tables: Tables) -> str:
+    """A checksum of the tables' numbers: a flipped bit in a float would pass torch.load unseen."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(tables):
+        h.update(key.encode())
+        h.update(tables[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _save(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    torch.save({**obj, "digest": _digest(obj["tables"])}, tmp)
     os.replace(tmp, path)

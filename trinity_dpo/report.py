@@ -11,6 +11,8 @@ import html
 import json
 from pathlib import Path
 
+from .metrics import load_lines
+
 CHARTS = [  # file, title, series (key, label) from train records, eval key drawn on the same axes
     ("loss.png", "loss", [("loss", "train")], "eval/loss"),
     ("ppl.png", "perplexity of the trained tokens", [("ppl", "train")], "eval/ppl"),
@@ -24,7 +26,7 @@ CHARTS = [  # file, title, series (key, label) from train records, eval key draw
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of `metrics.jsonl`."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [record for _, record in load_lines(run_dir / "metrics.jsonl")]
     return [r for r in records if "loss" in r], [r for r in records if "eval/loss" in r]
 
 
