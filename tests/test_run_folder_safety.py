@@ -148,6 +148,18 @@ def test_manifest_records_every_file_and_catches_a_changed_byte(runs):
     assert checkpoint.verify(damaged) == "model.safetensors does not match its checksum"
 
 
+def test_a_full_disk_inside_dcp_is_named_in_the_save_error():
+    """DCP wraps each process's error as (exception, traceback) by rank: the reason is the OS's, not the wrapper's."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def dcp_write():
+        raise CheckpointException("write_data", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+
+    assert checkpoint._attempt(dcp_write) == "No space left on device"
+
+
 # -- the reference cache and metrics.jsonl --------------------------------------------------------------------
 
 

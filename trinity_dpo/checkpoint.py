@@ -76,8 +76,8 @@ def _attempt(write) -> str | None:
     except RuntimeError as e:  # torch.save reports a full disk this way
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     except CheckpointException as e:  # DCP wraps each process's OSError
-        causes = [f for f in e.failures.values() if isinstance(f, OSError)]
-        return (causes[0].strerror or str(causes[0])) if causes else str(e).splitlines()[0]
+        cause = _cause(e)
+        return (cause.strerror or str(cause)) if isinstance(cause, OSError) else _one_line(cause)
     return None
 
 
@@ -270,13 +270,20 @@ def _load(path: Path, model, optimizer) -> dict:
 
 
 def _one_line(e: BaseException) -> str:
-    """An exception as `Type: first line`; DCP's CheckpointException is reduced to its first process's cause."""
+    """An exception as `Type: first line`, DCP's by its first process's cause."""
+    e = _cause(e)
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The first process's exception inside DCP's CheckpointException (its `failures` hold (exception, traceback)
+    pairs by rank), else `e`."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         cause = next(iter(failures.values()))
-        e = cause[0] if isinstance(cause, tuple) else cause
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        return cause[0] if isinstance(cause, tuple) else cause
+    return e
 
 
 def _restore_single_file(path: Path, model, optimizer) -> None:

@@ -68,11 +68,7 @@ def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime,
     (which carry the tokenizer, chat template, data and length settings), the micro-batch composition on each
     process (bf16 sums depend on it), the precision, the layout and the CPU thread count."""
     h = hashlib.blake2b(digest_size=16)
-    for f in sorted(Path(model_path).glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+    h.update(_weights_digest(model_path).encode())
     # CPU kernels split sums by thread count: a table scored with other threads is off in the last bits, and the
     # step-1 policy would no longer equal its reference to the bit.
     threads = torch.get_num_threads() if runtime.device.type == "cpu" else 0
@@ -84,12 +80,33 @@ def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime,
     return h.hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}  # (file name, size, mtime) of every weight file -> their digest, for this process
+
+
+def _weights_digest(model_path: str) -> str:
+    """A digest of the weight files' bytes, read once per process for as long as no file changes (a 7B model is
+    14 GB to read; the train and held-out tables both need it)."""
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def cached_score(model, model_path: str, plan: list[list[list[Pair]]], n_rows: int, pad_id: int, runtime: Runtime,
                  run_dir: Path, label: str, d: Dist, stats: tuple[str, ...] = ("logps",), salt: str = "") -> Tables:
     """`score` of the `[rank][micro-batch]` plan (each process scores its own part; the parts are merged), read
     from `ref_cache/<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
     rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one."""
-    fp = fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}|{salt}")
+    # Rank 0 hashes (every process would read every weight file) and decides for all.
+    fp = d.from_main(fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}|{salt}")
+                     if d.main else None)
     name = f"ref_cache/{label}-{fp}.pt"
     found = d.from_main(_find(run_dir, name, fp, n_rows) if d.main else None)  # rank 0 decides for all
     if found is not None:
