@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin, checkpoint, dataset, distributed, logprobs, lora, report, run_folder
+from . import builtin, checkpoint, dataset, distributed, logprobs, lora, memory, report, run_folder
 from .batching import collate, is_padding, shard_step, step_indices
 from .config import Config
 from .dataset import Data
@@ -107,6 +107,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
     data = dataset.load_data(cfg, tokenizer)
+    memory.check_fits(cfg, runtime.device, d.world, memory.micro_tokens(cfg, data.train, d.world))  # before loading
     run_dir, resume_from = run_folder.prepare_run_dir(cfg, d)
     if d.main:
         run_folder.write_json(run_dir / "data_summary.json", data.summary)

@@ -1,0 +1,98 @@
+"""The memory check before loading: does the run fit on its devices? A run that cannot fit stops in one line,
+before minutes of loading, with the settings that would make it fit.
+
+The estimate is a lower bound, so that no run that fits is refused: the model state is exact (fp32 weights, and
+for what trains its gradient and AdamW's two moments: 16 bytes a trained parameter, 4 a frozen one; FSDP2 shards
+all of it over the processes), activations count only what no implementation avoids (with gradient checkpointing,
+each layer's bf16 input for every token of a micro-batch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+
+
+def check_fits(cfg: Config, device: torch.device, world: int, micro_tokens: int) -> None:
+    """Raise ConfigError when `cfg`'s model cannot fit on `device` (one of `world` processes) with `micro_tokens`
+    tokens in a micro-batch."""
+    shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code)
+    lora = cfg.model.lora
+    trained = shape["params"] if not lora.rank else lora.rank * shape["linear_in_out"]
+    frozen_bytes = 0.0 if not lora.rank else (0.56 if lora.load_in_4bit else 4.0) * shape["params"]
+    state = (16 * trained + frozen_bytes) / world
+    checkpointing = cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing
+    per_token = shape["layers"] * shape["hidden"] * 2 if checkpointing else \
+        shape["layers"] * (10 * shape["hidden"] + 2 * shape["intermediate"]) * 2
+    activations = micro_tokens * per_token
+    have = device_bytes(device, cfg.cluster.gpu_per_node)
+    need = state + activations
+    log.info("memory: about %.1f GB or more per process (model state %.1f GB, activations %.1f GB) of %.1f GB on %s",
+             need / GB, state / GB, activations / GB, have / GB, device)
+    if need <= have:
+        return
+    fixes = []
+    if state < have:
+        fixes.append(f"fewer tokens per micro-batch (now {micro_tokens}: ppo_micro_batch_size_per_gpu, or "
+                     "ppo_max_token_len_per_gpu with use_dynamic_bsz)")
+        if not checkpointing:
+            fixes.append("enable_gradient_checkpointing: true")
+    gpus = math.ceil(state * world / max(have - activations, 1))
+    if gpus > world:
+        fixes.append(f"{gpus} or more GPUs (cluster.gpu_per_node, cluster.node_num)")
+    if not lora.rank:
+        fixes.append("LoRA (model.lora_configs: [{lora_rank: 16}])")
+    raise ConfigError(
+        f"memory: this run needs at least {need / GB:.1f} GB per process ({state / GB:.1f} GB of weights, gradients "
+        f"and AdamW states for {shape['params'] / 1e9:.2f}B parameters over {world} process{'es' * (world > 1)}, "
+        f"{activations / GB:.1f} GB of activations for {micro_tokens} tokens a micro-batch) but {device} has "
+        f"{have / GB:.1f} GB; it would fit with {' or '.join(fixes)}")
+
+
+def model_shape(model_path: str, trust_remote_code: bool) -> dict[str, int]:
+    """Parameter count and sizes from the model's config.json, built on the meta device (no memory, no weights
+    read); `linear_in_out` sums in + out features over the linear layers LoRA's all-linear adapts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    linear = sum(m.in_features + m.out_features for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not head)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", 0)
+    return {"params": sum(p.numel() for p in model.parameters()), "linear_in_out": linear, "hidden": hidden,
+            "layers": getattr(text, "num_hidden_layers", 0),
+            "intermediate": getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden}
+
+
+def device_bytes(device: torch.device, processes_per_host: int) -> float:
+    """Memory one process may use: its GPU's, or its share of the host's available memory on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return float("inf")  # not Linux: no figure to check against
+    return available / max(1, processes_per_host)
+
+
+def micro_tokens(cfg: Config, examples: list, world: int) -> int:
+    """The most tokens a micro-batch can hold: the token budget, else pairs (rows) per micro-batch x the longest
+    example's tokens (a shared prompt counted once)."""
+    longest = max((len(s[0][0]) + sum(len(r) for _, r, _ in s) for s in (e.sequences() for e in examples)), default=0)
+    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
+    if actor.use_dynamic_bsz:
+        return max(actor.ppo_max_token_len_per_gpu, longest)
+    per_micro = actor.ppo_micro_batch_size_per_gpu or math.ceil(cfg.buffer.train_batch_size / world)
+    return per_micro * longest
+
