@@ -232,10 +232,10 @@ def _set_aside(failed: list[tuple[Path, str]], chosen: Path) -> None:
         _mark(chosen.parent, int(chosen.name[12:]))
 
 
-def restore(path: Path, model, optimizer) -> dict:
+def restore(path: Path, model, optimizer) -> tuple[dict, Path]:
     """Load fp32 weights, optimizer state (whatever number of processes wrote them) and RNG states from checkpoint
-    `path`; return its loop state. If loading it raises, the first of its `fallback` that verifies and loads is
-    used instead, and those that failed are set aside (`_set_aside`)."""
+    `path`; return its loop state and the checkpoint used. If loading it raises, the first of its `fallback` that
+    verifies and loads is used instead, and those that failed are set aside (`_set_aside`)."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's wrapper of causes
 
     if not is_complete(path):
@@ -253,7 +253,7 @@ def restore(path: Path, model, optimizer) -> dict:
                 reason = f"loading it raised {_one_line(e)}"
         if reason is None:
             _set_aside(failed, candidate)
-            return state
+            return state, Path(candidate)
         failed.append((candidate, reason))
     raise cannot_resume(failed, explicit=fallback is None)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin, checkpoint, dataset, distributed, logprobs, lora, memory, report, run_folder
+from . import builtin, checkpoint, dataset, distributed, logprobs, lora, memory, report, run_folder, run_lock
 from .batching import collate, is_padding, shard_step, step_indices
 from .config import Config
 from .dataset import Data
@@ -94,6 +94,8 @@ def run(cfg: Config) -> Path:
     finally:
         stop.restore()
         s.metrics.close()
+        if d.main:
+            run_lock.release(s.run_dir)  # the run is over here (a later run in this process takes it afresh)
     if finished and d.main:
         report.write_report(s.run_dir)
     distributed.teardown(d)  # only after a clean finish: a failing worker just exits, the launcher stops the rest
@@ -128,7 +130,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     optimizer = build_optimizer(model, cfg.algorithm.optimizer)
     state = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
     if resume_from is not None:
-        state = checkpoint.restore(resume_from, model, optimizer)
+        state, resume_from = checkpoint.restore(resume_from, model, optimizer)  # the one used, after any fallback
         log.info("resumed from %s at step %d", resume_from, state["step"])
         if d.main:
             run_folder.carry_history(resume_from.parent, run_dir)
@@ -239,7 +241,7 @@ def _count_skips(state: dict, record: dict, limit: int) -> None:
 
 
 class NumericError(RuntimeError):
-    """Training diverged: one line for the user, exit code 1."""
+    """Training diverged: one line for the user, exit code 2 (lower the learning rate, check the data)."""
 
 
 def _finish(run_dir: Path, data: Data, trained_answers: list[str]) -> None:
