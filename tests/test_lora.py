@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trinity_dpo import checkpoint, cli, train
+from trinity_dpo import checkpoint, cli, run_lock, train
 from trinity_dpo.config import ConfigError
 from trinity_dpo.config_loader import load_config
 
@@ -65,6 +65,7 @@ def test_lora_settings_errors_are_one_line(make_config, main, verl, message):
         with pytest.raises(ConfigError) as err:
             train.run(cfg)
         message = "model.lora.target_modules: Target modules {'no_such_layer'} not found in the base model"
+        assert not run_lock.held()  # the run that could not start gave its folder back
     else:
         with pytest.raises(ConfigError) as err:
             load_config(make_config(main=main, verl=verl))

@@ -4,6 +4,7 @@ Registered with transformers as the attention implementation `trinity_varlen`. G
 runs causal scaled-dot-product attention on each sequence's slice (the fast causal kernel, no mask, no pad slot),
 which is exactly what each sequence would get alone; without bounds (generation, padded rows) it is plain SDPA.
 The same keyword arguments (`cu_seq_lens_q`, ...) drive flash-attention's varlen kernel where that is installed.
+On CUDA in half precision one call of torch's `varlen_attn` replaces the per-sequence calls, for both layouts.
 With shared prompts (`batching.MicroBatch.prefixes`) a rejected segment attends to its pair's prompt, computed once
 earlier in the row, and causally to itself: a masked SDPA call over the prompt's and its own keys.
 """
@@ -17,6 +18,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+try:  # torch's own FlashAttention varlen entry point (CUDA, half precision)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 NAME = "trinity_varlen"
 
 
@@ -26,22 +32,53 @@ def varlen_kwargs(bounds: list[int] | None, device: torch.device,
     also see a shared prompt (`batching.MicroBatch.prefixes`; then only this module's attention can run them)."""
     if bounds is None:
         return {}
+    flash = _flash_plan(bounds, prefixes, device) if device.type == "cuda" and varlen_attn is not None else {}
     if prefixes is not None:
         # Per prompt-sharing segment: its prompt span, and the [L, P + L] mask "all of the prompt, causal within
         # the segment", built once here rather than in every layer.
         spans = [None if pre is None else (pre, torch.ones(b - a, pre[1] - pre[0] + b - a, dtype=torch.bool,
                                                              device=device).tril(diagonal=pre[1] - pre[0]))
                  for (a, b), pre in zip(zip(bounds, bounds[1:]), prefixes)]
-        return {"seq_bounds": bounds, "seq_prefixes": spans}
+        return {"seq_bounds": bounds, "seq_prefixes": spans, **flash}
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
-            "seq_bounds": bounds}
+            "seq_bounds": bounds, **flash}
+
+
+def _flash_plan(bounds: list[int], prefixes, device: torch.device) -> dict:
+    """One varlen kernel call for the whole row (CUDA): each segment's queries against its keys, which are its own
+    positions, after its shared prompt's where it has one. Flash's causal mask aligns to the last key, so a
+    segment sees all of its prompt and causally itself: the same attention as the per-segment SDPA calls."""
+    prefixes = prefixes or [None] * (len(bounds) - 1)
+    keys, cu_k = [], [0]
+    for (a, b), pre in zip(zip(bounds, bounds[1:]), prefixes):
+        span = ([] if pre is None else list(range(pre[0], pre[1]))) + list(range(a, b))
+        keys += span
+        cu_k.append(len(keys))
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    as_int = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    index = None if not any(prefixes) else torch.tensor(keys, dtype=torch.long, device=device)  # None: all, in order
+    return {"flash": (as_int(bounds), as_int(cu_k), index, max(lengths), max(k - j for j, k in zip(cu_k, cu_k[1:])))}
+
+
+def _flash_attention(query, key, value, plan, scaling):
+    """[1, H, T, D] query, [1, H_kv, T, D] key and value -> [1, T, H, D] through `varlen_attn`."""
+    cu_q, cu_k, index, max_q, max_k = plan
+    q = query[0].transpose(0, 1)
+    k, v = (x[0].transpose(0, 1) for x in (key, value))
+    if index is not None:
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, scale=scaling,
+                      window_size=(-1, 0), enable_gqa=query.shape[1] != key.shape[1])
+    return out.unsqueeze(0)
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None)."""
-    bounds = kwargs.pop("seq_bounds", None)
+    bounds, plan = kwargs.pop("seq_bounds", None), kwargs.pop("flash", None)
+    if plan is not None and query.dtype in (torch.bfloat16, torch.float16) and not dropout:
+        return _flash_attention(query, key, value, plan, scaling), None
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

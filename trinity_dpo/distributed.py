@@ -29,6 +29,11 @@ from .config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 
+# Set to 1 (with torchrun --nproc-per-node 1), a single worker still shards with FSDP2 over a one-rank process group:
+# the sharded code path on one device, as `bench/gpu_check.py` runs it.
+ONE_RANK_FSDP = "TRINITY_FSDP_ONE_RANK"
+
+
 def launched() -> bool:
     """True inside a worker that torchrun (or another launcher setting RANK and WORLD_SIZE) started."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -178,7 +183,7 @@ def setup(cfg: Config, device: torch.device) -> Dist:
     if world != expected:
         raise ConfigError(f"{world} worker processes were started but cluster.node_num x cluster.gpu_per_node is "
                           f"{expected}; make them agree")
-    if world == 1:
+    if world == 1 and os.environ.get(ONE_RANK_FSDP) != "1":
         return Dist(device=device)
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -174,18 +174,19 @@ class _HeadLogprobs(torch.autograd.Function):
     def backward(ctx, grad, _):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-        w, n = weight.float(), ctx.chunk
+        fast, n = _bf16_head(hidden), ctx.chunk  # the forward's products, so the logits match its logsumexp
+        w = weight.to(torch.bfloat16) if fast else weight.float()
         d_hidden = torch.empty_like(hidden) if want_hidden else None
-        d_weight = torch.zeros_like(w) if want_weight else None
-        d_bias = torch.zeros_like(w[:, 0]) if want_bias else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        d_bias = torch.zeros_like(d_weight[:, 0] if want_weight else weight[:, 0].float()) if want_bias else None
         for s in range(0, hidden.shape[0], n):
-            h = hidden[s:s + n].float()
+            h = hidden[s:s + n] if fast else hidden[s:s + n].float()
             d_logits = _logits_grad(h, w, bias, labels[s:s + n, None], grad[s:s + n, None], lse[s:s + n, None],
                                     ctx.transform)
             if want_hidden:
-                d_hidden[s:s + n] = d_logits @ w
+                d_hidden[s:s + n] = _mm_fp32_out(d_logits, w) if fast else d_logits @ w
             if want_weight:
-                d_weight.addmm_(d_logits.t(), h)
+                d_weight.add_(_mm_fp32_out(d_logits.t(), h)) if fast else d_weight.addmm_(d_logits.t(), h)
             if want_bias:
                 d_bias += d_logits.sum(0)
         if want_weight:
@@ -208,7 +209,20 @@ def _head_extra(name: str, logits: torch.Tensor, lse: torch.Tensor, labels: torc
 def _chunk_logits(hidden, weight, bias):
     # fp32 logits even under bf16 autocast: log-softmax over ~1e5 classes loses the differences DPO trains on.
     with torch.autocast(hidden.device.type, enabled=False):
+        if _bf16_head(hidden):
+            return _mm_fp32_out(hidden, weight.t(), bias)
         return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+
+
+def _bf16_head(hidden: torch.Tensor) -> bool:
+    """On CUDA under bf16 compute the head's products run in bf16 with fp32 accumulation and output (the logits
+    and their logsumexp stay fp32); CPU and fp32 runs keep fp32 products, their numbers unchanged."""
+    return hidden.is_cuda and hidden.dtype == torch.bfloat16
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor, bias=None) -> torch.Tensor:
+    out = torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16), out_dtype=torch.float32)
+    return out if bias is None else out + bias.float()
 
 
 def _logits_grad(h, w, bias, labels, g, lse, transform):

@@ -78,7 +78,12 @@ def run(cfg: Config) -> Path:
     torchrun every worker process runs this, each on its share of every step (`distributed.py`)."""
     runtime = pick_runtime(cfg)
     d = distributed.setup(cfg, runtime.device)
-    s = _start(cfg, runtime, d)
+    try:
+        s = _start(cfg, runtime, d)
+    except BaseException:
+        if d.main:
+            run_lock.release(run_folder.run_dir_of(cfg))  # a run that could not start holds no folder
+        raise
     stop = _Stop()
     try:
         if s.state["step"] == 0:
