@@ -290,7 +290,10 @@ def _section(args, peaks, table, source) -> list[str]:
                    f"{torch.get_num_threads()} threads; peak memory is the process's max RSS")
     peak_text = ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in peaks)
     model = "SmolLM2-135M-Instruct" if args.model == "smollm2" else "the Qwen2.5-1.5B architecture (random weights)"
-    lines = [f"## trinity-dpo vs TRL DPOTrainer on {'a CUDA GPU' if args.device == 'cuda' else 'CPU'}, {model}", "",
+    title = f"trinity-dpo vs TRL DPOTrainer on {'a CUDA GPU' if args.device == 'cuda' else 'CPU'}, {model}"
+    title += f", LoRA rank {args.lora_rank}" if args.lora_rank else ""
+    title += f" ({args.layers} layers)" if args.layers else ""
+    lines = [f"## {title}", "",
              "Command (repository root, after the README's test install):", "", "```shell",
              f"python bench/compare_trl.py {flags}", "```", "",
              f"Machine: {machine}. Matrix-product peaks measured in the same run: {peak_text}.", "",
