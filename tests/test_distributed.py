@@ -114,22 +114,11 @@ def test_gradients_reduce_once_per_step_on_the_last_micro_batch(make_config, mon
     assert calls == [False, True] * 2  # batch 8, ppo_micro_batch_size_per_gpu 4
 
 
-def test_two_processes_equal_one_for_orpo(config):
-    """A reference-free objective with step-wide token means (ORPO's NLL over prompt and chosen tokens, the token
-    metrics): 2 workers equal 1 through the short third step, where the second worker runs a padding micro-batch,
-    and in the held-out evaluation."""
-    overrides = ["algorithm.policy_loss_fn=orpo", "trainer.total_steps=3"]
-    one = train.run(load_config(config, ["name=orpo1", *overrides]))
-    proc = cli(config, "cluster.gpu_per_node=2", "name=orpo2", *overrides)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_close_runs(one, one.parent / "orpo2", 3)
-    assert not (one / "ref_cache").exists()
-    assert {"nll_loss", "log_odds_ratio", "log_odds_chosen", "logits/chosen"} <= records(one)[1].keys()
-
-
 def test_two_processes_equal_one_for_sft(config, tmp_path):
     """SFT's token-mean loss over the step's global trained-token count: 2 workers equal 1 (13 rows in steps of 4,
-    4, 4, 1: the last step's second worker runs a padding micro-batch), held-out evaluation included."""
+    4, 4, 1: the last step's second worker runs a padding micro-batch), held-out evaluation included. It stands for
+    every objective without a reference and with step-wide token means (ORPO's and CPO's NLL terms, the token
+    metrics): they share this path, and each equals its full-batch step in one process (test_train)."""
     from test_sft import sft_rows
 
     data = tmp_path / "sft.jsonl"

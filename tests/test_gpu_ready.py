@@ -81,3 +81,20 @@ def test_model_shape_reads_the_config_only(qwen_dir):
     model = AutoModelForCausalLM.from_pretrained(qwen_dir)
     assert shape["params"] == sum(p.numel() for p in model.parameters())
     assert shape["hidden"] == model.config.hidden_size and shape["layers"] == model.config.num_hidden_layers
+
+
+def test_memory_check_steps_aside_when_the_shape_cannot_be_read(make_config, monkeypatch, caplog):
+    """An architecture that cannot be built on the meta device gets no estimate, and so no refusal."""
+    import logging
+
+    from trinity_dpo import memory
+    from trinity_dpo.config_loader import load_config
+
+    def unreadable(path, trust):
+        raise ValueError("custom code needs a real device")
+
+    monkeypatch.setattr(memory, "model_shape", unreadable)
+    monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 1.0)  # would refuse anything
+    with caplog.at_level(logging.INFO):
+        memory.check_fits(load_config(make_config()), torch.device("cpu"), 1, 4096)
+    assert "memory check skipped: the model's shape could not be read (custom code needs a real device)" in caplog.text

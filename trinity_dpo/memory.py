@@ -23,7 +23,11 @@ GB = 1e9
 def check_fits(cfg: Config, device: torch.device, world: int, micro_tokens: int) -> None:
     """Raise ConfigError when `cfg`'s model cannot fit on `device` (one of `world` processes) with `micro_tokens`
     tokens in a micro-batch."""
-    shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code)
+    try:
+        shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code)
+    except Exception as e:  # an architecture that cannot be built on the meta device: no estimate, no refusal
+        log.info("memory check skipped: the model's shape could not be read (%s)", str(e).strip().splitlines()[0])
+        return
     lora = cfg.model.lora
     trained = shape["params"] if not lora.rank else lora.rank * shape["linear_in_out"]
     frozen_bytes = 0.0 if not lora.rank else (0.56 if lora.load_in_4bit else 4.0) * shape["params"]
