@@ -90,6 +90,8 @@ def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMana
         hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
                           **varlen_kwargs(mb.seq_bounds, mb.input_ids.device, mb.prefixes)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if hidden.is_cuda and getattr(autocast, "fast_dtype", None) == torch.bfloat16:
+        hidden = hidden.to(torch.bfloat16)  # the head's bf16 products on CUDA (`_bf16_head`); its output stays fp32
     positions, labels = mb.target_pos, mb.target_ids
     with_prompt = "prompt_logps" in wanted
     if with_prompt:
