@@ -263,3 +263,35 @@ def test_lora_micro_batches_equal_one_and_bf16_sft_and_orpo_train(make_config, t
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
         assert (run_dir / "global_step_3" / "adapter_model.safetensors").is_file()
         assert (run_dir / "global_step_3" / "merged" / "model.safetensors").is_file()
+
+
+def test_an_adapter_folder_as_model_path_is_one_line(make_config, tmp_path):
+    adapter = tmp_path / "adapter_only"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        load_config(make_config(model=adapter))
+    assert str(err.value) == (f"model.model_path: {adapter} is a LoRA adapter, not a model: give its merged/ folder, "
+                              "or the base model here and the adapter as model.lora.path")
+
+
+def test_fresh_adapter_reference_pass_runs_with_adapters_off(make_config, monkeypatch):
+    """A fresh adapter adds exactly zero, so the numbers cannot tell: the reference pass must still skip the
+    adapters' work (the base alone), and training must run with them on again."""
+    from peft.tuners.lora import LoraLayer
+
+    seen, real = [], train.cached_score
+
+    def spying(model, *args, **kwargs):
+        seen.append({m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer)})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "cached_score", spying)
+    cfg = load_config(make_config(main={"model": {"lora": {"rank": 4}}, "trainer": {"total_steps": 1,
+                                                                                    "eval_samples": 0}}))
+    model_seen = []
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda model, *a, **k: model_seen.append(
+        {m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer)}) or real_step(model, *a, **k))
+    train.run(cfg)
+    assert seen and all(s == {True} for s in seen) and model_seen == [{False}]

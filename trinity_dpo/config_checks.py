@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import builtin, hub
 from .config import Config, ConfigError
+from .lora import ADAPTER_CONFIG, is_adapter
 
 
 def get_field(cfg, dotted: str):
@@ -118,7 +119,7 @@ def _validate_paths(cfg: Config) -> None:
     else:
         cfg.model.model_path = model = hub.resolve(model, "model", "model.model_path")
         _check(Path(model).is_dir(), f"model.model_path: folder not found: {model}")
-        _check(not (Path(model) / "adapter_config.json").is_file() or (Path(model) / "config.json").is_file(),
+        _check(not is_adapter(model),
                f"model.model_path: {model} is a LoRA adapter, not a model: give its merged/ folder, or the base model "
                "here and the adapter as model.lora.path")
         _check((Path(model) / "config.json").is_file(), f"model.model_path: {model} has no config.json (not a model "
@@ -141,8 +142,8 @@ def _check_lora(cfg: Config) -> None:
     lora, world = cfg.model.lora, cfg.cluster.node_num * cfg.cluster.gpu_per_node
     _check(lora.rank >= 0, f"model.lora.rank must be >= 0 (0: no LoRA), got {lora.rank}")
     if lora.path:
-        adapter = Path(lora.path) / "adapter_config.json"
-        _check(adapter.is_file(), f"model.lora.path: {lora.path} is not a PEFT adapter folder (no adapter_config.json)")
+        adapter = Path(lora.path) / ADAPTER_CONFIG
+        _check(adapter.is_file(), f"model.lora.path: {lora.path} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
         import json
 
         saved = json.loads(adapter.read_text())  # a continued adapter keeps its own shape

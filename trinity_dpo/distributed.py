@@ -277,19 +277,18 @@ def full_state_dict(model: torch.nn.Module, main: bool, trainable_only: bool = F
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        frozen = _frozen(model) if trainable_only else set()
-        return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen} if main else {}
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                   ignore_frozen_params=trainable_only))
-    if trainable_only:
-        return {k: v for k, v in weights.items() if k not in _frozen(model)}
-    # Tied parameters come back as separate copies; make them one tensor again so the HF copy stores it once.
-    first: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first and name in weights:
-            weights[name] = weights[first[id(param)]]
-        first.setdefault(id(param), name)
-    return weights
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()} if main else {}
+    else:  # frozen weights are not even gathered when only the trained ones are asked for
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                       ignore_frozen_params=trainable_only))
+        # Tied parameters come back as separate copies; make them one tensor again so the HF copy stores it once.
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in first and name in weights and first[id(param)] in weights:
+                weights[name] = weights[first[id(param)]]
+            first.setdefault(id(param), name)
+    frozen = _frozen(model) if trainable_only else set()
+    return {k: v for k, v in weights.items() if k not in frozen}
 
 
 def _frozen(model: torch.nn.Module) -> set[str]:

@@ -80,31 +80,34 @@ def run(cfg: Config) -> Path:
     d = distributed.setup(cfg, runtime.device)
     try:
         s = _start(cfg, runtime, d)
-    except BaseException:
-        if d.main:
-            run_lock.release(run_folder.run_dir_of(cfg))  # a run that could not start holds no folder
-        raise
+        finished = _train(s)
+    finally:
+        if d.main:  # the run is over, or never started: a later run in this process takes the folder afresh
+            run_lock.release(run_folder.run_dir_of(cfg))
+    if finished and d.main:
+        report.write_report(s.run_dir)
+    distributed.teardown(d)  # only after a clean finish: a failing worker just exits, the launcher stops the rest
+    return s.run_dir
+
+
+def _train(s: Session) -> bool:
+    """Step-0 evaluation and answers, the loop, then the trained answers; False when stopped by a signal."""
     stop = _Stop()
     try:
         if s.state["step"] == 0:
             _evaluate(s, 0)
             base_answers = _answer(s)
-            if d.main:
+            if s.d.main:
                 run_folder.write_json(s.run_dir / "samples_base.json", base_answers)
         finished = _loop(s, stop)
         if finished:
             trained_answers = _answer(s)
-            if d.main:
+            if s.d.main:
                 _finish(s.run_dir, s.data, trained_answers)
     finally:
         stop.restore()
         s.metrics.close()
-        if d.main:
-            run_lock.release(s.run_dir)  # the run is over here (a later run in this process takes it afresh)
-    if finished and d.main:
-        report.write_report(s.run_dir)
-    distributed.teardown(d)  # only after a clean finish: a failing worker just exits, the launcher stops the rest
-    return s.run_dir
+    return finished
 
 
 def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
