@@ -142,7 +142,8 @@ def run_trl(model: str, data: Path, args, work: Path) -> dict:
     config = DPOConfig(output_dir=str(work / "trl"), report_to=[], per_device_train_batch_size=args.batch,
                        max_length=args.max_length, max_steps=args.steps, learning_rate=1e-6, logging_steps=1,
                        save_strategy="no", use_cpu=args.device == "cpu", bf16=args.precision == "bf16", disable_tqdm=True,
-                       lr_scheduler_type="constant", seed=42)
+                       lr_scheduler_type="constant", seed=42,
+                       **({"gradient_checkpointing": False, "precompute_ref_log_probs": True} if args.trl_fastest else {}))
     start = time.perf_counter()
     peft = {}
     if args.lora_rank:
@@ -164,7 +165,8 @@ def run_trl(model: str, data: Path, args, work: Path) -> dict:
     wall = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [{"time": t, "tokens": n, "computed": n, "pairs": args.batch} for t, n in zip(times, tokens)]
-    return {"steps": steps, "loss1": losses[0], "ref_tokens_in_step": 1, "wall": wall, "pad_share": None}
+    return {"steps": steps, "loss1": losses[0], "ref_tokens_in_step": 0 if args.trl_fastest else 1, "wall": wall,
+            "pad_share": None}
 
 
 def side(args) -> None:
@@ -206,6 +208,9 @@ def main() -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                         help="trinity-dpo without gradient checkpointing (faster here, more memory)")
+    parser.add_argument("--trl-fastest", action="store_true",
+                        help="TRL without gradient checkpointing and with its reference log-probs computed before "
+                        "training (precompute_ref_log_probs): its fastest configuration here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-1.5b-shape"])
     parser.add_argument("--layers", type=int, help="fewer layers of the Qwen shape (a smoke test of this script)")
@@ -247,8 +252,7 @@ def run_side(args, who: str, precision: str, objective: str = "dpo") -> dict | N
            precision, "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
            "--device", args.device, "--model-path", args.model_path, "--objective", objective, "--lora-rank",
            str(lora_rank)]
-    if not args.checkpointing:
-        cmd.append("--no-checkpointing")
+    cmd += (["--no-checkpointing"] if not args.checkpointing else []) + (["--trl-fastest"] if args.trl_fastest else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -260,6 +264,7 @@ def run_side(args, who: str, precision: str, objective: str = "dpo") -> dict | N
 def write_doc(out: Path, args, peaks, table, source) -> None:
     """Replace (or add) this device's and model's section of `out`; the rest of the file is kept."""
     key = f"{args.device}-{args.model}" + ("" if args.checkpointing else "-no-checkpointing")
+    key += "-trl-fastest" if args.trl_fastest else ""
     key += f"-lora{args.lora_rank}" + (f"-{args.layers}layers" if args.layers else "") if args.lora_rank else ""
     replace_section(out, key, _section(args, peaks, table, source))
 
@@ -280,6 +285,7 @@ def _section(args, peaks, table, source) -> list[str]:
     keys = ["pairs/s", "tokens/s", "s/step", "MFU", "peak memory (GB)", "step-1 loss", "wall (s)"]
     flags = f"--steps {args.steps} --batch {args.batch} --max-length {args.max_length} --precisions {args.precisions}"
     flags += f" --device {args.device} --model {args.model}" + ("" if args.checkpointing else " --no-checkpointing")
+    flags += " --trl-fastest" if args.trl_fastest else ""
     flags += (f" --lora-rank {args.lora_rank}" if args.lora_rank else "") + (f" --layers {args.layers}" if args.layers else "")
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -300,10 +306,14 @@ def _section(args, peaks, table, source) -> list[str]:
              f"Job: {model}, {args.steps} optimizer steps of {args.batch} pairs (one epoch over the same "
              f"{args.steps * args.batch} pairs of `{Path(source).name}`), max length {args.max_length}. Rates are over "
              "the steps after the first. trinity-dpo computes the reference log-probs once before training (their "
-             "time is in its wall time, not in its steps); TRL runs its reference model inside every step, so its "
-             "useful FLOPs count 2 x params per reference token too. Tokens count both sequences of each pair on both "
+             "time is in its wall time, not in its steps); " + (
+                 "so does TRL (`precompute_ref_log_probs=True`). " if args.trl_fastest else
+                 "TRL runs its reference model inside every step, so its useful FLOPs count 2 x params per reference "
+                 "token too. ") + "Tokens count both sequences of each pair on both "
              "sides; MFU counts the positions each side computes (trinity-dpo computes a pair's prompt once). trinity-dpo runs with gradient checkpointing "
-             f"{'on' if args.checkpointing else 'off'} (`enable_gradient_checkpointing`); TRL with its defaults.", ""]
+             f"{'on' if args.checkpointing else 'off'} (`enable_gradient_checkpointing`); TRL " + (
+                 "without gradient checkpointing and with precomputed reference log-probs, its fastest configuration "
+                 "here." if args.trl_fastest else "with its defaults (gradient checkpointing on)."), ""]
     if args.lora_rank:
         lines += [f"LoRA: rank {args.lora_rank}, alpha {2 * args.lora_rank}, every linear layer, on both sides (TRL: "
                   "`peft_config`); the last column is trinity-dpo training every weight on the same job.", ""]

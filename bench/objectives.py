@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--objectives", default="dpo,simpo,orpo")
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     args = parser.parse_args()
-    args.device, args.checkpointing = "cpu", True
+    args.device, args.checkpointing, args.trl_fastest = "cpu", True, False
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
         args.model_path = build_model("smollm2", Path(tmp), None)

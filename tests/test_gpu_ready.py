@@ -98,3 +98,95 @@ def test_memory_check_steps_aside_when_the_shape_cannot_be_read(make_config, mon
     with caplog.at_level(logging.INFO):
         memory.check_fits(load_config(make_config()), torch.device("cpu"), 1, 4096)
     assert "memory check skipped: the model's shape could not be read (custom code needs a real device)" in caplog.text
+
+
+_LOAD_WORKER = """
+import json, os, resource, sys
+import psutil, torch
+from trinity_dpo import distributed, train
+from trinity_dpo.config_loader import load_config
+from trinity_dpo.modeling import pick_runtime
+
+cfg = load_config(sys.argv[1])
+runtime = pick_runtime(cfg)
+d = distributed.setup(cfg, runtime.device)
+before = psutil.Process().memory_info().rss
+model, _, _ = train._load_policy(cfg, runtime, d)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+local = sum(p.to_local().numel() * 4 for p in model.parameters())
+tied = model.lm_head.weight is model.model.embed_tokens.weight
+meta = any(p.to_local().is_meta for p in model.parameters())
+with open(os.path.join(sys.argv[2], f"rank{d.rank}.json"), "w") as f:
+    json.dump({"growth": peak - before, "local": local, "tied": tied, "meta": meta}, f)
+distributed.teardown(d)
+"""
+
+
+def test_two_workers_each_load_half_the_model(tmp_path, make_config):
+    """FSDP2 loading builds the model on the meta device and each worker reads only its rows of each weight: with
+    2 gloo workers and a 112M-parameter model (450 MB in fp32), each worker's peak host memory grows by about half
+    of that during loading, not all of it (loading whole, as before, each grew by at least the full 450 MB). Tied
+    embeddings stay one parameter."""
+    import json
+    import subprocess
+    import sys
+
+    from tiny import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "model", "qwen2", hidden=1024, layers=12)
+    full = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))  # fp32 on disk: the model state
+    assert full > 400e6
+    config = make_config(main={"cluster": {"gpu_per_node": 2}}, model=model_dir)
+    (tmp_path / "worker.py").write_text(_LOAD_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "worker.py"), str(config), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["tied"] and not r["meta"]
+        assert abs(r["local"] - full / 2) < 0.02 * full  # each holds its half of every weight
+        assert r["growth"] < 0.65 * full, (r["growth"] / 1e6, full / 1e6)
+
+
+def test_a_folder_whose_names_do_not_match_is_loaded_whole(tmp_path, qwen_dir, make_config, caplog):
+    """Sharded loading reads each parameter under its own name; a checkpoint stored under other names (here one
+    weight renamed, as legacy checkpoints that from_pretrained converts) is left to from_pretrained, and says so."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.modeling import load_model, weights_reader
+
+    model = tmp_path / "renamed"
+    shutil.copytree(qwen_dir, model)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.norm.gamma"] = tensors.pop("model.norm.weight")
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    cfg = load_config(make_config(model=model))
+    skeleton, _ = load_model(cfg, torch.device("cpu"), empty=True)
+    assert all(p.is_meta for p in skeleton.parameters())
+    with caplog.at_level(logging.INFO):
+        assert weights_reader(cfg, skeleton) is None
+    assert "loading " + str(model) + " whole in every process: model.norm.weight has no stored" in caplog.text
+    cfg = load_config(make_config(model=qwen_dir))
+    read = weights_reader(cfg, load_model(cfg, torch.device("cpu"), empty=True)[0])
+    rows = read("model.embed_tokens.weight", (slice(3, 5),))
+    assert torch.equal(rows, load_file(str(qwen_dir / "model.safetensors"))["model.embed_tokens.weight"][3:5])
+
+
+def test_a_fresh_adapter_starts_the_same_however_the_model_is_built():
+    """A fresh adapter's values depend on the seed and the weight's name only (a skeleton on the meta device
+    draws nothing from the global generator): A is uniform in +-1/sqrt(fan_in), as PEFT's default (kaiming
+    uniform with a = sqrt(5) gives bound sqrt(6 / (1 + 5)) / sqrt(fan_in) = 1/sqrt(64) = 0.125 here), B is 0."""
+    from trinity_dpo.lora import fresh_value
+
+    name = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    a = fresh_value(name, torch.Size([8, 64]), seed=1)
+    torch.manual_seed(123)
+    assert torch.equal(a, fresh_value(name, torch.Size([8, 64]), seed=1))
+    assert not torch.equal(a, fresh_value(name, torch.Size([8, 64]), seed=2))
+    assert not torch.equal(a, fresh_value(name.replace("q_proj", "k_proj"), torch.Size([8, 64]), seed=1))
+    assert a.abs().max() <= 0.125 and a.abs().max() > 0.1 and abs(a.mean()) < 0.02
+    assert not fresh_value(name.replace("lora_A", "lora_B"), torch.Size([64, 8]), seed=1).any()

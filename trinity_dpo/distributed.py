@@ -236,6 +236,26 @@ def shard(model: torch.nn.Module, d: Dist, bf16: bool, forward_method: str) -> N
             module.set_force_sum_reduction_for_comms(True)
 
 
+def fill(model: torch.nn.Module, d: Dist, read) -> None:
+    """Memory on `d.device` and starting values for a model built on the meta device and sharded (`shard`): each
+    process reads only the rows of each weight it holds (`read(name, index)`), so no process ever has the whole
+    model, on the host or the device. Buffers were built real and are kept."""
+    from torch.distributed.tensor import Shard
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=d.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        for name, p in model.named_parameters():
+            if tuple(p.placements) != (Shard(0),):
+                raise RuntimeError(f"{name}: expected FSDP2's row sharding, found {p.placements}")
+            local = p.to_local()
+            start = min(d.rank * -(-p.shape[0] // d.world), p.shape[0])  # FSDP2's torch.chunk rows, last may be short
+            if local.numel():
+                local.copy_(read(name, (slice(start, start + local.shape[0]),)))
+
+
 def sync_gradients(model: torch.nn.Module, on: bool) -> None:
     """Whether the next backward reduce-scatters FSDP2's gradients: only on a step's last micro-batch. Before it
     each process adds its micro-batches' gradients locally (unsharded: memory for speed), and the one reduction

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -24,31 +25,65 @@ ADAPTER_CONFIG = "adapter_config.json"
 MERGED = "merged"
 
 
-def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str) -> torch.nn.Module:
+def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str, seed: int) -> torch.nn.Module:
     """Put adapters on `model` in place (a fresh one as `lora` says, or the one at `lora.path` to continue) and
-    freeze every other weight. The fresh adapter's random half is drawn from torch's global generator."""
+    freeze every other weight. A fresh adapter starts at `fresh_value`. On a model built on the meta device only the
+    structure is made: its values are read later, shard by shard (`modeling.weights_reader`)."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftModel, get_peft_model
+    from peft import PeftConfig, PeftModel, get_peft_model
 
-    if lora.path:
+    empty = any(p.is_meta for p in model.parameters())
+    if lora.path and not empty:
         wrapper = PeftModel.from_pretrained(model, lora.path, is_trainable=True)
-        c = wrapper.peft_config["default"]
-        log.info("LoRA: continuing the adapter %s (rank %d, alpha %s, targets %s); its own settings apply",
-                 lora.path, c.r, c.lora_alpha, sorted(c.target_modules) if c.target_modules else "?")
     else:
-        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules,
-                                exclude_modules=lora.exclude_modules, lora_dropout=lora.dropout, bias="none",
-                                task_type="CAUSAL_LM")
+        if lora.path:
+            config = PeftConfig.from_pretrained(lora.path)
+            config.inference_mode = False
+        else:
+            config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                                    exclude_modules=lora.exclude_modules, lora_dropout=lora.dropout, bias="none",
+                                    task_type="CAUSAL_LM")
         try:
             wrapper = get_peft_model(model, config)
         except ValueError as e:  # target modules that match nothing, or layers PEFT cannot adapt
             raise ConfigError(f"model.lora.target_modules: {str(e).strip().splitlines()[0]}") from None
+    if lora.path:
+        c = wrapper.peft_config["default"]
+        log.info("LoRA: continuing the adapter %s (rank %d, alpha %s, targets %s); its own settings apply",
+                 lora.path, c.r, c.lora_alpha, sorted(c.target_modules) if c.target_modules else "?")
+    elif not empty:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(fresh_value(name, p.shape, seed))
     wrapper.peft_config["default"].base_model_name_or_path = base_path
     object.__setattr__(model, _WRAPPER, wrapper)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA: %.2fM trainable parameters of %.1fM", trainable / 1e6,
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def fresh_value(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """A new adapter weight's starting value, the same in every process and however the model was built: PEFT's
+    initialisation (A uniform in +-1/sqrt(fan_in), PEFT's kaiming-uniform with a = sqrt(5); B zero; for embeddings
+    A zero and B standard normal), drawn from a generator seeded by the run's seed and the weight's name, not from
+    the global one (a model built on the meta device draws nothing there)."""
+    value = torch.zeros(shape)
+    if ".lora_B." in name or name.endswith(".lora_embedding_A.default"):
+        return value
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=7).digest()))
+    if ".lora_A." in name:
+        bound = 1.0 / shape[1] ** 0.5
+        return value.uniform_(-bound, bound, generator=g)
+    if name.endswith(".lora_embedding_B.default"):
+        return value.normal_(generator=g)
+    raise ValueError(f"{name}: not a LoRA weight this tool initialises")
+
+
+def adapter_file_key(name: str) -> str:
+    """The name PEFT's adapter_model.safetensors gives the model's parameter `name` (no adapter name)."""
+    return "base_model.model." + re.sub(r"\.default(?=\.|$)", "", name)
 
 
 def enabled(model: torch.nn.Module) -> bool:
@@ -70,9 +105,10 @@ def initial_digest(model: torch.nn.Module) -> str:
         return ""
     h = hashlib.blake2b(digest_size=16)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad:  # a sharded weight is gathered: a collective every process makes, in the same order
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(full.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -118,19 +119,30 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def load_model(cfg: Config, device: torch.device, path: str | None = None) -> tuple[torch.nn.Module, torch.dtype]:
+def load_model(cfg: Config, device: torch.device, path: str | None = None,
+               empty: bool = False) -> tuple[torch.nn.Module, torch.dtype]:
     """The model at `path` (default: the policy's) in fp32 on `device`, dropout off; and the dtype its folder
-    stores (checkpoints keep it)."""
-    from transformers import AutoModelForCausalLM
+    stores (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real),
+    to be sharded and then filled from `weights_reader`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     policy, path = path is None, path or cfg.model.model_path
     adapter, path = (path, lora.base_of(path)) if lora.is_adapter(path) else (None, path)
     quantized = policy and cfg.model.lora.rank > 0 and cfg.model.lora.load_in_4bit
+    trust = cfg.model.trust_remote_code
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True,
-            **(_four_bit(device) if quantized else {}))
+        if empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):  # rotary tables and other buffers stay computed
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust),
+                                                         dtype=torch.float32, trust_remote_code=trust)
+            model.tie_weights()  # accelerate's context re-registers parameters, which unties them
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, trust_remote_code=trust, use_safetensors=True,
+                **(_four_bit(device) if quantized else {}))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model from {path}: {str(e).strip().splitlines()[0]}") from None
     if adapter is not None:  # `trinity eval` of a LoRA checkpoint: score the merged model
@@ -144,10 +156,57 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None) -> tu
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if policy and cfg.model.lora.rank > 0:
-        lora.attach(model, cfg.model.lora, path)
+        lora.attach(model, cfg.model.lora, path, cfg.trainer.seed)
     stored = _stored_dtype(path)
     model.config.use_cache = False
-    return (model if quantized else model.to(device)).train(), stored
+    return (model if quantized or empty else model.to(device)).train(), stored
+
+
+def weights_reader(cfg: Config, model: torch.nn.Module) -> Callable[[str, tuple[slice, ...]], torch.Tensor] | None:
+    """For a skeleton from `load_model(empty=True)`: a function giving any slice of any parameter's starting value
+    in fp32, read from the model folder's safetensors (and the adapter's, or `lora.fresh_value`), so that a process
+    touches only its own shard. None, with the reason logged, when some parameter has no stored value of its shape
+    under its own name (renamed or converted checkpoints): such a folder is loaded whole by `from_pretrained`."""
+    from safetensors import safe_open
+
+    files = _tensor_files(cfg.model.model_path, "model.safetensors")
+    if cfg.model.lora.path:
+        files.update(_tensor_files(cfg.model.lora.path, "adapter_model.safetensors"))
+    sources = {}
+    for name, p in model.named_parameters():
+        key = lora.adapter_file_key(name) if ".lora_" in name and cfg.model.lora.path else name.replace(
+            ".base_layer.", ".")
+        if key in files and files[key][1] == list(p.shape):
+            sources[name] = (files[key][0], key)
+        elif ".lora_" not in name or cfg.model.lora.path:
+            log.info("loading %s whole in every process: %s has no stored %s of shape %s", cfg.model.model_path,
+                     name, key, list(p.shape))
+            return None
+
+    def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        if name not in sources:
+            return lora.fresh_value(name, model.get_parameter(name).shape, cfg.trainer.seed)[index]
+        file, key = sources[name]
+        with safe_open(file, framework="pt") as f:  # opened per weight: only this slice is ever mapped in
+            return f.get_slice(key)[index].to(torch.float32)
+
+    return read
+
+
+def _tensor_files(folder: str, single: str) -> dict[str, tuple[str, list[int]]]:
+    """Each tensor name in a folder's safetensors (one file or an index's shards): its file and shape."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    index = Path(folder) / f"{single}.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single]
+    found = {}
+    for file in (Path(folder) / n for n in names if (Path(folder) / n).is_file()):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({key: (str(file), f.get_slice(key).get_shape()) for key in f.keys()})
+    return found
 
 
 def _four_bit(device: torch.device) -> dict:

@@ -25,7 +25,7 @@ from .logprobs import sequence_stats
 from .objectives import Objective, step_totals
 from .objectives import build as build_objective
 from .metrics import MetricsLog, NullLog
-from .modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime
+from .modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime, weights_reader
 from .optim import build_optimizer, lr_factor, set_lr
 from .pairs import Pair, prompt_text
 from .reference import Tables, cached_score, first_epoch_plan, rows_of, score
@@ -121,10 +121,8 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     run_dir, resume_from = run_folder.prepare_run_dir(cfg, d)
     if d.main:
         run_folder.write_json(run_dir / "data_summary.json", data.summary)
-    model, save_dtype = load_model(cfg, runtime.device)
-    adapter = lora.initial_digest(model)  # before sharding: the reference cache depends on the starting adapter
+    model, save_dtype, adapter = _load_policy(cfg, runtime, d)
     runtime = for_model(runtime, cfg, model)
-    distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
              "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
     total = dataset.total_steps_of(cfg, len(data.train))
@@ -146,6 +144,23 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"]) if d.main else NullLog()
     return Session(cfg, runtime, d, tokenizer, data, run_dir, resume_from, model, save_dtype, optimizer, objective,
                    ref, eval_groups, eval_ref, total, state, metrics)
+
+
+def _load_policy(cfg: Config, runtime: Runtime, d: Dist) -> tuple[torch.nn.Module, torch.dtype, str]:
+    """The policy sharded over the processes, its folder's dtype, and a digest of its starting adapter (the
+    reference cache depends on it). With several processes the model is built on the meta device and each process
+    reads only its shard of the weights; one process, or a folder that cannot be read that way, loads it whole."""
+    if d.mesh is not None:
+        model, save_dtype = load_model(cfg, runtime.device, empty=True)
+        read = weights_reader(cfg, model)
+        if read is not None:
+            distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
+            distributed.fill(model, d, read)
+            return model, save_dtype, lora.initial_digest(model)
+    model, save_dtype = load_model(cfg, runtime.device)
+    adapter = lora.initial_digest(model)
+    distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
+    return model, save_dtype, adapter
 
 
 def _loop(s: Session, stop: _Stop) -> bool:
