@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora_linear
 from .config import ConfigError, LoraConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str, seed: int) 
                 if p.requires_grad:
                     p.copy_(fresh_value(name, p.shape, seed))
     wrapper.peft_config["default"].base_model_name_or_path = base_path
+    lora_linear.fuse(model)
     object.__setattr__(model, _WRAPPER, wrapper)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA: %.2fM trainable parameters of %.1fM", trainable / 1e6,
