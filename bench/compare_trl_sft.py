@@ -39,7 +39,8 @@ MARKED = ("{{'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == '
           "{{message['content'] + '<|im_end|>' + '\n'}}{% endif %}")
 TRL_NAMES = {"pf": "TRL padding-free", "padded": "TRL padded", "pf-gc": "TRL padding-free, checkpointing",
              "padded-gc": "TRL padded, checkpointing"}
-OURS_NAMES = {"gc": "trinity-dpo", "nogc": "trinity-dpo, no checkpointing"}
+OURS_NAMES = {"gc": "trinity-dpo", "nogc": "trinity-dpo, no checkpointing",
+              **{f"gc{n}": f"trinity-dpo, checkpointing 1 layer in {n}" for n in range(2, 10)}}
 KEYS = ["tokens/s", "rows/s", "s/step", "peak memory (GB)", "step-1 loss", "tokens (all steps)", "wall (s)"]
 
 
@@ -120,7 +121,7 @@ def run_ours(args, work: Path) -> dict:
            "cluster": {"device": "cpu"},
            "trainer": {"precision": args.precision, "save_interval": 0, "eval_samples": 0, "grad_clip": 1.0,
                        "trainer_config": {"data": {"truncation": "right"}, "actor_rollout_ref": {
-                           "model": {"enable_gradient_checkpointing": args.variant == "gc"}, "actor": actor}}}}
+                           "model": _checkpointing(args.variant), "actor": actor}}}}
     (work / "ours.yaml").write_text(yaml.safe_dump(cfg))
     start = time.perf_counter()
     run_dir = train.run(load_config(work / "ours.yaml"))
@@ -128,6 +129,13 @@ def run_ours(args, work: Path) -> dict:
     steps = [s for s in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "step_time_s" in s]
     return {"steps": [{"time": s["step_time_s"], "tokens": s["tokens"], "rows": s["rows"]} for s in steps],
             "loss1": steps[0]["loss"], "wall": wall}
+
+
+def _checkpointing(variant: str) -> dict:
+    """Our side's variants: gc (every layer recomputes), gcN (every N-th layer), nogc."""
+    if variant == "nogc":
+        return {"enable_gradient_checkpointing": False}
+    return {"enable_gradient_checkpointing": True, "gradient_checkpointing_every": int(variant[2:] or 1)}
 
 
 def run_trl(args, work: Path) -> dict:
@@ -221,7 +229,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--precisions", default="fp32")
     parser.add_argument("--trl-variants", default="pf,padded", help=f"of {','.join(TRL_NAMES)}")
-    parser.add_argument("--ours-variants", default="gc", help="gc (gradient checkpointing on), nogc")
+    parser.add_argument("--ours-variants", default="gc",
+                        help="gc (gradient checkpointing on), gcN (on in every N-th layer), nogc")
     parser.add_argument("--token-budget", type=int, default=0,
                         help="ours: use_dynamic_bsz with this ppo_max_token_len_per_gpu (0: the whole batch at once)")
     parser.add_argument("--long-tokens", type=int, default=8192, help="the long row's tokens (0: skip that part)")

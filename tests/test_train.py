@@ -145,6 +145,13 @@ def test_gradient_checkpointing_and_bf16(make_config):
     assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in base], abs=1e-6)
     cfg = load_config(make_config(verl={"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True}}}))
     assert load_model(cfg, torch.device("cpu"))[0].is_activation_checkpointing  # the switch really took
+    # Selective checkpointing: layers 0, 2, 4, ... recompute, the others keep their activations; same numbers.
+    every = {"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True, "gradient_checkpointing_every": 2}}}
+    layers = load_model(load_config(make_config(verl=every)), torch.device("cpu"))[0].model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
+    assert len(layers) >= 2
+    half = metrics(train.run(load_config(make_config(main={"name": "gc2", "trainer": {"total_steps": 2}}, verl=every))))
+    assert [r["loss"] for r in half] == pytest.approx([r["loss"] for r in base], abs=1e-6)
     bf16 = metrics(train.run(load_config(make_config(main={"name": "bf16", "trainer": {"total_steps": 2,
                                                                                        "precision": "bf16"}}))))
     # The reference pass ran the very micro-batches of step 1: policy and reference agree to the bit in bf16 too.

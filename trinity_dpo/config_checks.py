@@ -104,6 +104,10 @@ def _refuse_unsupported(cfg: Config) -> None:
            "this tool trains text chat models")
     _check(not verl_model.override_config, "actor_rollout_ref.model.override_config: changing the model's config is "
            "not supported; edit the model folder's config.json instead")
+    every = verl_model.gradient_checkpointing_every
+    _check(every >= 1, f"actor_rollout_ref.model.gradient_checkpointing_every must be a positive integer, got {every}")
+    _check(every == 1 or verl_model.enable_gradient_checkpointing, "actor_rollout_ref.model."
+           "gradient_checkpointing_every applies with enable_gradient_checkpointing: true; set that, or remove it")
     _check(not verl_model.external_lib, "actor_rollout_ref.model.external_lib: importing custom model code is not "
            "supported; use a model folder with model.trust_remote_code: true")
     _check(not cfg.stages, "stages: several stages in one config are not supported; write one config per stage and "

@@ -62,6 +62,7 @@ class VerlModel:
     """verl `actor_rollout_ref.model`."""
 
     enable_gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    gradient_checkpointing_every: int = 1  # with checkpointing on: only every n-th decoder layer recomputes (torchtitan's selective_ac_option); the rest keep activations: faster, more memory
     use_remove_padding: bool = False  # remove pad tokens from the computation (packed micro-batches)
     lora_rank: Optional[int] = None  # verl spelling of model.lora.rank (0: no LoRA)
     lora_alpha: Optional[float] = None  # verl spelling of model.lora.alpha (verl's default: 16)

@@ -32,9 +32,11 @@ def check_fits(cfg: Config, device: torch.device, world: int, micro_tokens: int)
     trained = shape["params"] if not lora.rank else lora.rank * shape["linear_in_out"]
     frozen_bytes = 0.0 if not lora.rank else (0.56 if lora.load_in_4bit else 4.0) * shape["params"]
     state = (16 * trained + frozen_bytes) / world
-    checkpointing = cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing
-    per_token = shape["layers"] * shape["hidden"] * 2 if checkpointing else \
-        shape["layers"] * (10 * shape["hidden"] + 2 * shape["intermediate"]) * 2
+    verl_model = cfg.trainer.trainer_config.actor_rollout_ref.model
+    checkpointing = verl_model.enable_gradient_checkpointing
+    recomputed = math.ceil(shape["layers"] / verl_model.gradient_checkpointing_every) if checkpointing else 0
+    per_token = (recomputed * shape["hidden"] + (shape["layers"] - recomputed) * (
+        10 * shape["hidden"] + 2 * shape["intermediate"])) * 2
     activations = micro_tokens * per_token
     have = device_bytes(device, cfg.cluster.gpu_per_node)
     need = state + activations
