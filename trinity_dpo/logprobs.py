@@ -36,10 +36,11 @@ _EXTRA_STATS = {"entropy": "entropy", "mean_logits": "mean_logits", "top1": "top
 
 
 def sequence_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager,
-                   wanted: tuple[str, ...] = ("logps",)) -> dict[str, torch.Tensor]:
+                   wanted: tuple[str, ...] = ("logps",), uniform_grad: bool = False) -> dict[str, torch.Tensor]:
     """The per-sequence statistics `wanted` (names of `objectives.STATS`) of micro-batch `mb`, fp32 [mb.n_seqs]
     each, on the model's device, from one forward; token counts need none. Only `logps`, `logps_shared` and
-    `prompt_logps` carry gradients."""
+    `prompt_logps` carry gradients. `uniform_grad`: the loss will give every response token's log-prob the same
+    gradient (`objectives.Objective.uniform_grad`), so the LM head's backward can be done in its forward."""
     device = mb.input_ids.device
     out = {}
     if "tokens" in wanted:
@@ -50,7 +51,7 @@ def sequence_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMa
     if not computed:
         return out
     bound = getattr(model, METHOD, None)
-    token, prompt = (bound or types.MethodType(_token_stats, model))(mb, autocast, tuple(computed))
+    token, prompt = (bound or types.MethodType(_token_stats, model))(mb, autocast, tuple(computed), uniform_grad)
     segment = lambda values: _segment_sum(values, mb.target_seq, mb.n_seqs)  # noqa: E731
     if "logps" in wanted:
         out["logps"] = segment(token["logps"])
@@ -82,7 +83,8 @@ def bind(model) -> str:
     return METHOD
 
 
-def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager, wanted: tuple[str, ...]):
+def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager, wanted: tuple[str, ...],
+                 uniform_grad: bool = False):
     """({"logps": [N] and the head extras `wanted` asks for}, the prompt targets' log-probs [P] or None): one
     backbone pass; response and prompt targets go through the head together."""
     backbone = getattr(model, model.base_model_prefix)
@@ -98,7 +100,7 @@ def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMana
         positions, labels = torch.cat([positions, mb.prompt_pos]), torch.cat([labels, mb.prompt_target_ids])
     extras = tuple(e for s, e in _EXTRA_STATS.items() if s in wanted)
     logps, extra = head_logprobs(hidden.index_select(0, positions), model.get_output_embeddings(), labels,
-                                 _logit_transform(model.config), extras)
+                                 _logit_transform(model.config), extras, uniform_grad and not with_prompt)
     n = mb.target_ids.numel()
     token = {"logps": logps[:n], **{k: v[:n] for k, v in extra.items()}}
     return token, (logps[n:] if with_prompt else None)
@@ -136,12 +138,16 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
 
 
 def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, transform=None,
-                  extras: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`token_logprobs` and the `HEAD_EXTRAS` named in `extras`, fp32 [N] each, the latter without gradient."""
+                  extras: tuple[str, ...] = (), uniform_grad: bool = False
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`token_logprobs` and the `HEAD_EXTRAS` named in `extras`, fp32 [N] each, the latter without gradient.
+    `uniform_grad`: the rows' log-probs are expected to get one and the same gradient (see `_HeadLogprobs`)."""
     weight, bias = head.weight, getattr(head, "bias", None)
     budget = _CHUNK_ELEMENTS_GPU if hidden.is_cuda else _CHUNK_ELEMENTS
     chunk = max(_MIN_ROWS, budget // weight.shape[0])
-    logps, table = _HeadLogprobs.apply(hidden, weight, bias, labels, transform, chunk, extras)
+    wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    ahead = wants if uniform_grad and transform is None and torch.is_grad_enabled() and any(wants) else None
+    logps, table = _HeadLogprobs.apply(hidden, weight, bias, labels, transform, chunk, extras, ahead)
     return logps, {name: table[:, i] for i, name in enumerate(extras)}
 
 
@@ -152,11 +158,17 @@ class _HeadLogprobs(torch.autograd.Function):
     turns them in place into g * (onehot(label) - softmax) and accumulates dW into one [V, H] buffer. Checkpointing
     each chunk instead would recompute the logsumexp too, and allocate and then add a whole [V, H] weight gradient
     per chunk (113 MB each for a 49k x 576 head).
+
+    With `ahead` (which of hidden, weight, bias want gradients), for losses that give every row the same gradient
+    g (SFT's token mean): forward also turns each chunk's logits into the gradients for g = 1 while it has them,
+    and backward scales those by g, which spares the rebuild (a quarter of the head's products) for one [V, H]
+    buffer held from forward to backward. Backward checks that g is one value; otherwise it rebuilds as above.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, transform, chunk, extras):
+    def forward(ctx, hidden, weight, bias, labels, transform, chunk, extras, ahead):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        unit = _UnitGrads(hidden, weight, bias, ahead) if ahead else None
         lse = torch.empty_like(out)
         table = torch.empty(hidden.shape[0], len(extras), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
@@ -167,14 +179,18 @@ class _HeadLogprobs(torch.autograd.Function):
             out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
             for i, name in enumerate(extras):
                 table[s:s + chunk, i] = _head_extra(name, logits, lse[s:s + chunk], labels[s:s + chunk])
+            if unit is not None:
+                unit.add(s, logits, labels[s:s + chunk, None], lse[s:s + chunk, None])
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.transform, ctx.chunk = transform, chunk
+        ctx.transform, ctx.chunk, ctx.unit = transform, chunk, unit
         ctx.mark_non_differentiable(table)
         return out, table
 
     @staticmethod
     def backward(ctx, grad, _):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
+        if ctx.unit is not None and grad.numel() and bool((grad == grad[0]).all()):
+            return (*ctx.unit.scaled(grad[0], weight.dtype), *(None,) * 5)
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         fast, n = _bf16_head(hidden), ctx.chunk  # the forward's products, so the logits match its logsumexp
         w = weight.to(torch.bfloat16) if fast else weight.float()
@@ -193,7 +209,37 @@ class _HeadLogprobs(torch.autograd.Function):
                 d_bias += d_logits.sum(0)
         if want_weight:
             d_weight = d_weight.to(weight.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
+
+
+class _UnitGrads:
+    """The head's input gradients for a unit gradient on every row's log-prob, summed chunk by chunk in forward."""
+
+    def __init__(self, hidden, weight, bias, wants):
+        self.fast = _bf16_head(hidden)
+        self.w = weight.to(torch.bfloat16) if self.fast else weight.float()
+        self.hidden = hidden
+        self.d_hidden = torch.empty_like(hidden) if wants[0] else None
+        self.d_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
+        self.d_bias = torch.zeros_like(weight[:, 0], dtype=torch.float32) if wants[2] else None
+
+    def add(self, s: int, logits, labels, lse) -> None:
+        """Chunk rows s.. : its fp32 logits [n, V] (overwritten), labels and logsumexp [n, 1]."""
+        d_logits = _softmax_grad(logits, labels, torch.ones_like(lse), lse)
+        rows = slice(s, s + len(d_logits))
+        h = self.hidden[rows] if self.fast else self.hidden[rows].float()
+        if self.d_hidden is not None:
+            self.d_hidden[rows] = _mm_fp32_out(d_logits, self.w) if self.fast else d_logits @ self.w
+        if self.d_weight is not None:
+            self.d_weight.add_(_mm_fp32_out(d_logits.t(), h)) if self.fast else self.d_weight.addmm_(d_logits.t(), h)
+        if self.d_bias is not None:
+            self.d_bias += d_logits.sum(0)
+
+    def scaled(self, g: torch.Tensor, weight_dtype: torch.dtype) -> tuple:
+        """(d hidden, d weight, d bias) for gradient g on every row."""
+        return (None if self.d_hidden is None else self.d_hidden * g,
+                None if self.d_weight is None else (self.d_weight * g).to(weight_dtype),
+                None if self.d_bias is None else self.d_bias * g)
 
 
 def _head_extra(name: str, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,9 @@ class Objective:
     compute: Callable[[Stats, Optional[Stats], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     # Figures derived from a step's (or evaluation's) means, such as perplexity: {name: f(means)}.
     derived: Callable[[dict[str, float]], dict[str, float]] = lambda means: {}
+    # The loss is a sum of response-token log-probs times one step-wide factor, so every token's log-prob gets the
+    # same gradient and the LM head's backward can run in its forward (`logprobs._HeadLogprobs`).
+    uniform_grad: bool = False
 
 
 def step_totals(examples) -> dict[str, float]:
@@ -226,7 +229,8 @@ def _sft(agg: str) -> Objective:
         return {"ppl": math.exp(min(means["nll"], 700.0))}
 
     return Objective("sft", 1, False, ("logps", "tokens", "entropy", "top1"), (),
-                     ("entropy", "mean_token_accuracy", "nll"), compute, derived)
+                     ("entropy", "mean_token_accuracy", "nll"), compute, derived,
+                     uniform_grad=agg != "seq-mean-token-mean")  # that one weighs each row's tokens by its length
 
 
 def _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict[str, torch.Tensor]:

@@ -298,7 +298,7 @@ def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Ta
     for i, group in enumerate(groups):  # every process has as many micro-batches (`shard_step` pads)
         distributed.sync_gradients(model, i == len(groups) - 1)
         mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
-        stats = sequence_stats(model, mb, runtime.autocast(), objective.stats)
+        stats = sequence_stats(model, mb, runtime.autocast(), objective.stats, objective.uniform_grad)
         runtime.release_host_memory()
         if is_padding(group):
             (sum(v.sum() for v in stats.values()) * 0).backward()  # joins the other processes' collectives
