@@ -124,6 +124,23 @@ def test_head_backward_done_in_forward_for_a_uniform_gradient(monkeypatch, bias)
                            lp.head_logprobs(hidden, head, labels)[0])
 
 
+def test_frozen_head_takes_any_gradient_ahead(monkeypatch):
+    """A frozen head (LoRA: only the hidden states want gradients) gets d hidden from forward for any per-row
+    gradient, since d hidden_r = g_r x (onehot - softmax)_r W scales row by row: no chunk is rebuilt and the
+    gradient equals full-logits autograd."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    labels, weights = torch.randint(0, 50, (23,)), torch.randn(23)
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 50 * 5)
+    monkeypatch.setattr(lp, "_MIN_ROWS", 1)
+    monkeypatch.setattr(lp, "_logits_grad", lambda *a: pytest.fail("a chunk was rebuilt"))
+    (lp.head_logprobs(hidden, head, labels)[0] * weights).sum().backward()
+    ours, hidden.grad = hidden.grad, None
+    (F.log_softmax(head(hidden), -1).gather(-1, labels[:, None]).squeeze(-1) * weights).sum().backward()
+    assert torch.allclose(ours, hidden.grad, atol=1e-6) and head.weight.grad is None
+
+
 def test_bf16_hidden_states_get_bf16_gradients_from_fp32_logits():
     """Under autocast the backbone hands over bf16 hidden states: the head still works in fp32 and returns each
     input's gradient in that input's dtype."""

@@ -146,7 +146,9 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
     budget = _CHUNK_ELEMENTS_GPU if hidden.is_cuda else _CHUNK_ELEMENTS
     chunk = max(_MIN_ROWS, budget // weight.shape[0])
     wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    ahead = wants if uniform_grad and transform is None and torch.is_grad_enabled() and any(wants) else None
+    # A frozen head (LoRA) needs only d hidden, which scales row by row: done ahead whatever the loss.
+    frozen = not (wants[1] or wants[2])
+    ahead = wants if (uniform_grad or frozen) and transform is None and torch.is_grad_enabled() and any(wants) else None
     logps, table = _HeadLogprobs.apply(hidden, weight, bias, labels, transform, chunk, extras, ahead)
     return logps, {name: table[:, i] for i, name in enumerate(extras)}
 
@@ -159,10 +161,12 @@ class _HeadLogprobs(torch.autograd.Function):
     each chunk instead would recompute the logsumexp too, and allocate and then add a whole [V, H] weight gradient
     per chunk (113 MB each for a 49k x 576 head).
 
-    With `ahead` (which of hidden, weight, bias want gradients), for losses that give every row the same gradient
-    g (SFT's token mean): forward also turns each chunk's logits into the gradients for g = 1 while it has them,
-    and backward scales those by g, which spares the rebuild (a quarter of the head's products) for one [V, H]
-    buffer held from forward to backward. Backward checks that g is one value; otherwise it rebuilds as above.
+    With `ahead` (which of hidden, weight, bias want gradients), forward also turns each chunk's logits into the
+    gradients for a unit gradient on every row while it has them, and backward scales those, sparing the rebuild
+    (a quarter of the head's products, a third where the head is frozen). d hidden scales row by row, so a frozen
+    head (LoRA) takes it under any loss; dW sums over rows, so it scales only where every row gets the same gradient
+    g (SFT's token mean), for one [V, H] buffer held from forward to backward. Backward checks that g is one value;
+    otherwise it rebuilds as above.
     """
 
     @staticmethod
@@ -189,8 +193,8 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        if ctx.unit is not None and grad.numel() and bool((grad == grad[0]).all()):
-            return (*ctx.unit.scaled(grad[0], weight.dtype), *(None,) * 5)
+        if ctx.unit is not None and (ctx.unit.rowwise or grad.numel() and bool((grad == grad[0]).all())):
+            return (*ctx.unit.scaled(grad, weight.dtype), *(None,) * 5)
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         fast, n = _bf16_head(hidden), ctx.chunk  # the forward's products, so the logits match its logsumexp
         w = weight.to(torch.bfloat16) if fast else weight.float()
@@ -219,7 +223,8 @@ class _UnitGrads:
         self.fast = _bf16_head(hidden)
         self.w = weight.to(torch.bfloat16) if self.fast else weight.float()
         self.hidden = hidden
-        self.d_hidden = torch.empty_like(hidden) if wants[0] else None
+        self.rowwise = not (wants[1] or wants[2])  # only d hidden: any gradient applies, row by row
+        self.d_hidden = torch.empty_like(hidden, dtype=torch.float32) if wants[0] else None
         self.d_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
         self.d_bias = torch.zeros_like(weight[:, 0], dtype=torch.float32) if wants[2] else None
 
@@ -235,9 +240,10 @@ class _UnitGrads:
         if self.d_bias is not None:
             self.d_bias += d_logits.sum(0)
 
-    def scaled(self, g: torch.Tensor, weight_dtype: torch.dtype) -> tuple:
-        """(d hidden, d weight, d bias) for gradient g on every row."""
-        return (None if self.d_hidden is None else self.d_hidden * g,
+    def scaled(self, grad: torch.Tensor, weight_dtype: torch.dtype) -> tuple:
+        """(d hidden, d weight, d bias) for `grad` [N] on the rows: any values when `rowwise`, else one value."""
+        g = grad[:, None] if self.rowwise else grad[0]
+        return (None if self.d_hidden is None else (self.d_hidden * g).to(self.hidden.dtype),
                 None if self.d_weight is None else (self.d_weight * g).to(weight_dtype),
                 None if self.d_bias is None else self.d_bias * g)
 
