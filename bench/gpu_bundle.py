@@ -22,9 +22,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / ".gpu"
-# Several versions where the image's own packages decide which applies; the device's Python is 3.12.
+# Several versions where the image's own packages decide which applies. The device's Python was 3.12; multiprocess
+# has a wheel per Python version, so its neighbours travel too.
 WHEELS = ["trl==1.16.0", "datasets==5.2.0", "datasets==4.8.5", "dill==0.4.1", "dill==0.4.0", "multiprocess==0.70.19",
           "multiprocess==0.70.18", "omegaconf==2.4.0"]
+PYTHONS = ("3.12", "3.11", "3.13")
 
 
 def main() -> int:
@@ -37,9 +39,10 @@ def main() -> int:
     shutil.rmtree(BUNDLE, ignore_errors=True)
     wheels.mkdir(parents=True)
     for spec in WHEELS:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.12", "--platform", "manylinux2014_x86_64", "-d", str(wheels), spec],
-                       check=True)
+        for python in PYTHONS if spec.startswith("multiprocess") else PYTHONS[:1]:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                            "--python-version", python, "--platform", "manylinux2014_x86_64", "-d", str(wheels),
+                            spec], check=True)
     smollm2 = builtin.materialize("builtin:smollm2-135m-instruct")
     AutoTokenizer.from_pretrained(smollm2).save_pretrained(BUNDLE / "smollm2")
     AutoConfig.from_pretrained(smollm2).save_pretrained(BUNDLE / "smollm2")

@@ -9,8 +9,8 @@ OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
 # Resolved against the image's own packages first; where that fails, the newest carried wheels without their pins.
 python3 -m pip install -q --no-index --find-links .gpu/wheels trl==1.16.0 datasets omegaconf 2>&1 | tail -5 ||
-  python3 -m pip install -q --no-index --no-deps .gpu/wheels/{trl-1.16.0,datasets-5.2.0,dill-0.4.1}*.whl \
-    .gpu/wheels/{multiprocess-0.70.19,omegaconf-2.4.0}*.whl
+  python3 -m pip install -q --no-index --no-deps --find-links .gpu/wheels trl==1.16.0 datasets dill multiprocess \
+    omegaconf
 python3 -m pip list 2>/dev/null | grep -iE "^(torch|transformers|tokenizers|peft|accelerate|trl|datasets|pyarrow|huggingface.hub) "
 nvidia-smi -L || true
 timeout 560 python3 bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
