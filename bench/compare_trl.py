@@ -65,23 +65,22 @@ def _sync(device: str) -> None:
 
 def build_model(name: str, work: Path, layers: int | None) -> str:
     """The model folder of `--model`: the built-in SmolLM2, or the Qwen2.5-1.5B shape with seeded random weights."""
-    smollm2 = smollm2_folder(work)
     if name == "smollm2":
-        return smollm2
+        return smollm2_folder(work)
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
     torch.manual_seed(0)
     config = Qwen2Config(**{**QWEN_SHAPE, **({"num_hidden_layers": layers} if layers else {})})
     folder = work / "qwen2.5-1.5b-shape"
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_folder(work, weights=False)).save_pretrained(folder)
     return str(folder)
 
 
-def smollm2_folder(work: Path) -> str:
+def smollm2_folder(work: Path, weights: bool = True) -> str:
     """The built-in SmolLM2; on a machine without its package but with bench/gpu_bundle.py's `.gpu/` (the offline
     GPU machine: the GGUF is too large to travel), a folder of its shape with seeded random weights, its tokenizer
-    and config from the bundle."""
+    and config from the bundle (only those, without `weights`: for its tokenizer)."""
     from trinity_dpo import builtin
     from trinity_dpo.config import ConfigError
 
@@ -90,6 +89,8 @@ def smollm2_folder(work: Path) -> str:
     except ConfigError:
         if not (BUNDLE / "smollm2" / "config.json").is_file():
             raise
+        if not weights:
+            return str(BUNDLE / "smollm2")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = work / "smollm2-shape-random"

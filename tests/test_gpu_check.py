@@ -52,3 +52,4 @@ def test_smollm2_stand_in_from_the_bundle(tmp_path, monkeypatch):
     assert models[0].config.hidden_size == 32 and models[0].config.num_hidden_layers == 2
     assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
     assert AutoTokenizer.from_pretrained(folders[0]).get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()
+    assert compare_trl.smollm2_folder(tmp_path / "work2", weights=False) == str(source)  # tokenizer only: no model
