@@ -172,7 +172,7 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, transform, chunk, extras, ahead):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        unit = _UnitGrads(hidden, weight, bias, ahead) if ahead else None
+        unit = _HeadGrads(hidden, weight, bias, ahead) if ahead else None
         lse = torch.empty_like(out)
         table = torch.empty(hidden.shape[0], len(extras), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
@@ -183,8 +183,9 @@ class _HeadLogprobs(torch.autograd.Function):
             out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
             for i, name in enumerate(extras):
                 table[s:s + chunk, i] = _head_extra(name, logits, lse[s:s + chunk], labels[s:s + chunk])
-            if unit is not None:
-                unit.add(s, logits, labels[s:s + chunk, None], lse[s:s + chunk, None])
+            if unit is not None:  # logits -> their gradient for a unit gradient on each row, in place
+                unit.add(s, _softmax_grad(logits, labels[s:s + chunk, None], torch.ones_like(lse[s:s + chunk, None]),
+                                          lse[s:s + chunk, None]))
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.transform, ctx.chunk, ctx.unit = transform, chunk, unit
         ctx.mark_non_differentiable(table)
@@ -194,45 +195,34 @@ class _HeadLogprobs(torch.autograd.Function):
     def backward(ctx, grad, _):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         if ctx.unit is not None and (ctx.unit.rowwise or grad.numel() and bool((grad == grad[0]).all())):
-            return (*ctx.unit.scaled(grad, weight.dtype), *(None,) * 5)
-        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-        fast, n = _bf16_head(hidden), ctx.chunk  # the forward's products, so the logits match its logsumexp
-        w = weight.to(torch.bfloat16) if fast else weight.float()
-        d_hidden = torch.empty_like(hidden) if want_hidden else None
-        d_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        d_bias = torch.zeros_like(d_weight[:, 0] if want_weight else weight[:, 0].float()) if want_bias else None
+            return (*ctx.unit.result(grad), *(None,) * 5)
+        grads, n = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3]), ctx.chunk
         for s in range(0, hidden.shape[0], n):
-            h = hidden[s:s + n] if fast else hidden[s:s + n].float()
-            d_logits = _logits_grad(h, w, bias, labels[s:s + n, None], grad[s:s + n, None], lse[s:s + n, None],
-                                    ctx.transform)
-            if want_hidden:
-                d_hidden[s:s + n] = _mm_fp32_out(d_logits, w) if fast else d_logits @ w
-            if want_weight:
-                d_weight.add_(_mm_fp32_out(d_logits.t(), h)) if fast else d_weight.addmm_(d_logits.t(), h)
-            if want_bias:
-                d_bias += d_logits.sum(0)
-        if want_weight:
-            d_weight = d_weight.to(weight.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+            grads.add(s, _logits_grad(grads.rows(s, n), grads.w, bias, labels[s:s + n, None], grad[s:s + n, None],
+                                      lse[s:s + n, None], ctx.transform))
+        return (*grads.result(), *(None,) * 5)
 
 
-class _UnitGrads:
-    """The head's input gradients for a unit gradient on every row's log-prob, summed chunk by chunk in forward."""
+class _HeadGrads:
+    """The head's input gradients, summed chunk by chunk from each chunk's logits gradient: in backward from the
+    rebuilt logits, or in forward for a unit gradient on every row (`ahead`), to be scaled in backward."""
 
     def __init__(self, hidden, weight, bias, wants):
-        self.fast = _bf16_head(hidden)
+        self.fast = _bf16_head(hidden)  # the forward's products, so rebuilt logits match its logsumexp
         self.w = weight.to(torch.bfloat16) if self.fast else weight.float()
-        self.hidden = hidden
+        self.hidden, self.weight_dtype = hidden, weight.dtype
         self.rowwise = not (wants[1] or wants[2])  # only d hidden: any gradient applies, row by row
         self.d_hidden = torch.empty_like(hidden, dtype=torch.float32) if wants[0] else None
         self.d_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
         self.d_bias = torch.zeros_like(weight[:, 0], dtype=torch.float32) if wants[2] else None
 
-    def add(self, s: int, logits, labels, lse) -> None:
-        """Chunk rows s.. : its fp32 logits [n, V] (overwritten), labels and logsumexp [n, 1]."""
-        d_logits = _softmax_grad(logits, labels, torch.ones_like(lse), lse)
-        rows = slice(s, s + len(d_logits))
-        h = self.hidden[rows] if self.fast else self.hidden[rows].float()
+    def rows(self, s: int, n: int) -> torch.Tensor:
+        """Hidden rows s..s+n as the head's products take them."""
+        return self.hidden[s:s + n] if self.fast else self.hidden[s:s + n].float()
+
+    def add(self, s: int, d_logits: torch.Tensor) -> None:
+        """The gradient [n, V] of the logits of rows s..s+n."""
+        h, rows = self.rows(s, len(d_logits)), slice(s, s + len(d_logits))
         if self.d_hidden is not None:
             self.d_hidden[rows] = _mm_fp32_out(d_logits, self.w) if self.fast else d_logits @ self.w
         if self.d_weight is not None:
@@ -240,12 +230,14 @@ class _UnitGrads:
         if self.d_bias is not None:
             self.d_bias += d_logits.sum(0)
 
-    def scaled(self, grad: torch.Tensor, weight_dtype: torch.dtype) -> tuple:
-        """(d hidden, d weight, d bias) for `grad` [N] on the rows: any values when `rowwise`, else one value."""
-        g = grad[:, None] if self.rowwise else grad[0]
-        return (None if self.d_hidden is None else (self.d_hidden * g).to(self.hidden.dtype),
-                None if self.d_weight is None else (self.d_weight * g).to(weight_dtype),
-                None if self.d_bias is None else self.d_bias * g)
+    def result(self, grad: torch.Tensor | None = None) -> tuple:
+        """(d hidden, d weight, d bias) in the hidden states' and weight's dtypes (d bias fp32); sums made for a unit
+        gradient are scaled by `grad` [N]: row by row when `rowwise`, else by its one value."""
+        g = None if grad is None else grad[:, None] if self.rowwise else grad[0]
+        scale = (lambda t: t) if g is None else (lambda t: t * g)  # noqa: E731
+        return (None if self.d_hidden is None else scale(self.d_hidden).to(self.hidden.dtype),
+                None if self.d_weight is None else scale(self.d_weight).to(self.weight_dtype),
+                None if self.d_bias is None else scale(self.d_bias))
 
 
 def _head_extra(name: str, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
