@@ -190,3 +190,25 @@ def test_a_fresh_adapter_starts_the_same_however_the_model_is_built():
     assert not torch.equal(a, fresh_value(name.replace("q_proj", "k_proj"), torch.Size([8, 64]), seed=1))
     assert a.abs().max() <= 0.125 and a.abs().max() > 0.1 and abs(a.mean()) < 0.02
     assert not fresh_value(name.replace("lora_A", "lora_B"), torch.Size([64, 8]), seed=1).any()
+
+
+def test_memory_check_counts_the_layers_that_keep_activations(make_config, monkeypatch):
+    """Activation bytes per token in the estimate, 7B shape (32 layers, hidden 4096, intermediate 11008), 2 bytes
+    a value: a recomputing layer keeps its input (4096 values), a layer that does not keeps 10 x 4096 + 2 x 11008 =
+    62976. At 4096 tokens a micro-batch: every layer recomputing 32 x 4096 x 2 x 4096 = 1.07 GB; every 2nd layer
+    (16 + 16) (16 x 4096 + 16 x 62976) x 2 x 4096 = 8.79 GB; every 3rd layer (layers 0, 3, ..., 30: 11 of 32)
+    (11 x 4096 + 21 x 62976) x 2 x 4096 = 11.20 GB; none 32 x 62976 x 2 x 4096 = 16.51 GB."""
+    import pytest
+
+    from trinity_dpo import memory
+    from trinity_dpo.config import ConfigError
+    from trinity_dpo.config_loader import load_config
+
+    monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 1.0)
+    monkeypatch.setattr(memory, "model_shape", lambda path, trust: {
+        "params": 1, "linear_in_out": 1, "hidden": 4096, "layers": 32, "intermediate": 11008})
+    for gc, every, gb in ((True, 1, "1.1"), (True, 2, "8.8"), (True, 3, "11.2"), (False, 1, "16.5")):
+        model = {"enable_gradient_checkpointing": gc, "gradient_checkpointing_every": every}
+        cfg = load_config(make_config(verl={"actor_rollout_ref": {"model": model}}))
+        with pytest.raises(ConfigError, match=f", {gb} GB of activations for 4096 tokens a micro-batch"):
+            memory.check_fits(cfg, torch.device("cpu"), 1, 4096)
