@@ -124,23 +124,6 @@ def test_head_backward_done_in_forward_for_a_uniform_gradient(monkeypatch, bias)
                            lp.head_logprobs(hidden, head, labels)[0])
 
 
-def test_frozen_head_takes_any_gradient_ahead(monkeypatch):
-    """A frozen head (LoRA: only the hidden states want gradients) gets d hidden from forward for any per-row
-    gradient, since d hidden_r = g_r x (onehot - softmax)_r W scales row by row: no chunk is rebuilt and the
-    gradient equals full-logits autograd."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
-    hidden = torch.randn(23, 16, requires_grad=True)
-    labels, weights = torch.randint(0, 50, (23,)), torch.randn(23)
-    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 50 * 5)
-    monkeypatch.setattr(lp, "_MIN_ROWS", 1)
-    monkeypatch.setattr(lp, "_logits_grad", lambda *a: pytest.fail("a chunk was rebuilt"))
-    (lp.head_logprobs(hidden, head, labels)[0] * weights).sum().backward()
-    ours, hidden.grad = hidden.grad, None
-    (F.log_softmax(head(hidden), -1).gather(-1, labels[:, None]).squeeze(-1) * weights).sum().backward()
-    assert torch.allclose(ours, hidden.grad, atol=1e-6) and head.weight.grad is None
-
-
 def test_bf16_hidden_states_get_bf16_gradients_from_fp32_logits():
     """Under autocast the backbone hands over bf16 hidden states: the head still works in fp32 and returns each
     input's gradient in that input's dtype."""
@@ -169,3 +152,32 @@ def test_prompt_positions_never_reach_the_head(llama_dir):
         lp._chunk_logits = original
     n_response = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs())
     assert sum(calls) == 2 * n_response and not seen  # forward, then backward's rebuild
+
+
+@pytest.mark.parametrize("extras", [(), ("top1", "mean_logits"), ("entropy", "top1", "log_sum_sq_probs")])
+def test_frozen_head_takes_any_gradient_ahead_with_its_extras(monkeypatch, extras):
+    """A frozen head (LoRA: only the hidden states want gradients) gets d hidden from forward for any per-row
+    gradient, since d hidden_r = g_r x (onehot - softmax)_r W scales row by row: no chunk is rebuilt. Each chunk's
+    e = exp(z - max z) overwrites its logits in the reused block, or goes to a second block where the entropy still
+    reads the logits. Either way the label log-probs, the extras and d hidden equal full-logits autograd, over 5
+    chunks, the last one short."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    labels, weights = torch.randint(0, 50, (23,)), torch.randn(23)
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 50 * 5)
+    monkeypatch.setattr(lp, "_MIN_ROWS", 1)
+    monkeypatch.setattr(lp, "_logits_grad", lambda *a: pytest.fail("a chunk was rebuilt"))
+    out, table = lp.head_logprobs(hidden, head, labels, extras=extras)
+    (out * weights).sum().backward()
+    ours, hidden.grad = hidden.grad, None
+    logits = head(hidden)
+    logp = F.log_softmax(logits, -1)
+    naive = logp.gather(-1, labels[:, None]).squeeze(-1)
+    (naive * weights).sum().backward()
+    want = {"top1": (logits.argmax(-1) == labels).float(), "mean_logits": logits.mean(-1),
+            "entropy": -(logp.exp() * logp).sum(-1), "log_sum_sq_probs": torch.logsumexp(2 * logp, -1)}
+    assert torch.allclose(out, naive, atol=1e-6) and torch.allclose(ours, hidden.grad, atol=1e-6)
+    assert head.weight.grad is None
+    for name in extras:
+        assert torch.allclose(table[name], want[name].detach(), atol=1e-5), name

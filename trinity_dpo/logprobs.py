@@ -32,6 +32,7 @@ METHOD = "trinity_sequence_logps"
 # over the vocabulary, and whether the label is the top-1 token.
 HEAD_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logits", "top1")
 # Per-sequence statistics (`objectives.STATS` documents each) and the head extras they sum.
+_SOFTMAX_EXTRAS = ("entropy", "log_sum_sq_probs")  # the extras that read the softmax too
 _EXTRA_STATS = {"entropy": "entropy", "mean_logits": "mean_logits", "top1": "top1", "wpo": "log_sum_sq_probs"}
 
 
@@ -175,17 +176,18 @@ class _HeadLogprobs(torch.autograd.Function):
         unit = _HeadGrads(hidden, weight, bias, ahead) if ahead else None
         lse = torch.empty_like(out)
         table = torch.empty(hidden.shape[0], len(extras), dtype=torch.float32, device=hidden.device)
+        buffer = _logits_buffer(hidden, weight, chunk)
+        scratch = _logits_buffer(hidden, weight, chunk) if "entropy" in extras else None
         for s in range(0, hidden.shape[0], chunk):
-            logits = _chunk_logits(hidden[s:s + chunk], weight, bias)
+            logits, rows = _chunk_logits(hidden[s:s + chunk], weight, bias, buffer), slice(s, s + chunk)
             if transform is not None:
                 logits = transform(logits)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
-            for i, name in enumerate(extras):
-                table[s:s + chunk, i] = _head_extra(name, logits, lse[s:s + chunk], labels[s:s + chunk])
-            if unit is not None:  # logits -> their gradient for a unit gradient on each row, in place
-                unit.add(s, _softmax_grad(logits, labels[s:s + chunk, None], torch.ones_like(lse[s:s + chunk, None]),
-                                          lse[s:s + chunk, None]))
+            out[rows] = logits.gather(-1, labels[rows, None]).squeeze(-1)
+            lse[rows], e, total = _chunk_lse(logits, labels[rows], extras, table[rows], scratch)
+            out[rows] -= lse[rows]
+            if unit is not None:  # e -> the logits' gradient for a unit gradient on each row: onehot - e / sum e
+                unit.add(s, e.mul_(total.reciprocal().neg_()).scatter_add_(1, labels[rows, None],
+                                                                             torch.ones_like(total)))
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.transform, ctx.chunk, ctx.unit = transform, chunk, unit
         ctx.mark_non_differentiable(table)
@@ -197,9 +199,10 @@ class _HeadLogprobs(torch.autograd.Function):
         if ctx.unit is not None and (ctx.unit.rowwise or grad.numel() and bool((grad == grad[0]).all())):
             return (*ctx.unit.result(grad), *(None,) * 5)
         grads, n = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3]), ctx.chunk
+        buffer = _logits_buffer(hidden, weight, n)
         for s in range(0, hidden.shape[0], n):
             grads.add(s, _logits_grad(grads.rows(s, n), grads.w, bias, labels[s:s + n, None], grad[s:s + n, None],
-                                      lse[s:s + n, None], ctx.transform))
+                                      lse[s:s + n, None], ctx.transform, buffer))
         return (*grads.result(), *(None,) * 5)
 
 
@@ -240,24 +243,54 @@ class _HeadGrads:
                 None if self.d_bias is None else scale(self.d_bias))
 
 
-def _head_extra(name: str, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One of `HEAD_EXTRAS` for a chunk's fp32 logits [n, V], their logsumexp [n] and labels [n]."""
-    if name == "entropy":  # H = lse - sum_v p_v z_v; one [n, V] temporary
-        probs = torch.exp(logits - lse[:, None])
-        return lse - torch.einsum("nv,nv->n", probs, logits)
-    if name == "log_sum_sq_probs":  # log sum_v p_v^2 = logsumexp(2 z) - 2 lse
-        return torch.logsumexp(2 * logits, dim=-1) - 2 * lse
+def _chunk_lse(logits, labels, extras, table, scratch):
+    """A chunk's logsumexp [n] and its `extras` (written into `table` [n, len(extras)]) in few passes over the
+    [n, V] logits and no [n, V] temporaries: e = exp(z - max z) goes into `scratch` (the logits themselves where no
+    extra reads them afterwards), and the extras that need the softmax p = e / sum e read e. Returns (lse, e, sum e
+    [n, 1]); the caller may overwrite e."""
+    for i, name in enumerate(extras):
+        if name not in _SOFTMAX_EXTRAS:
+            table[:, i] = _head_extra(name, logits, labels)
+    top = logits.amax(-1, keepdim=True)
+    target = logits if "entropy" not in extras else None if scratch is None else scratch[:len(logits)]
+    e = torch.sub(logits, top, out=target).exp_()
+    total = e.sum(-1, keepdim=True)
+    lse = (top + total.log()).squeeze(-1)
+    for i, name in enumerate(extras):
+        if name == "entropy":  # H = lse - sum_v p_v z_v
+            table[:, i] = lse - torch.einsum("nv,nv->n", e, logits) / total.squeeze(-1)
+        elif name == "log_sum_sq_probs":  # log sum_v p_v^2 = log sum_v e_v^2 - 2 log sum_v e_v
+            table[:, i] = (torch.einsum("nv,nv->n", e, e).log() - 2 * total.squeeze(-1).log())
+    return lse, e, total
+
+
+def _head_extra(name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One of the `HEAD_EXTRAS` that read only a chunk's fp32 logits [n, V] and labels [n]."""
     if name == "mean_logits":
         return logits.mean(-1)
     return (logits.argmax(-1) == labels).float()  # top1: argmax takes the first of equal maxima
 
 
-def _chunk_logits(hidden, weight, bias):
+def _chunk_logits(hidden, weight, bias, buffer=None):
     # fp32 logits even under bf16 autocast: log-softmax over ~1e5 classes loses the differences DPO trains on.
     with torch.autocast(hidden.device.type, enabled=False):
         if _bf16_head(hidden):
             return _mm_fp32_out(hidden, weight.t(), bias)
-        return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        if buffer is None:
+            return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        out = buffer[:hidden.shape[0]]
+        if bias is None:
+            return torch.mm(hidden.float(), weight.float().t(), out=out)
+        return torch.addmm(bias.float(), hidden.float(), weight.float().t(), out=out)
+
+
+def _logits_buffer(hidden, weight, chunk):
+    """One fp32 [chunk, V] block that every chunk's logits reuse (None where the bf16 head allocates its own). On
+    CPU a fresh 32 MiB block per chunk is a fresh mapping whose pages fault in one by one as the product writes
+    them, which slowed the head's products by a quarter."""
+    if _bf16_head(hidden):
+        return None
+    return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=torch.float32, device=hidden.device)
 
 
 def _bf16_head(hidden: torch.Tensor) -> bool:
@@ -271,10 +304,10 @@ def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor, bias=None) -> torch.Tensor:
     return out if bias is None else out + bias.float()
 
 
-def _logits_grad(h, w, bias, labels, g, lse, transform):
+def _logits_grad(h, w, bias, labels, g, lse, transform, buffer=None):
     """g * d log softmax(t)[label] / d z for one chunk: z = h w^T + b, t = transform(z); all [n, V] but labels, g,
     lse [n, 1]."""
-    z = _chunk_logits(h, w, bias)
+    z = _chunk_logits(h, w, bias, buffer)
     if transform is None:
         return _softmax_grad(z, labels, g, lse)
     with torch.enable_grad():

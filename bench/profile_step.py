@@ -1,0 +1,93 @@
+"""trinity-dpo's training step under torch.profiler, on compare_trl.py's job: where a step's time goes.
+
+    python bench/profile_step.py [--lora-rank 16] [--no-checkpointing] [--steps 4] [--batch 4] [--max-length 512]
+
+Runs our side of `bench/compare_trl.py` (same model, pairs, config) and profiles every optimizer step after the
+first. Prints the operators by self CPU time, with the FLOPs the profiler counts for matrix products, and the share
+of the steps' time in matrix products against the matrix-product peak measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare_trl  # noqa: E402
+
+from trinity_dpo import train  # noqa: E402
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+
+
+def profiled(steps: list, shapes: bool):
+    """`train.train_step` that profiles each call after the first and keeps the profiles in `steps`."""
+    inner = train.train_step
+
+    def step(*args, **kwargs):
+        if not hasattr(step, "seen"):
+            step.seen = True
+            return inner(*args, **kwargs)
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=step.shapes,
+                     with_stack=step.shapes) as prof:
+            record = inner(*args, **kwargs)
+        steps.append((record["step_time_s"], prof.key_averages(group_by_input_shape=step.shapes, group_by_stack_n=5 if step.shapes else 0)))
+        return record
+    step.shapes = shapes
+    return step
+
+
+def report(steps: list, peak: float, rows: int) -> str:
+    total = sum(t for t, _ in steps)
+    merged: dict[str, list[float]] = {}
+    for _, averages in steps:
+        for e in averages:
+            key = e.key + (f" {e.input_shapes}" if e.input_shapes else "")
+            if e.stack:
+                key += " @ " + " < ".join(f.split("/")[-1] for f in e.stack[:4])
+            row = merged.setdefault(key, [0.0, 0.0, 0])
+            row[0] += e.self_cpu_time_total / 1e6
+            row[1] += e.flops or 0
+            row[2] += e.count
+    lines = [f"{len(steps)} profiled steps, {total:.2f} s in all; fp32 matrix-product peak {peak / 1e9:.0f} GFLOP/s",
+             f"{'operator':40s} {'self s':>8s} {'share':>6s} {'calls':>7s} {'GFLOP/s':>8s}"]
+    for key, (secs, flops, count) in sorted(merged.items(), key=lambda kv: -kv[1][0])[:rows]:
+        rate = f"{flops / secs / 1e9:8.0f}" if flops and secs else " " * 8
+        lines.append(f"{key[:400]:40s} {secs:8.2f} {secs / total:6.1%} {count:7d} {rate}")
+    products = [v for k, v in merged.items() if k.split(" ")[0] in PRODUCTS]
+    mm_s, mm_f = sum(v[0] for v in products), sum(v[1] for v in products)
+    lines.append(f"matrix products: {mm_s:.2f} s ({mm_s / total:.0%} of the steps), {mm_f / 1e12:.2f} TFLOP, "
+                 f"{mm_f / mm_s / 1e9:.0f} GFLOP/s ({mm_f / mm_s / peak:.0%} of the peak)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "qwen2.5-1.5b-shape"])
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
+    args = parser.parse_args()
+    args.precision, args.device, args.objective = "fp32", "cpu", "dpo"
+    steps: list = []
+    train.train_step = profiled(steps, args.shapes)
+    with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
+        work = Path(tmp)
+        model = compare_trl.build_model(args.model, work, args.layers)
+        data, _ = compare_trl.pairs_file(work, args.steps * args.batch)
+        compare_trl.run_ours(model, data, args, work)
+    print(report(steps, compare_trl.matmul_peak(torch.float32), args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
