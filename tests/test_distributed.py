@@ -287,3 +287,30 @@ def test_two_processes_equal_one_with_lora(config):
     two = one.parent / "lora2"
     assert_close_runs(one, two, 3, files=("adapter_model.safetensors", "merged/model.safetensors"))
     assert abs(records(two)[1]["loss"] - 0.6931471805599453) < 1e-6
+
+
+def test_lora_bf16_base_under_fsdp2_equals_an_fp32_base(config, qwen_dir, tmp_path):
+    """bf16 compute from a bf16 checkpoint: the adapted layers' frozen base stays bf16 (`lora.base_to_bf16`) next
+    to fp32 norms and adapters in each FSDP2 unit. Two workers give the same numbers, to the bit, as two workers
+    from the same values stored in fp32 (whose base stays fp32 and is cast to bf16 product by product): losses,
+    metrics and adapters."""
+    import shutil
+
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        folder = tmp_path / str(dtype)
+        AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).to(dtype).save_pretrained(folder)
+        for f in qwen_dir.iterdir():
+            if "token" in f.name or f.name.endswith(".jinja"):
+                shutil.copy(f, folder / f.name)
+        name = f"lora_{str(dtype)[6:]}"
+        proc = cli(config, "cluster.gpu_per_node=2", f"name={name}", "model.lora.rank=4", "model.lora.alpha=8",
+                   "trainer.total_steps=2", "algorithm.optimizer.lr=1e-2", f"model.model_path={folder}",
+                   "trainer.precision=bf16", "trainer.save_interval=2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("the frozen base of 14 adapted layers kept in bf16" in proc.stderr) is (dtype == torch.bfloat16)
+        runs[dtype] = config.parent / "ckpt" / "proj" / name
+    assert_close_runs(*runs.values(), 2, tol=0.0, files=("adapter_model.safetensors",))
+    # Each merged model is stored in its folder's dtype: the fp32 one, rounded to bf16, is the bf16 one.
+    wa, wb = (weights(r, 2, "merged/model.safetensors") for r in runs.values())
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k].to(torch.bfloat16)) for k in wa)

@@ -9,6 +9,9 @@ import shutil
 import torch
 
 from trinity_dpo import reference
+from trinity_dpo.modeling import Runtime
+
+CPU = Runtime(torch.device("cpu"), bf16=False)
 
 
 def test_weight_files_are_hashed_once_per_process_until_they_change(tmp_path, qwen_dir, monkeypatch):
@@ -69,7 +72,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(make_con
     assert "2 or more GPUs (cluster.gpu_per_node, cluster.node_num)" in message
     assert "LoRA (model.lora_configs: [{lora_rank: 16}])" in message and not loaded
     cfg = load_config(make_config(main={"name": "lora", "model": {"lora": {"rank": 16}}}))
-    memory.check_fits(cfg, torch.device("cpu"), 1, 4096)  # 28 GB of frozen weights + a small adapter: fits
+    memory.check_fits(cfg, CPU, 1, 4096)  # 28 GB of frozen weights + a small adapter: fits
 
 
 def test_model_shape_reads_the_config_only(qwen_dir):
@@ -96,7 +99,7 @@ def test_memory_check_steps_aside_when_the_shape_cannot_be_read(make_config, mon
     monkeypatch.setattr(memory, "model_shape", unreadable)
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 1.0)  # would refuse anything
     with caplog.at_level(logging.INFO):
-        memory.check_fits(load_config(make_config()), torch.device("cpu"), 1, 4096)
+        memory.check_fits(load_config(make_config()), CPU, 1, 4096)
     assert "memory check skipped: the model's shape could not be read (custom code needs a real device)" in caplog.text
 
 
@@ -211,4 +214,30 @@ def test_memory_check_counts_the_layers_that_keep_activations(make_config, monke
         model = {"enable_gradient_checkpointing": gc, "gradient_checkpointing_every": every}
         cfg = load_config(make_config(verl={"actor_rollout_ref": {"model": model}}))
         with pytest.raises(ConfigError, match=f", {gb} GB of activations for 4096 tokens a micro-batch"):
-            memory.check_fits(cfg, torch.device("cpu"), 1, 4096)
+            memory.check_fits(cfg, CPU, 1, 4096)
+
+
+def test_memory_check_counts_a_bf16_frozen_base_at_two_bytes(make_config, monkeypatch):
+    """7B shape with LoRA rank 16 (56M trained: 16 x 3.5M in + out features), 6.5B of it in linear weights,
+    checkpointing on (1.07 GB of activations at 4096 tokens), 24 GB of device memory. fp32 base: 4 x 7 = 28 GB
+    frozen + 16 x 0.056 = 0.90 GB trained + 1.07 = 30.0 GB: refused. Under bf16 compute from a bf16 checkpoint the
+    adapted linears are kept in bf16: 28 - 2 x 6.5 = 15 GB frozen, 17.0 GB in all: it fits."""
+    import pytest
+
+    from trinity_dpo import memory
+    from trinity_dpo.config import ConfigError
+    from trinity_dpo.config_loader import load_config
+
+    monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 24e9)
+    monkeypatch.setattr(memory, "stored_dtype", lambda path: torch.bfloat16)
+    monkeypatch.setattr(memory, "model_shape", lambda path, trust: {
+        "params": 7_000_000_000, "linear_in_out": 3_500_000, "linear_weights": 6_500_000_000, "hidden": 4096,
+        "layers": 32, "intermediate": 11008})
+    cfg = load_config(make_config(main={"model": {"lora": {"rank": 16}}},
+                                  verl={"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True}}}))
+    with pytest.raises(ConfigError, match=r"needs at least 30\.0 GB per process \(28\.9 GB of weights"):
+        memory.check_fits(cfg, CPU, 1, 4096)
+    memory.check_fits(cfg, Runtime(torch.device("cpu"), bf16=True), 1, 4096)
+    monkeypatch.setattr(memory, "stored_dtype", lambda path: torch.float32)  # an fp32 file keeps an fp32 base
+    with pytest.raises(ConfigError, match=r"needs at least 30\.0 GB"):
+        memory.check_fits(cfg, Runtime(torch.device("cpu"), bf16=True), 1, 4096)

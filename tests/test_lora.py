@@ -361,3 +361,53 @@ def test_fused_lora_linear_under_bf16_autocast_matches_peft():
     for fused, peft in zip(g_fused, g_peft):
         assert fused.dtype == torch.float32
         torch.testing.assert_close(fused, peft, rtol=2e-2, atol=2e-1)
+
+
+def test_bf16_lora_keeps_a_bf16_checkpoints_frozen_base_in_bf16_with_the_same_numbers(make_config, qwen_dir,
+                                                                                        tmp_path, monkeypatch, caplog):
+    """Under bf16 compute, from a checkpoint stored in bf16, the adapted layers' frozen base weights are kept in
+    bf16 (half their memory). Every product casts them to bf16 anyway and their values are the file's, so two steps
+    give the same losses, metrics, adapter and merged model, to the bit, as keeping them in fp32."""
+    import logging
+    import shutil
+
+    from trinity_dpo import lora
+
+    folder = tmp_path / "bf16_model"
+    AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).save_pretrained(folder)
+    for f in qwen_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, folder / f.name)
+    casts = []
+    original = lora.base_to_bf16
+    monkeypatch.setattr(lora, "base_to_bf16", lambda m: casts.append(m) or original(m))
+    runs = {}
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(lora, "frozen_in_bf16", lambda *a: False)
+        path = make_config(main={"name": f"bf16base{keep}", "model": {"model_path": str(folder), **LORA},
+                                 "trainer": {"total_steps": 2, "precision": "bf16", "eval_samples": 0,
+                                             "save_interval": 2}})
+        with caplog.at_level(logging.INFO):
+            runs[keep] = train.run(load_config(path))
+    assert len(casts) == 1 and "the frozen base of 14 adapted layers kept in bf16" in caplog.text
+    bases = [p for n, p in casts[0].named_parameters() if ".base_layer." in n]
+    assert bases and all(p.dtype == torch.bfloat16 for p in bases)
+    assert all(p.dtype == torch.float32 for n, p in casts[0].named_parameters() if ".base_layer." not in n)
+    for a, b in zip(records(runs[True]), records(runs[False])):
+        assert {k: v for k, v in a.items() if k not in ("tokens_per_s", "step_time_s")} == \
+               {k: v for k, v in b.items() if k not in ("tokens_per_s", "step_time_s")}
+    for name in ("adapter_model.safetensors", "merged/model.safetensors"):
+        wa, wb = (load_file(str(r / "global_step_2" / name)) for r in (runs[True], runs[False]))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_an_fp32_checkpoint_or_fp32_compute_keeps_the_frozen_base_in_fp32():
+    from trinity_dpo.config import LoraConfig
+    from trinity_dpo.lora import frozen_in_bf16
+
+    on = LoraConfig(rank=4)
+    assert frozen_in_bf16(on, True, torch.bfloat16)
+    assert not frozen_in_bf16(on, False, torch.bfloat16) and not frozen_in_bf16(on, True, torch.float32)
+    assert not frozen_in_bf16(LoraConfig(rank=0), True, torch.bfloat16)
+    assert not frozen_in_bf16(LoraConfig(rank=4, load_in_4bit=True), True, torch.bfloat16)

@@ -99,8 +99,14 @@ def _write(tmp: Path, model, weights: dict, merged: dict | None, tokenizer, save
 
 
 def _save_hf(model, folder: Path, weights: dict, save_dtype: torch.dtype) -> None:
-    """A plain Hugging Face model folder with `weights` stored in `save_dtype`."""
-    weights = {k: v.to(save_dtype) for k, v in weights.items()}
+    """A plain Hugging Face model folder with `weights` stored in `save_dtype`. Tied weights (one memory under two
+    names) stay one tensor through the cast, so `save_pretrained` stores them once."""
+    cast: dict[tuple, torch.Tensor] = {}
+    key = lambda v: (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())  # noqa: E731
+    for v in weights.values():
+        if key(v) not in cast:
+            cast[key(v)] = v.to(save_dtype)
+    weights = {k: cast[key(v)] for k, v in weights.items()}
     original_dtype = model.config.dtype
     model.config.dtype = save_dtype
     try:

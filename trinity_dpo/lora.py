@@ -66,6 +66,29 @@ def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str, seed: int) 
     return model
 
 
+def frozen_in_bf16(lora: LoraConfig, bf16: bool, stored: torch.dtype) -> bool:
+    """Whether the adapted layers' frozen base weights are kept in bf16 rather than fp32: under bf16 compute, for a
+    checkpoint stored in bf16. Every product autocasts them to bf16 anyway, and a bf16 file's values are exactly
+    bf16, so the numbers (and a merged model, formed in fp32) are the same, for half their memory. QLoRA keeps its
+    own 4-bit base."""
+    return lora.rank > 0 and bf16 and stored == torch.bfloat16 and not lora.load_in_4bit
+
+
+def base_to_bf16(model: torch.nn.Module) -> int:
+    """Cast the base weight (and bias) of every adapted linear layer to bf16, in place (also on the meta device,
+    before `distributed.fill` reads the values into them); returns how many layers. Embeddings, norms and the LM
+    head keep fp32: the residual stream and the head's log-softmax stay fp32."""
+    from peft.tuners.lora.layer import Linear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear:
+            for p in module.base_layer.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+            count += 1
+    return count
+
+
 def fresh_value(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     """A new adapter weight's starting value, the same in every process and however the model was built: PEFT's
     initialisation (A uniform in +-1/sqrt(fan_in), PEFT's kaiming-uniform with a = sqrt(5); B zero; for embeddings

@@ -14,15 +14,18 @@ import math
 import torch
 
 from .config import Config, ConfigError
+from .lora import frozen_in_bf16
+from .modeling import Runtime, stored_dtype
 
 log = logging.getLogger(__name__)
 
 GB = 1e9
 
 
-def check_fits(cfg: Config, device: torch.device, world: int, micro_tokens: int) -> None:
-    """Raise ConfigError when `cfg`'s model cannot fit on `device` (one of `world` processes) with `micro_tokens`
-    tokens in a micro-batch."""
+def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> None:
+    """Raise ConfigError when `cfg`'s model cannot fit on `runtime`'s device (one of `world` processes) with
+    `micro_tokens` tokens in a micro-batch."""
+    device = runtime.device
     try:
         shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code)
     except Exception as e:  # an architecture that cannot be built on the meta device: no estimate, no refusal
@@ -31,6 +34,8 @@ def check_fits(cfg: Config, device: torch.device, world: int, micro_tokens: int)
     lora = cfg.model.lora
     trained = shape["params"] if not lora.rank else lora.rank * shape["linear_in_out"]
     frozen_bytes = 0.0 if not lora.rank else (0.56 if lora.load_in_4bit else 4.0) * shape["params"]
+    if lora.rank and runtime.bf16 and frozen_in_bf16(lora, runtime.bf16, stored_dtype(cfg.model.model_path)):
+        frozen_bytes -= 2.0 * shape["linear_weights"]  # all linear layers: a lower bound for any target list
     state = (16 * trained + frozen_bytes) / world
     verl_model = cfg.trainer.trainer_config.actor_rollout_ref.model
     checkpointing = verl_model.enable_gradient_checkpointing
@@ -64,18 +69,20 @@ def check_fits(cfg: Config, device: torch.device, world: int, micro_tokens: int)
 
 def model_shape(model_path: str, trust_remote_code: bool) -> dict[str, int]:
     """Parameter count and sizes from the model's config.json, built on the meta device (no memory, no weights
-    read); `linear_in_out` sums in + out features over the linear layers LoRA's all-linear adapts."""
+    read); `linear_in_out` sums in + out features, `linear_weights` in x out, over the linear layers LoRA's
+    all-linear adapts."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
-    linear = sum(m.in_features + m.out_features for m in model.modules()
-                 if isinstance(m, torch.nn.Linear) and m is not head)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", 0)
-    return {"params": sum(p.numel() for p in model.parameters()), "linear_in_out": linear, "hidden": hidden,
+    return {"params": sum(p.numel() for p in model.parameters()), "hidden": hidden,
+            "linear_in_out": sum(m.in_features + m.out_features for m in linears),
+            "linear_weights": sum(m.in_features * m.out_features for m in linears),
             "layers": getattr(text, "num_hidden_layers", 0),
             "intermediate": getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden}
 

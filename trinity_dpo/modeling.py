@@ -127,11 +127,12 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def load_model(cfg: Config, device: torch.device, path: str | None = None,
-               empty: bool = False) -> tuple[torch.nn.Module, torch.dtype]:
+def load_model(cfg: Config, device: torch.device, path: str | None = None, empty: bool = False,
+               bf16: bool = False) -> tuple[torch.nn.Module, torch.dtype]:
     """The model at `path` (default: the policy's) in fp32 on `device`, dropout off; and the dtype its folder
     stores (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real),
-    to be sharded and then filled from `weights_reader`."""
+    to be sharded and then filled from `weights_reader`. `bf16`: the run computes in bf16, so LoRA's frozen base
+    may be kept in bf16 (`lora.frozen_in_bf16`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,9 +165,12 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None,
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         _checkpoint_every(model, cfg.trainer.trainer_config.actor_rollout_ref.model.gradient_checkpointing_every)
+    stored = stored_dtype(path)
     if policy and cfg.model.lora.rank > 0:
         lora.attach(model, cfg.model.lora, path, cfg.trainer.seed)
-    stored = _stored_dtype(path)
+        if lora.frozen_in_bf16(cfg.model.lora, bf16, stored):
+            log.info("LoRA: the frozen base of %d adapted layers kept in bf16 (bf16 compute, bf16 checkpoint)",
+                     lora.base_to_bf16(model))
     model.config.use_cache = False
     return (model if quantized or empty else model.to(device)).train(), stored
 
@@ -240,7 +244,8 @@ def _four_bit(device: torch.device) -> dict:
             "device_map": {"": device}}
 
 
-def _stored_dtype(model_path: str) -> torch.dtype:
+def stored_dtype(model_path: str) -> torch.dtype:
+    """The dtype the model folder's config.json says its weights are stored in (fp32 where it says none)."""
     import json
     from pathlib import Path
 

@@ -117,7 +117,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
     data = dataset.load_data(cfg, tokenizer)
-    memory.check_fits(cfg, runtime.device, d.world, memory.micro_tokens(cfg, data.train, d.world))  # before loading
+    memory.check_fits(cfg, runtime, d.world, memory.micro_tokens(cfg, data.train, d.world))  # before loading
     run_dir, resume_from = run_folder.prepare_run_dir(cfg, d)
     if d.main:
         run_folder.write_json(run_dir / "data_summary.json", data.summary)
@@ -151,13 +151,13 @@ def _load_policy(cfg: Config, runtime: Runtime, d: Dist) -> tuple[torch.nn.Modul
     reference cache depends on it). With several processes the model is built on the meta device and each process
     reads only its shard of the weights; one process, or a folder that cannot be read that way, loads it whole."""
     if d.mesh is not None:
-        model, save_dtype = load_model(cfg, runtime.device, empty=True)
+        model, save_dtype = load_model(cfg, runtime.device, empty=True, bf16=runtime.bf16)
         read = weights_reader(cfg, model)
         if read is not None:
             distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
             distributed.fill(model, d, read)
             return model, save_dtype, lora.initial_digest(model)
-    model, save_dtype = load_model(cfg, runtime.device)
+    model, save_dtype = load_model(cfg, runtime.device, bf16=runtime.bf16)
     adapter = lora.initial_digest(model)
     distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
     return model, save_dtype, adapter
