@@ -290,7 +290,7 @@ def test_two_processes_equal_one_with_lora(config):
 
 
 def test_lora_bf16_base_under_fsdp2_equals_an_fp32_base(config, qwen_dir, tmp_path):
-    """bf16 compute from a bf16 checkpoint: the adapted layers' frozen base stays bf16 (`lora.base_to_bf16`) next
+    """bf16 compute from a bf16 checkpoint: the adapted layers' frozen base stays bf16 (`lora.base_in_bf16`) next
     to fp32 norms and adapters in each FSDP2 unit. Two workers give the same numbers, to the bit, as two workers
     from the same values stored in fp32 (whose base stays fp32 and is cast to bf16 product by product): losses,
     metrics and adapters."""

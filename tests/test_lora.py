@@ -379,8 +379,8 @@ def test_bf16_lora_keeps_a_bf16_checkpoints_frozen_base_in_bf16_with_the_same_nu
         if "token" in f.name or f.name.endswith(".jinja"):
             shutil.copy(f, folder / f.name)
     casts = []
-    original = lora.base_to_bf16
-    monkeypatch.setattr(lora, "base_to_bf16", lambda m: casts.append(m) or original(m))
+    original = lora.base_in_bf16
+    monkeypatch.setattr(lora, "base_in_bf16", lambda m: casts.append(m) or original(m))
     runs = {}
     for keep in (True, False):
         if not keep:

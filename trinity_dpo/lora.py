@@ -74,19 +74,22 @@ def frozen_in_bf16(lora: LoraConfig, bf16: bool, stored: torch.dtype) -> bool:
     return lora.rank > 0 and bf16 and stored == torch.bfloat16 and not lora.load_in_4bit
 
 
-def base_to_bf16(model: torch.nn.Module) -> int:
-    """Cast the base weight (and bias) of every adapted linear layer to bf16, in place (also on the meta device,
-    before `distributed.fill` reads the values into them); returns how many layers. Embeddings, norms and the LM
-    head keep fp32: the residual stream and the head's log-softmax stay fp32."""
+def base_in_bf16(model: torch.nn.Module) -> int:
+    """The base weight (and bias) of every adapted linear layer in bf16, every other parameter (adapters,
+    embeddings, norms, LM head) in fp32, in place: from a model read in either dtype, also on the meta device
+    (before `distributed.fill` reads the values in). The residual stream and the head's log-softmax stay fp32.
+    Returns how many layers."""
     from peft.tuners.lora.layer import Linear
 
-    count = 0
+    base = set()
     for module in model.modules():
         if type(module) is Linear:
-            for p in module.base_layer.parameters(recurse=False):
-                p.data = p.data.to(torch.bfloat16)
-            count += 1
-    return count
+            base.update(id(p) for p in module.base_layer.parameters(recurse=False))
+    for p in model.parameters():
+        dtype = torch.bfloat16 if id(p) in base else torch.float32
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return sum(type(m) is Linear for m in model.modules())
 
 
 def fresh_value(name: str, shape: torch.Size, seed: int) -> torch.Tensor:

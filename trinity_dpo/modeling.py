@@ -139,6 +139,8 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     policy, path = path is None, path or cfg.model.model_path
     adapter, path = (path, lora.base_of(path)) if lora.is_adapter(path) else (None, path)
     quantized = policy and cfg.model.lora.rank > 0 and cfg.model.lora.load_in_4bit
+    stored = stored_dtype(path)
+    bf16_base = policy and lora.frozen_in_bf16(cfg.model.lora, bf16, stored)
     trust = cfg.model.trust_remote_code
     try:
         if empty:
@@ -149,8 +151,9 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
                                                          dtype=torch.float32, trust_remote_code=trust)
             model.tie_weights()  # accelerate's context re-registers parameters, which unties them
         else:
+            # A bf16 base is read as stored: no fp32 copy of the whole model on the host, even for a moment.
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, trust_remote_code=trust, use_safetensors=True,
+                path, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=trust, use_safetensors=True,
                 **(_four_bit(device) if quantized else {}))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model from {path}: {str(e).strip().splitlines()[0]}") from None
@@ -165,12 +168,11 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         _checkpoint_every(model, cfg.trainer.trainer_config.actor_rollout_ref.model.gradient_checkpointing_every)
-    stored = stored_dtype(path)
     if policy and cfg.model.lora.rank > 0:
         lora.attach(model, cfg.model.lora, path, cfg.trainer.seed)
-        if lora.frozen_in_bf16(cfg.model.lora, bf16, stored):
-            log.info("LoRA: the frozen base of %d adapted layers kept in bf16 (bf16 compute, bf16 checkpoint)",
-                     lora.base_to_bf16(model))
+    if bf16_base:
+        log.info("LoRA: the frozen base of %d adapted layers kept in bf16 (bf16 compute, bf16 checkpoint)",
+                 lora.base_in_bf16(model))
     model.config.use_cache = False
     return (model if quantized or empty else model.to(device)).train(), stored
 
