@@ -48,3 +48,20 @@ def test_prompts_shared_only_where_asked_and_on_this_tools_attention(llama_dir, 
     cfg = Config()
     cfg.trainer.share_prompt = asked
     assert for_model(Runtime(torch.device("cpu"), bf16=False), cfg, model).share_prompt is shared
+
+
+def test_a_corrupt_config_json_is_one_line(qwen_dir, tmp_path):
+    """A model folder whose config.json is not JSON stops in one line from the loader (ConfigError: exit 2), not
+    with a traceback from reading its stored dtype."""
+    import shutil
+
+    from trinity_dpo.config import ConfigError
+
+    folder = tmp_path / "model"
+    shutil.copytree(qwen_dir, folder)
+    (folder / "config.json").write_text("{not json")
+    cfg = Config()
+    cfg.model.model_path = str(folder)
+    with pytest.raises(ConfigError, match=r"^cannot load the model from .*model: ") as err:
+        modeling.load_model(cfg, torch.device("cpu"), bf16=True)
+    assert "\n" not in str(err.value)

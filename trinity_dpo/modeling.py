@@ -129,10 +129,10 @@ def load_tokenizer(cfg: Config):
 
 def load_model(cfg: Config, device: torch.device, path: str | None = None, empty: bool = False,
                bf16: bool = False) -> tuple[torch.nn.Module, torch.dtype]:
-    """The model at `path` (default: the policy's) in fp32 on `device`, dropout off; and the dtype its folder
-    stores (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real),
-    to be sharded and then filled from `weights_reader`. `bf16`: the run computes in bf16, so LoRA's frozen base
-    may be kept in bf16 (`lora.frozen_in_bf16`)."""
+    """The model at `path` (default: the policy's) in fp32 on `device`, dropout off; and the dtype its folder stores
+    (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real), to be
+    sharded and then filled from `weights_reader`. `bf16`: the run computes in bf16, so LoRA's frozen base may be
+    read and kept in bf16 (`lora.frozen_in_bf16`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -247,11 +247,15 @@ def _four_bit(device: torch.device) -> dict:
 
 
 def stored_dtype(model_path: str) -> torch.dtype:
-    """The dtype the model folder's config.json says its weights are stored in (fp32 where it says none)."""
+    """The dtype the model folder's config.json says its weights are stored in (fp32 where it says none, or where
+    there is no readable config.json: loading the model then says what is wrong, in one line)."""
     import json
     from pathlib import Path
 
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     dtype = getattr(torch, str(name).replace("torch.", ""), None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
