@@ -411,3 +411,30 @@ def test_an_fp32_checkpoint_or_fp32_compute_keeps_the_frozen_base_in_fp32():
     assert not frozen_in_bf16(on, False, torch.bfloat16) and not frozen_in_bf16(on, True, torch.float32)
     assert not frozen_in_bf16(LoraConfig(rank=0), True, torch.bfloat16)
     assert not frozen_in_bf16(LoraConfig(rank=4, load_in_4bit=True), True, torch.bfloat16)
+
+
+def test_a_bf16_read_base_keeps_computed_buffers_in_fp32(tmp_path):
+    """Gemma builds its embedding scale sqrt(hidden) as a buffer when the model is made: under a bf16 read it would
+    be 6.3125 for hidden 40, not 6.3246. The bf16 base takes such buffers from an fp32 build, so hidden states
+    under bf16 autocast equal the fp32-read model's exactly."""
+    from transformers import Gemma3TextConfig
+
+    from trinity_dpo import modeling
+    from trinity_dpo.config import Config
+
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=20, max_position_embeddings=128,
+                              sliding_window=16)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    hidden = {}
+    for bf16 in (False, True):
+        cfg = Config()
+        cfg.model.model_path, cfg.model.lora.rank, cfg.model.lora.alpha = str(tmp_path), 4, 8
+        model, _ = modeling.load_model(cfg, torch.device("cpu"), bf16=bf16)
+        assert (model.model.layers[0].mlp.gate_proj.base_layer.weight.dtype == torch.bfloat16) is bf16
+        scale = dict(model.named_buffers())["model.embed_tokens.embed_scale"]
+        assert scale.dtype == torch.float32 and scale.item() == torch.tensor(40 ** 0.5).item()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden[bf16] = model.model(input_ids=torch.tensor([[1, 5, 7, 9, 11]])).last_hidden_state
+    assert torch.equal(hidden[False], hidden[True])

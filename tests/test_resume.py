@@ -206,8 +206,9 @@ def test_security_defaults():
 
 
 def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_path, monkeypatch):
-    """A model folder that declares bf16 gets bf16 HF checkpoints, the tied LM head stored once (as the embedding)
-    through the cast; resuming must use the fp32 master copy."""
+    """A model folder that declares bf16 gets bf16 HF checkpoints whose config.json says bf16, the tied LM head
+    stored once (as the embedding) through the cast; resuming must use the fp32 master copy."""
+    from trinity_dpo.modeling import stored_dtype
     import shutil
 
     bf16_dir = tmp_path / "bf16_model"
@@ -225,6 +226,7 @@ def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_
     stored = load_file(str(whole / "global_step_4" / "model.safetensors"))
     assert stored["model.norm.weight"].dtype == torch.bfloat16
     assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+    assert stored_dtype(str(whole / "global_step_4")) == torch.bfloat16  # its config.json says what it stores
     run_killed_in_step(cfg("crashed"), 3, monkeypatch)
     run_dir = train.run(load_config(cfg("crashed")))
     assert_same_run(whole, run_dir, 4)

@@ -99,20 +99,20 @@ def _write(tmp: Path, model, weights: dict, merged: dict | None, tokenizer, save
 
 
 def _save_hf(model, folder: Path, weights: dict, save_dtype: torch.dtype) -> None:
-    """A plain Hugging Face model folder with `weights` stored in `save_dtype`. Tied weights (one memory under two
-    names) stay one tensor through the cast, so `save_pretrained` stores them once."""
-    cast: dict[tuple, torch.Tensor] = {}
-    key = lambda v: (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())  # noqa: E731
+    """A plain Hugging Face model folder with `weights` stored in `save_dtype`, which its config.json names (the
+    next run reads it: `modeling.stored_dtype`). Tied weights (one memory under two names) stay one tensor through
+    the cast, so `save_pretrained` stores them once."""
+    cast: dict[object, torch.Tensor] = {}
     for v in weights.values():
-        if key(v) not in cast:
-            cast[key(v)] = v.to(save_dtype)
-    weights = {k: cast[key(v)] for k, v in weights.items()}
-    original_dtype = model.config.dtype
-    model.config.dtype = save_dtype
-    try:
-        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-    finally:
-        model.config.dtype = original_dtype
+        if distributed.memory_key(v) not in cast:
+            cast[distributed.memory_key(v)] = v.to(save_dtype)
+    model.save_pretrained(folder, state_dict={k: cast[distributed.memory_key(v)] for k, v in weights.items()},
+                          safe_serialization=True)
+    # save_pretrained writes the dtype of the model's own parameters (fp32 master weights), whatever it stored.
+    config = json.loads((folder / "config.json").read_text())
+    for key in {"dtype", *({"torch_dtype"} & config.keys())}:  # transformers 4.x wrote torch_dtype
+        config[key] = str(save_dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:

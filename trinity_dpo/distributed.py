@@ -297,7 +297,13 @@ def full_state_dict(model: torch.nn.Module, main: bool, trainable_only: bool = F
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()} if main else {}
+        # One host copy per memory: a tied head copied from a GPU under its own name would be stored twice.
+        host: dict[object, torch.Tensor] = {}
+        weights = {}
+        for k, v in (model.state_dict().items() if main else ()):
+            if memory_key(v) not in host:
+                host[memory_key(v)] = v.detach().cpu()
+            weights[k] = host[memory_key(v)]
     else:  # frozen weights are not even gathered when only the trained ones are asked for
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                        ignore_frozen_params=trainable_only))
@@ -309,6 +315,12 @@ def full_state_dict(model: torch.nn.Module, main: bool, trainable_only: bool = F
             first.setdefault(id(param), name)
     frozen = _frozen(model) if trainable_only else set()
     return {k: v for k, v in weights.items() if k not in frozen}
+
+
+def memory_key(v: torch.Tensor) -> object:
+    """Equal for two names of one weight (tied), different otherwise. An empty tensor has no memory to share (its
+    data_ptr may be 0): it keys by itself."""
+    return (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else id(v)
 
 
 def _frozen(model: torch.nn.Module) -> set[str]:

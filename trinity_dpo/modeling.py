@@ -157,6 +157,8 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
                 **(_four_bit(device) if quantized else {}))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model from {path}: {str(e).strip().splitlines()[0]}") from None
+    if bf16_base and not empty:
+        _fp32_buffers(model, path, trust)
     if adapter is not None:  # `trinity eval` of a LoRA checkpoint: score the merged model
         model = lora.merge_into(model, adapter)
     _disable_dropout(model)
@@ -175,6 +177,24 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
                  lora.base_in_bf16(model))
     model.config.use_cache = False
     return (model if quantized or empty else model.to(device)).train(), stored
+
+
+def _fp32_buffers(model: torch.nn.Module, path: str, trust: bool) -> None:
+    """The float buffers of a model read in bf16, as an fp32 read gives them. A model built under bf16 computes its
+    non-persistent buffers (Gemma's embedding scale sqrt(hidden), rotary tables) in bf16, which no cast back
+    restores: they are taken from an fp32 build on the meta device (parameters empty, buffers real). Buffers
+    read from the checkpoint are bf16 values there: cast to fp32, exactly."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        fresh = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust),
+                                                      dtype=torch.float32, trust_remote_code=trust).named_buffers())
+    computed = {f"{prefix}.{b}" if prefix else b
+                for prefix, module in model.named_modules() for b in module._non_persistent_buffers_set}
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():
+            buffer.data = (fresh[name] if name in computed and name in fresh else buffer).float()
 
 
 def _checkpoint_every(model: torch.nn.Module, every: int) -> None:
