@@ -102,11 +102,7 @@ def _save_hf(model, folder: Path, weights: dict, save_dtype: torch.dtype) -> Non
     """A plain Hugging Face model folder with `weights` stored in `save_dtype`, which its config.json names (the
     next run reads it: `modeling.stored_dtype`). Tied weights (one memory under two names) stay one tensor through
     the cast, so `save_pretrained` stores them once."""
-    cast: dict[object, torch.Tensor] = {}
-    for v in weights.values():
-        if distributed.memory_key(v) not in cast:
-            cast[distributed.memory_key(v)] = v.to(save_dtype)
-    model.save_pretrained(folder, state_dict={k: cast[distributed.memory_key(v)] for k, v in weights.items()},
+    model.save_pretrained(folder, state_dict=distributed.per_memory(weights, lambda v: v.to(save_dtype)),
                           safe_serialization=True)
     # save_pretrained writes the dtype of the model's own parameters (fp32 master weights), whatever it stored.
     config = json.loads((folder / "config.json").read_text())

@@ -298,12 +298,7 @@ def full_state_dict(model: torch.nn.Module, main: bool, trainable_only: bool = F
 
     if not any(hasattr(p, "full_tensor") for p in model.parameters()):
         # One host copy per memory: a tied head copied from a GPU under its own name would be stored twice.
-        host: dict[object, torch.Tensor] = {}
-        weights = {}
-        for k, v in (model.state_dict().items() if main else ()):
-            if memory_key(v) not in host:
-                host[memory_key(v)] = v.detach().cpu()
-            weights[k] = host[memory_key(v)]
+        weights = per_memory(model.state_dict(), lambda v: v.detach().cpu()) if main else {}
     else:  # frozen weights are not even gathered when only the trained ones are asked for
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                        ignore_frozen_params=trainable_only))
@@ -317,10 +312,17 @@ def full_state_dict(model: torch.nn.Module, main: bool, trainable_only: bool = F
     return {k: v for k, v in weights.items() if k not in frozen}
 
 
-def memory_key(v: torch.Tensor) -> object:
-    """Equal for two names of one weight (tied), different otherwise. An empty tensor has no memory to share (its
-    data_ptr may be 0): it keys by itself."""
-    return (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else id(v)
+def per_memory(weights: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
+    """`fn` of each weight, computed once per memory: the names of one tied weight keep sharing one result. An
+    empty tensor has no memory to share (its data_ptr may be 0): it is its own."""
+    done: dict[object, torch.Tensor] = {}
+    out = {}
+    for name, v in weights.items():
+        key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else id(v)
+        if key not in done:
+            done[key] = fn(v)
+        out[name] = done[key]
+    return out
 
 
 def _frozen(model: torch.nn.Module) -> set[str]:

@@ -34,7 +34,7 @@ def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> 
     lora = cfg.model.lora
     trained = shape["params"] if not lora.rank else lora.rank * shape["linear_in_out"]
     frozen_bytes = 0.0 if not lora.rank else (0.56 if lora.load_in_4bit else 4.0) * shape["params"]
-    if lora.rank and runtime.bf16 and frozen_in_bf16(lora, runtime.bf16, stored_dtype(cfg.model.model_path)):
+    if frozen_in_bf16(lora, runtime.bf16, stored_dtype(cfg.model.model_path)):
         frozen_bytes -= 2.0 * shape["linear_weights"]  # all linear layers: a lower bound for any target list
     state = (16 * trained + frozen_bytes) / world
     verl_model = cfg.trainer.trainer_config.actor_rollout_ref.model

@@ -133,7 +133,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real), to be
     sharded and then filled from `weights_reader`. `bf16`: the run computes in bf16, so LoRA's frozen base may be
     read and kept in bf16 (`lora.frozen_in_bf16`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     policy, path = path is None, path or cfg.model.model_path
@@ -144,12 +144,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     trust = cfg.model.trust_remote_code
     try:
         if empty:
-            from accelerate import init_empty_weights
-
-            with init_empty_weights(include_buffers=False):  # rotary tables and other buffers stay computed
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust),
-                                                         dtype=torch.float32, trust_remote_code=trust)
-            model.tie_weights()  # accelerate's context re-registers parameters, which unties them
+            model = _skeleton(path, trust)
         else:
             # A bf16 base is read as stored: no fp32 copy of the whole model on the host, even for a moment.
             model = AutoModelForCausalLM.from_pretrained(
@@ -184,17 +179,25 @@ def _fp32_buffers(model: torch.nn.Module, path: str, trust: bool) -> None:
     non-persistent buffers (Gemma's embedding scale sqrt(hidden), rotary tables) in bf16, which no cast back
     restores: they are taken from an fp32 build on the meta device (parameters empty, buffers real). Buffers
     read from the checkpoint are bf16 values there: cast to fp32, exactly."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        fresh = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust),
-                                                      dtype=torch.float32, trust_remote_code=trust).named_buffers())
+    fresh = dict(_skeleton(path, trust).named_buffers())
     computed = {f"{prefix}.{b}" if prefix else b
                 for prefix, module in model.named_modules() for b in module._non_persistent_buffers_set}
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point():
             buffer.data = (fresh[name] if name in computed and name in fresh else buffer).float()
+
+
+def _skeleton(path: str, trust: bool) -> torch.nn.Module:
+    """The model at `path` built in fp32 with its parameters on the meta device (no memory, no weights read) and
+    its buffers real (rotary tables and other buffers computed as an fp32 read computes them)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust),
+                                                 dtype=torch.float32, trust_remote_code=trust)
+    model.tie_weights()  # accelerate's context re-registers parameters, which unties them
+    return model
 
 
 def _checkpoint_every(model: torch.nn.Module, every: int) -> None:
