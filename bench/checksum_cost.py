@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trinity_dpo import manifest  # noqa: E402
+from trinity_dpo.run import manifest  # noqa: E402
 
 
 def _evict(folder: Path) -> None:

@@ -81,8 +81,8 @@ def smollm2_folder(work: Path, weights: bool = True) -> str:
     """The built-in SmolLM2; on a machine without its package but with bench/gpu_bundle.py's `.gpu/` (the offline
     GPU machine: the GGUF is too large to travel), a folder of its shape with seeded random weights, its tokenizer
     and config from the bundle (only those, without `weights`: for its tokenizer)."""
-    from trinity_dpo import builtin
-    from trinity_dpo.config import ConfigError
+    from trinity_dpo.sources import builtin
+    from trinity_dpo.config.schema import ConfigError
 
     try:
         return builtin.materialize("builtin:smollm2-135m-instruct")
@@ -104,8 +104,8 @@ def smollm2_folder(work: Path, weights: bool = True) -> str:
 
 
 def pairs_file(work: Path, n: int) -> tuple[Path, str]:
-    from trinity_dpo import builtin
-    from trinity_dpo.data import read_rows
+    from trinity_dpo.sources import builtin
+    from trinity_dpo.data.conversations import read_rows
 
     source = str(REAL) if REAL.is_dir() else builtin.data_path("builtin:human-like-demo")
     rows = read_rows(source, "train")[:n]
@@ -117,8 +117,8 @@ def pairs_file(work: Path, n: int) -> tuple[Path, str]:
 def run_ours(model: str, data: Path, args, work: Path) -> dict:
     import yaml
 
-    from trinity_dpo import train
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.run import train
+    from trinity_dpo.config.loader import load_config
 
     cfg = {"project": "bench", "name": f"ours_{args.precision}_{getattr(args, 'objective', 'dpo')}", "checkpoint_root_dir": str(work),
            "model": {"model_path": model, "max_prompt_tokens": args.max_length, "max_response_tokens": args.max_length,

@@ -74,8 +74,8 @@ def fit(tok, messages: list[dict], limit: int) -> list[dict] | None:
 
 def conversations(tok, n: int, limit: int) -> tuple[list[dict], str]:
     """`n` two-turn conversations of consecutive real rows, each cut to `limit` tokens."""
-    from trinity_dpo import builtin
-    from trinity_dpo.sources import read_rows
+    from trinity_dpo.sources import builtin
+    from trinity_dpo.sources.files import read_rows
 
     if REAL.is_dir():
         source, rows = str(REAL), read_rows(str(REAL), "train")
@@ -94,7 +94,7 @@ def conversations(tok, n: int, limit: int) -> tuple[list[dict], str]:
 
 def long_row(tok, target: int) -> dict:
     """One user turn and one assistant answer of real chosen texts repeated to about `target` tokens."""
-    from trinity_dpo.sources import read_rows
+    from trinity_dpo.sources.files import read_rows
 
     rows = read_rows(str(REAL), "train") if REAL.is_dir() else [{"prompt": "Tell me everything about your day.",
                                                                  "chosen": "Oh man, where do I even start? " * 40}]
@@ -108,8 +108,8 @@ def long_row(tok, target: int) -> dict:
 def run_ours(args, work: Path) -> dict:
     import yaml
 
-    from trinity_dpo import train
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.run import train
+    from trinity_dpo.config.loader import load_config
 
     actor = {"use_dynamic_bsz": True, "ppo_max_token_len_per_gpu": args.token_budget} if args.token_budget else {}
     fmt = {"prompt_type": "messages", "messages_key": "messages", "enable_concatenated_multi_turn": True}
@@ -143,7 +143,7 @@ def run_trl(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from trinity_dpo.batching import step_indices
+    from trinity_dpo.data.batching import step_indices
 
     start = time.perf_counter()  # wall time from here: model loading and data preparation, as in ours
     rows = [json.loads(x) for x in Path(args.data).read_text().splitlines()]

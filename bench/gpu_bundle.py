@@ -33,7 +33,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from transformers import AutoConfig, AutoTokenizer
 
-    from trinity_dpo import builtin
+    from trinity_dpo.sources import builtin
 
     wheels = BUNDLE / "wheels"
     shutil.rmtree(BUNDLE, ignore_errors=True)

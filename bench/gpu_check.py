@@ -57,7 +57,7 @@ def versions(device: str) -> str:
     import peft
     import transformers
 
-    from trinity_dpo.attention import varlen_attn
+    from trinity_dpo.engine.attention import varlen_attn
 
     parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}", f"peft {peft.__version__}"]
     if device == "cuda":
@@ -72,7 +72,7 @@ def versions(device: str) -> str:
 
 def head_against_autograd(device: str, dtype: torch.dtype) -> str:
     """Chunked head log-probs and their gradients against log_softmax of the full fp32 logits."""
-    from trinity_dpo.logprobs import head_logprobs
+    from trinity_dpo.engine.logprobs import head_logprobs
 
     torch.manual_seed(0)
     n, h, v = 300, 64, 5003
@@ -94,7 +94,7 @@ def head_against_autograd(device: str, dtype: torch.dtype) -> str:
 def attention_against_autograd(device: str, dtype: torch.dtype) -> str:
     """Packed rows (three sequences) and a shared-prompt row (prompt, chosen, rejected seeing the prompt) against
     dense-masked SDPA; outputs and gradients."""
-    from trinity_dpo.attention import varlen_kwargs, varlen_sdpa
+    from trinity_dpo.engine.attention import varlen_kwargs, varlen_sdpa
 
     torch.manual_seed(0)
     t, heads, kv, d = 48, 4, 2, 16
@@ -151,8 +151,8 @@ def weights(run_dir: Path, step: int) -> dict:
 
 
 def end_to_end(work: Path, model: str, data: str, device: str) -> tuple[str, Path]:
-    from trinity_dpo import train
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.run import train
+    from trinity_dpo.config.loader import load_config
 
     whole = train.run(load_config(write_config(work, model, data, "whole", device)))
     steps = [r for r in records(whole) if "pairs" in r]
@@ -202,8 +202,8 @@ def profile_step(work: Path, model: str, data: str) -> str:
     """Our training step under torch.profiler: the ten CUDA kernels that take the most time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from trinity_dpo import train
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.run import train
+    from trinity_dpo.config.loader import load_config
 
     cfg = load_config(write_config(work, model, data, "profiled", "cuda", total_steps=2, save_interval=0,
                                    eval_samples=0))

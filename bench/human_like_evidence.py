@@ -28,9 +28,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trinity_dpo import train  # noqa: E402
-from trinity_dpo.config_loader import load_config  # noqa: E402
-from trinity_dpo.data import read_rows  # noqa: E402
+from trinity_dpo.run import train  # noqa: E402
+from trinity_dpo.config.loader import load_config  # noqa: E402
+from trinity_dpo.data.conversations import read_rows  # noqa: E402
 
 EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
 AI_DISCLAIMER = re.compile(r"\b(as an ai|language model|artificial intelligence|i don't have personal|"

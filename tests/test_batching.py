@@ -4,8 +4,8 @@ from __future__ import annotations
 import random
 
 
-from trinity_dpo.batching import collate, plan_micro
-from trinity_dpo.pairs import Pair
+from trinity_dpo.data.batching import collate, plan_micro
+from trinity_dpo.data.pairs import Pair
 
 
 def random_pairs(n, seed=0, lo=5, hi=120):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trinity_dpo import builtin
+from trinity_dpo.sources import builtin
 
 import importlib.util
 

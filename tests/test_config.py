@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
 
 DATA = Path(__file__).parent / "data"
 

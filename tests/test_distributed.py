@@ -18,11 +18,12 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trinity_dpo import checkpoint, distributed, run_folder, train
-from trinity_dpo.batching import is_padding, plan_micro, shard_step
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
-from trinity_dpo.pairs import Pair
+from trinity_dpo.run import checkpoint, folder as run_folder, train
+from trinity_dpo.engine import distributed
+from trinity_dpo.data.batching import is_padding, plan_micro, shard_step
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
+from trinity_dpo.data.pairs import Pair
 
 from conftest import REPO
 from tiny import write_pairs

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from trinity_dpo import builtin, demo_data, train
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
+from trinity_dpo.sources import builtin, demo_data
+from trinity_dpo.run import train
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
 
 
 def records(run_dir):
@@ -109,7 +110,7 @@ def test_demo_data_is_deterministic_human_like_with_held_out_topics(tmp_path, mo
         assert "!" in r["chosen"] and r["chosen"].endswith("?") and "!" not in r["rejected"]
     monkeypatch.setenv("TRINITY_DPO_CACHE", str(tmp_path))
     folder = builtin.data_path("builtin:human-like-demo")
-    from trinity_dpo.data import read_rows
+    from trinity_dpo.data.conversations import read_rows
 
     assert read_rows(folder, "train") == a["train"] and read_rows(folder, "test") == a["test"]
 
@@ -141,7 +142,7 @@ def test_held_out_prompts_seen_in_training_are_counted(make_config, pairs_file, 
     with the count and records it in the data summary."""
     from transformers import AutoTokenizer
 
-    from trinity_dpo.dataset import load_data
+    from trinity_dpo.data.dataset import load_data
 
     cfg = load_config(make_config(main={"buffer": {"trainer_input": {"eval_buffer": {
         "path": str(pairs_file), "split": "train"}}}}))
@@ -161,7 +162,7 @@ def test_answer_cut_inside_a_character_drops_the_partial_character(qwen_dir):
     to U+FFFD, which an answer must not show."""
     from transformers import AutoTokenizer
 
-    from trinity_dpo.evaluate import answer_text
+    from trinity_dpo.run.evaluate import answer_text
 
     tok = AutoTokenizer.from_pretrained(qwen_dir)
     ids = tok("wow 🍽", add_special_tokens=False)["input_ids"]

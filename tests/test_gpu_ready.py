@@ -8,8 +8,8 @@ import shutil
 
 import torch
 
-from trinity_dpo import reference
-from trinity_dpo.modeling import Runtime
+from trinity_dpo.objective import reference
+from trinity_dpo.engine.modeling import Runtime
 
 CPU = Runtime(torch.device("cpu"), bf16=False)
 
@@ -35,8 +35,8 @@ def test_weight_files_are_hashed_once_per_process_until_they_change(tmp_path, qw
 
 def test_bf16_counts_only_native_support(monkeypatch):
     """V100 and T4 emulate bf16 slower than fp32: `precision: auto` must not pick it there."""
-    from trinity_dpo.config import Config
-    from trinity_dpo.modeling import pick_runtime
+    from trinity_dpo.config.schema import Config
+    from trinity_dpo.engine.modeling import pick_runtime
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -53,9 +53,10 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(make_con
     and LoRA. With LoRA the same job fits."""
     import pytest
 
-    from trinity_dpo import memory, train
-    from trinity_dpo.config import ConfigError
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.engine import memory
+    from trinity_dpo.run import train
+    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.config.loader import load_config
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 80e9)
     seven_b = {"params": 7_000_000_000, "linear_in_out": 7_000_000_000 // 2000, "hidden": 4096, "layers": 32,
@@ -78,7 +79,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(make_con
 def test_model_shape_reads_the_config_only(qwen_dir):
     from transformers import AutoModelForCausalLM
 
-    from trinity_dpo import memory
+    from trinity_dpo.engine import memory
 
     shape = memory.model_shape(str(qwen_dir), False)
     model = AutoModelForCausalLM.from_pretrained(qwen_dir)
@@ -90,8 +91,8 @@ def test_memory_check_steps_aside_when_the_shape_cannot_be_read(make_config, mon
     """An architecture that cannot be built on the meta device gets no estimate, and so no refusal."""
     import logging
 
-    from trinity_dpo import memory
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.engine import memory
+    from trinity_dpo.config.loader import load_config
 
     def unreadable(path, trust):
         raise ValueError("custom code needs a real device")
@@ -106,9 +107,10 @@ def test_memory_check_steps_aside_when_the_shape_cannot_be_read(make_config, mon
 _LOAD_WORKER = """
 import json, os, resource, sys
 import psutil, torch
-from trinity_dpo import distributed, train
-from trinity_dpo.config_loader import load_config
-from trinity_dpo.modeling import pick_runtime
+from trinity_dpo.engine import distributed
+from trinity_dpo.run import train
+from trinity_dpo.config.loader import load_config
+from trinity_dpo.engine.modeling import pick_runtime
 
 cfg = load_config(sys.argv[1])
 runtime = pick_runtime(cfg)
@@ -159,8 +161,8 @@ def test_a_folder_whose_names_do_not_match_is_loaded_whole(tmp_path, qwen_dir, m
 
     from safetensors.torch import load_file, save_file
 
-    from trinity_dpo.config_loader import load_config
-    from trinity_dpo.modeling import load_model, weights_reader
+    from trinity_dpo.config.loader import load_config
+    from trinity_dpo.engine.modeling import load_model, weights_reader
 
     model = tmp_path / "renamed"
     shutil.copytree(qwen_dir, model)
@@ -183,7 +185,7 @@ def test_a_fresh_adapter_starts_the_same_however_the_model_is_built():
     """A fresh adapter's values depend on the seed and the weight's name only (a skeleton on the meta device
     draws nothing from the global generator): A is uniform in +-1/sqrt(fan_in), as PEFT's default (kaiming
     uniform with a = sqrt(5) gives bound sqrt(6 / (1 + 5)) / sqrt(fan_in) = 1/sqrt(64) = 0.125 here), B is 0."""
-    from trinity_dpo.lora import fresh_value
+    from trinity_dpo.engine.lora import fresh_value
 
     name = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
     a = fresh_value(name, torch.Size([8, 64]), seed=1)
@@ -203,9 +205,9 @@ def test_memory_check_counts_the_layers_that_keep_activations(make_config, monke
     (11 x 4096 + 21 x 62976) x 2 x 4096 = 11.20 GB; none 32 x 62976 x 2 x 4096 = 16.51 GB."""
     import pytest
 
-    from trinity_dpo import memory
-    from trinity_dpo.config import ConfigError
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.engine import memory
+    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.config.loader import load_config
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 1.0)
     monkeypatch.setattr(memory, "model_shape", lambda path, trust: {
@@ -224,9 +226,9 @@ def test_memory_check_counts_a_bf16_frozen_base_at_two_bytes(make_config, monkey
     adapted linears are kept in bf16: 28 - 2 x 6.5 = 15 GB frozen, 17.0 GB in all: it fits."""
     import pytest
 
-    from trinity_dpo import memory
-    from trinity_dpo.config import ConfigError
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.engine import memory
+    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.config.loader import load_config
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 24e9)
     monkeypatch.setattr(memory, "stored_dtype", lambda path: torch.bfloat16)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
 
 from conftest import REPO
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import trinity_dpo.logprobs as lp
-from trinity_dpo.attention import use_varlen
-from trinity_dpo.batching import collate
-from trinity_dpo.logprobs import sequence_logps, token_logprobs
-from trinity_dpo.pairs import Pair
+import trinity_dpo.engine.logprobs as lp
+from trinity_dpo.engine.attention import use_varlen
+from trinity_dpo.data.batching import collate
+from trinity_dpo.engine.logprobs import sequence_logps, token_logprobs
+from trinity_dpo.data.pairs import Pair
 
 NO_AUTOCAST = contextlib.nullcontext()
 

@@ -13,9 +13,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trinity_dpo import checkpoint, cli, run_lock, train
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
+from trinity_dpo.run import checkpoint, lock as run_lock, train
+from trinity_dpo import cli
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
 
 from test_resume import records, run_killed_in_step
 
@@ -312,7 +313,7 @@ def test_fused_lora_linear_equals_peft_values_and_gradients(bias):
     """The fused layer computes x W^T + b + 2 (x A^T) B^T (alpha 8 / rank 4 = scaling 2), PEFT's sum in another
     order: output and the gradients of x, A and B agree with PEFT's forward to fp32 rounding (1e-5 relative), the
     frozen base weight gets none, and with the adapter disabled the output is the base layer's, bit for bit."""
-    from trinity_dpo import lora_linear
+    from trinity_dpo.engine import lora_linear
 
     model, layer = _peft_linear(bias)
     x = torch.randn(3, 5, 24)
@@ -340,7 +341,7 @@ def test_fused_lora_linear_equals_peft_values_and_gradients(bias):
 def test_fused_lora_linear_under_bf16_autocast_matches_peft():
     """Under bf16 autocast the fused layer makes autocast's casts itself: output in bf16, and output and the
     adapter's fp32 gradients agree with PEFT's autocast forward to bf16 rounding (2e-2 relative)."""
-    from trinity_dpo import lora_linear
+    from trinity_dpo.engine import lora_linear
 
     model, layer = _peft_linear(True)
     x = torch.randn(6, 24)
@@ -371,7 +372,7 @@ def test_bf16_lora_keeps_a_bf16_checkpoints_frozen_base_in_bf16_with_the_same_nu
     import logging
     import shutil
 
-    from trinity_dpo import lora
+    from trinity_dpo.engine import lora
 
     folder = tmp_path / "bf16_model"
     AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).save_pretrained(folder)
@@ -403,8 +404,8 @@ def test_bf16_lora_keeps_a_bf16_checkpoints_frozen_base_in_bf16_with_the_same_nu
 
 
 def test_an_fp32_checkpoint_or_fp32_compute_keeps_the_frozen_base_in_fp32():
-    from trinity_dpo.config import LoraConfig
-    from trinity_dpo.lora import frozen_in_bf16
+    from trinity_dpo.config.schema import LoraConfig
+    from trinity_dpo.engine.lora import frozen_in_bf16
 
     on = LoraConfig(rank=4)
     assert frozen_in_bf16(on, True, torch.bfloat16)
@@ -419,8 +420,8 @@ def test_a_bf16_read_base_keeps_computed_buffers_in_fp32(tmp_path):
     under bf16 autocast equal the fp32-read model's exactly."""
     from transformers import Gemma3TextConfig
 
-    from trinity_dpo import modeling
-    from trinity_dpo.config import Config
+    from trinity_dpo.engine import modeling
+    from trinity_dpo.config.schema import Config
 
     config = Gemma3TextConfig(vocab_size=300, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=20, max_position_embeddings=128,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trinity_dpo.losses import (DPO_LOSS_TYPES, PairTerms, cpo_loss, dpo_loss, f_divergence_scores, log1mexp,
+from trinity_dpo.objective.losses import (DPO_LOSS_TYPES, PairTerms, cpo_loss, dpo_loss, f_divergence_scores, log1mexp,
                                 orpo_log_odds, wpo_weights)
 
 LN2, LN3 = math.log(2), math.log(3)

@@ -8,9 +8,9 @@ import torch
 
 from transformers import AutoModelForCausalLM
 
-from trinity_dpo import modeling
-from trinity_dpo.config import Config
-from trinity_dpo.modeling import Runtime, for_model
+from trinity_dpo.engine import modeling
+from trinity_dpo.config.schema import Config
+from trinity_dpo.engine.modeling import Runtime, for_model
 
 
 def _rss_mb() -> float:
@@ -55,7 +55,7 @@ def test_a_corrupt_config_json_is_one_line(qwen_dir, tmp_path):
     with a traceback from reading its stored dtype."""
     import shutil
 
-    from trinity_dpo.config import ConfigError
+    from trinity_dpo.config.schema import ConfigError
 
     folder = tmp_path / "model"
     shutil.copytree(qwen_dir, folder)

@@ -12,8 +12,8 @@ import torch
 def test_built_objective_declares_what_it_needs():
     """The default objective is sigmoid DPO with beta 0.1; pair 0 has chosen ratio +1, rejected ratio -1, so
     z = 0.1 * 2 = 0.2 and loss = log(1 + e^-0.2); pair 1 has policy == reference: ln 2."""
-    from trinity_dpo.config import AlgorithmConfig
-    from trinity_dpo.objectives import build
+    from trinity_dpo.config.schema import AlgorithmConfig
+    from trinity_dpo.objective.objectives import build
 
     objective = build(AlgorithmConfig())
     assert (objective.name, objective.sequences, objective.needs_reference) == ("dpo", 2, True)
@@ -47,11 +47,11 @@ def test_sequence_stats_equal_full_logits_per_sequence(qwen_dir):
     Each is checked against the model's full logits on each sequence alone, in both layouts."""
     from transformers import AutoModelForCausalLM
 
-    from trinity_dpo.attention import use_varlen
-    from trinity_dpo.batching import collate
-    from trinity_dpo.logprobs import sequence_stats
-    from trinity_dpo.objectives import STATS
-    from trinity_dpo.pairs import Pair
+    from trinity_dpo.engine.attention import use_varlen
+    from trinity_dpo.data.batching import collate
+    from trinity_dpo.engine.logprobs import sequence_stats
+    from trinity_dpo.objective.objectives import STATS
+    from trinity_dpo.data.pairs import Pair
 
     model = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.float32)
     use_varlen(model)
@@ -85,8 +85,8 @@ def test_sequence_stats_equal_full_logits_per_sequence(qwen_dir):
 
 @pytest.mark.parametrize("fn", ["simpo", "cpo", "orpo"])
 def test_reference_free_objectives_declare_no_reference(fn):
-    from trinity_dpo.config import AlgorithmConfig
-    from trinity_dpo.objectives import build
+    from trinity_dpo.config.schema import AlgorithmConfig
+    from trinity_dpo.objective.objectives import build
 
     objective = build(AlgorithmConfig(policy_loss_fn=fn))
     assert not objective.needs_reference and objective.ref_stats == ()
@@ -98,5 +98,5 @@ def test_evaluate_does_not_import_the_training_loop():
     import subprocess
     import sys
 
-    code = "import sys, trinity_dpo.evaluate; assert 'trinity_dpo.train' not in sys.modules"
+    code = "import sys, trinity_dpo.run.evaluate; assert 'trinity_dpo.run.train' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

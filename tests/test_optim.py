@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from trinity_dpo.config import OptimizerConfig
-from trinity_dpo.optim import build_optimizer, lr_factor
+from trinity_dpo.config.schema import OptimizerConfig
+from trinity_dpo.engine.optim import build_optimizer, lr_factor
 
 
 def test_constant_with_warmup():

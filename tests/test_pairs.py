@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from trinity_dpo.data import Conversation, DataError, DataReport
-from trinity_dpo.pairs import Limits, build_pairs, render
+from trinity_dpo.data.conversations import Conversation, DataError, DataReport
+from trinity_dpo.data.pairs import Limits, build_pairs, render
 
 LOOSE = Limits(max_prompt=10_000, max_response=10_000)
 

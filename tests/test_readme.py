@@ -12,7 +12,7 @@ def test_example_config_loads_with_its_defaults(monkeypatch):
     """The README's main command: the example, with no environment set, names the built-in model and demo data."""
     import pytest
 
-    from trinity_dpo.config_loader import load_config
+    from trinity_dpo.config.loader import load_config
 
     for var in ("TRINITY_MODEL_PATH", "TRINITY_DATASET_PATH", "TRINITY_EVAL_PATH", "TRINITY_CHECKPOINT_ROOT_DIR"):
         monkeypatch.delenv(var, raising=False)

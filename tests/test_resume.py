@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trinity_dpo import checkpoint, losses, train
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
+from trinity_dpo.run import checkpoint, train
+from trinity_dpo.objective import losses
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
 
 TIMING = ("tokens_per_s", "step_time_s")
 
@@ -200,7 +201,7 @@ def test_fail_fast_unwritable_root_and_rows_not_matching_prompt_type(make_config
 
 
 def test_security_defaults():
-    from trinity_dpo.config import Config
+    from trinity_dpo.config.schema import Config
 
     assert Config().model.trust_remote_code is False
 
@@ -208,7 +209,7 @@ def test_security_defaults():
 def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_path, monkeypatch):
     """A model folder that declares bf16 gets bf16 HF checkpoints whose config.json says bf16, the tied LM head
     stored once (as the embedding) through the cast; resuming must use the fp32 master copy."""
-    from trinity_dpo.modeling import stored_dtype
+    from trinity_dpo.engine.modeling import stored_dtype
     import shutil
 
     bf16_dir = tmp_path / "bf16_model"
@@ -235,9 +236,9 @@ def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_
 def test_checkpoint_of_the_earlier_single_file_layout_still_resumes(six_steps):
     """Checkpoints from before `trainer_state/dcp/` (fp32 weights in the HF copy, the optimizer's own
     optimizer.pt) resume exactly: a run cut back to such a step 2 finishes as it first did."""
-    from trinity_dpo import distributed
-    from trinity_dpo.modeling import load_model
-    from trinity_dpo.optim import build_optimizer
+    from trinity_dpo.engine import distributed
+    from trinity_dpo.engine.modeling import load_model
+    from trinity_dpo.engine.optim import build_optimizer
 
     cfg = load_config(six_steps("legacy"))
     run_dir = train.run(cfg)

@@ -18,10 +18,12 @@ import pytest
 import torch
 import yaml
 
-from trinity_dpo import checkpoint, cli, reference, run_folder, run_lock, train
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
-from trinity_dpo.distributed import Dist
+from trinity_dpo.run import checkpoint, folder as run_folder, lock as run_lock, train
+from trinity_dpo import cli
+from trinity_dpo.objective import reference
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
+from trinity_dpo.engine.distributed import Dist
 
 from test_resume import assert_same_run, records, run_killed_in_step
 from tiny import write_pairs
@@ -204,7 +206,7 @@ def test_cut_off_last_metrics_line_is_repaired_and_reported(tmp_path, caplog):
 
 # -- the lock ---------------------------------------------------------------------------------------------------
 
-HOLD = ("import sys, time; from pathlib import Path; from trinity_dpo import run_lock; "
+HOLD = ("import sys, time; from pathlib import Path; from trinity_dpo.run import lock as run_lock; "
         "run_lock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)")
 
 

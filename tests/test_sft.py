@@ -9,11 +9,11 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import _deep_update
-from trinity_dpo import train
-from trinity_dpo.config import ConfigError, FormatConfig, StorageConfig
-from trinity_dpo.config_loader import load_config
-from trinity_dpo.data import BadRow, DataError, DataReport
-from trinity_dpo.sft_data import Dialogue, build_examples, to_dialogue
+from trinity_dpo.run import train
+from trinity_dpo.config.schema import ConfigError, FormatConfig, StorageConfig
+from trinity_dpo.config.loader import load_config
+from trinity_dpo.data.conversations import BadRow, DataError, DataReport
+from trinity_dpo.data.sft import Dialogue, build_examples, to_dialogue
 
 TALK = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello friend!"},
         {"role": "user", "content": "what about pizza?"}, {"role": "assistant", "content": "pizza is great!"}]
@@ -251,8 +251,8 @@ def test_trinity_sft_mot_example_runs_with_only_paths_changed(tmp_path, qwen_dir
 
 
 def test_builtin_sft_demo_set():
-    from trinity_dpo import builtin
-    from trinity_dpo.sources import read_rows
+    from trinity_dpo.sources import builtin
+    from trinity_dpo.sources.files import read_rows
 
     folder = builtin.data_path("builtin:human-like-sft-demo")
     train_rows, test_rows = read_rows(folder, "train"), read_rows(folder, "test")
@@ -281,8 +281,8 @@ def test_sft_crash_then_resume_equals_uninterrupted(sft_config, monkeypatch):
 def test_trinity_eval_of_an_sft_checkpoint(sft_config):
     """`trinity eval --model CKPT --config sft.yaml`: the base model's and the checkpoint's held-out perplexity
     side by side, on one-sequence rows."""
-    from trinity_dpo.config_loader import config_for_eval
-    from trinity_dpo.evaluate import evaluate_checkpoint
+    from trinity_dpo.config.loader import config_for_eval
+    from trinity_dpo.run.evaluate import evaluate_checkpoint
 
     path = sft_config(main={"trainer": {"total_steps": 2, "save_interval": 2}})
     run_dir = train.run(load_config(path))

@@ -13,12 +13,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinity_dpo import dataset, train
-from trinity_dpo.batching import step_indices
-from trinity_dpo.config import ConfigError
-from trinity_dpo.config_loader import load_config
-from trinity_dpo.data import DataError
-from trinity_dpo.modeling import load_model
+from trinity_dpo.data import dataset
+from trinity_dpo.run import train
+from trinity_dpo.data.batching import step_indices
+from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.config.loader import load_config
+from trinity_dpo.data.conversations import DataError
+from trinity_dpo.engine.modeling import load_model
 
 from test_config import doc_config
 from tiny import write_pairs
@@ -230,10 +231,10 @@ def test_chatpair_and_custom_template_end_to_end(make_config, tmp_path):
 def test_reference_cache_equals_on_the_fly_and_is_reused(make_config, monkeypatch, caplog):
     import logging
 
-    from trinity_dpo import reference
-    from trinity_dpo.attention import use_varlen
-    from trinity_dpo.batching import collate
-    from trinity_dpo.logprobs import sequence_logps
+    from trinity_dpo.objective import reference
+    from trinity_dpo.engine.attention import use_varlen
+    from trinity_dpo.data.batching import collate
+    from trinity_dpo.engine.logprobs import sequence_logps
 
     path = make_config(main={"name": "first", "trainer": {"total_steps": 2}})
     run_dir = train.run(load_config(path))
@@ -265,8 +266,8 @@ def test_reference_cache_equals_on_the_fly_and_is_reused(make_config, monkeypatc
 def test_objective_without_reference_runs_no_reference_pass(make_config, monkeypatch):
     """An objective declaring needs_reference=False gets no reference pass and no reference cache; its loss (here
     the chosen responses' mean token NLL) trains, and held-out evaluation runs on the policy alone."""
-    from trinity_dpo.batching import by_slot
-    from trinity_dpo.objectives import Objective
+    from trinity_dpo.data.batching import by_slot
+    from trinity_dpo.objective.objectives import Objective
 
     def nll(policy, reference, totals):
         assert reference is None and totals["examples"] in (8, 6)  # a step of 8 pairs, or the 6 held-out pairs

@@ -17,14 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 trl = pytest.importorskip("trl")
 
 from test_trl_parity import BETA, our_pairs, rows, trl_trainer  # noqa: E402
-from trinity_dpo import losses as L  # noqa: E402
-from trinity_dpo import objectives, reference, train  # noqa: E402
-from trinity_dpo.attention import use_varlen  # noqa: E402
-from trinity_dpo.batching import collate  # noqa: E402
-from trinity_dpo.config import AlgorithmConfig, LossArgs  # noqa: E402
-from trinity_dpo.config_loader import load_config  # noqa: E402
-from trinity_dpo.logprobs import sequence_stats  # noqa: E402
-from trinity_dpo.modeling import Runtime  # noqa: E402
+from trinity_dpo.objective import losses as L  # noqa: E402
+from trinity_dpo.objective import objectives, reference
+from trinity_dpo.run import train  # noqa: E402
+from trinity_dpo.engine.attention import use_varlen  # noqa: E402
+from trinity_dpo.data.batching import collate  # noqa: E402
+from trinity_dpo.config.schema import AlgorithmConfig, LossArgs  # noqa: E402
+from trinity_dpo.config.loader import load_config  # noqa: E402
+from trinity_dpo.engine.logprobs import sequence_stats  # noqa: E402
+from trinity_dpo.engine.modeling import Runtime  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 

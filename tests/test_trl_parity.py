@@ -10,16 +10,16 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinity_dpo.attention import use_varlen
-from trinity_dpo.batching import collate
-from trinity_dpo.config_loader import load_config
-from trinity_dpo.data import Conversation, DataReport
-from trinity_dpo.logprobs import sequence_logps
-from trinity_dpo.losses import smoothed_sigmoid
-from trinity_dpo.modeling import Runtime
-from trinity_dpo.pairs import Limits, build_pairs
-from trinity_dpo.reference import score
-from trinity_dpo import train
+from trinity_dpo.engine.attention import use_varlen
+from trinity_dpo.data.batching import collate
+from trinity_dpo.config.loader import load_config
+from trinity_dpo.data.conversations import Conversation, DataReport
+from trinity_dpo.engine.logprobs import sequence_logps
+from trinity_dpo.objective.losses import smoothed_sigmoid
+from trinity_dpo.engine.modeling import Runtime
+from trinity_dpo.data.pairs import Limits, build_pairs
+from trinity_dpo.objective.reference import score
+from trinity_dpo.run import train
 
 trl = pytest.importorskip("trl")
 
@@ -115,8 +115,8 @@ IMPLICIT = {
 @pytest.mark.parametrize("shape", sorted(IMPLICIT))
 def test_implicit_prompt_tokens_equal_trl(tmp_path, qwen_dir, shape):
     """Rows with only chosen and rejected (prompt_type: chatpair) give TRL's token ids for prompt and responses."""
-    from trinity_dpo.config import FormatConfig
-    from trinity_dpo.data import to_conversation
+    from trinity_dpo.config.schema import FormatConfig
+    from trinity_dpo.data.conversations import to_conversation
 
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], max_length=None, use_cpu=True)
     tok = AutoTokenizer.from_pretrained(qwen_dir)

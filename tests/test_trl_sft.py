@@ -19,11 +19,11 @@ trl = pytest.importorskip("trl")
 
 from test_sft import metrics, sft_config  # noqa: E402,F401  (sft_config: the fixture)
 from tiny import CHATML_TEMPLATE  # noqa: E402
-from trinity_dpo import train  # noqa: E402
-from trinity_dpo.config import FormatConfig  # noqa: E402
-from trinity_dpo.config_loader import load_config  # noqa: E402
-from trinity_dpo.data import DataReport  # noqa: E402
-from trinity_dpo.sft_data import build_examples, to_dialogue  # noqa: E402
+from trinity_dpo.run import train  # noqa: E402
+from trinity_dpo.config.schema import FormatConfig  # noqa: E402
+from trinity_dpo.config.loader import load_config  # noqa: E402
+from trinity_dpo.data.conversations import DataReport  # noqa: E402
+from trinity_dpo.data.sft import build_examples, to_dialogue  # noqa: E402
 
 LR, STEPS, TOL = 1e-3, 3, 1e-5
 # The tiny model's ChatML template with generation markers: the assistant's content and `<|im_end|>\n`, after the

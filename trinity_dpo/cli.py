@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError
+from .config.schema import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trinity: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from .checkpoint import CheckpointError
-        from .train import NumericError
+        from .run.checkpoint import CheckpointError
+        from .run.train import NumericError
 
         if not isinstance(e, (CheckpointError, NumericError)):
             raise
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> str:
-    from . import distributed, train
-    from .config_loader import load_config
+    from .engine import distributed
+    from .run import train
+    from .config.loader import load_config
 
     cfg = load_config(args.config, args.overrides)
     code = distributed.launch(args.config, args.overrides, cfg)  # several processes: torchrun runs this again
@@ -80,8 +81,8 @@ def _run(args) -> str:
 
 
 def _eval(args) -> str:
-    from .config_loader import config_for_eval
-    from .evaluate import evaluate_checkpoint
+    from .config.loader import config_for_eval
+    from .run.evaluate import evaluate_checkpoint
 
     cfg = config_for_eval(args.config, args.data, args.ref, args.overrides)
     return evaluate_checkpoint(cfg, args.model, args.generate)
@@ -90,7 +91,7 @@ def _eval(args) -> str:
 def _report(args) -> str:
     from pathlib import Path
 
-    from .report import write_report
+    from .run.report import write_report
 
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
         raise ConfigError(f"{args.run_dir}: no metrics.jsonl here; give a run folder")
@@ -98,7 +99,7 @@ def _report(args) -> str:
 
 
 def _models(args) -> str:
-    from .builtin import BUILTINS, PREFIX, materialize
+    from .sources.builtin import BUILTINS, PREFIX, materialize
 
     return "\n".join(f"{PREFIX}{name}\t{materialize(PREFIX + name)}" for name in BUILTINS)
 
@@ -106,6 +107,6 @@ def _models(args) -> str:
 COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models}
 
 if __name__ == "__main__":
-    from .distributed import launched, worker_main
+    from .engine.distributed import launched, worker_main
 
     sys.exit(worker_main(main) if launched() else main())

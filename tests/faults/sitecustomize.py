@@ -7,7 +7,7 @@ if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.g
     import signal
     import time
 
-    from trinity_dpo import train
+    from trinity_dpo.run import train
 
     _real_step, _calls = train.train_step, []
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .config import Config, ConfigError
+from ..config.schema import Config, ConfigError
 from .lora import frozen_in_bf16
 from .modeling import Runtime, stored_dtype
 

@@ -16,8 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ALIASES, Config, ConfigError
-from .config_checks import get_field, validate
+from .schema import ALIASES, Config, ConfigError
+from .checks import get_field, validate
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Callable, Optional
 import torch
 
 from . import losses as L
-from .batching import by_slot
-from .config import AlgorithmConfig, ConfigError, LossArgs
+from ..data.batching import by_slot
+from ..config.schema import AlgorithmConfig, ConfigError, LossArgs
 
 log = logging.getLogger(__name__)
 

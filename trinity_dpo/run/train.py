@@ -15,20 +15,23 @@ from pathlib import Path
 
 import torch
 
-from . import builtin, checkpoint, dataset, distributed, logprobs, lora, memory, report, run_folder, run_lock
-from .batching import collate, is_padding, shard_step, step_indices
-from .config import Config
-from .dataset import Data
-from .distributed import Dist
+from ..sources import builtin
+from . import checkpoint, report, folder as run_folder, lock as run_lock
+from ..data import dataset
+from ..engine import distributed, logprobs, lora, memory
+from ..data.batching import collate, is_padding, shard_step, step_indices
+from ..config.schema import Config
+from ..data.dataset import Data
+from ..engine.distributed import Dist
 from .evaluate import comparison, eval_metrics, generate, side_by_side
-from .logprobs import sequence_stats
-from .objectives import Objective, step_totals
-from .objectives import build as build_objective
+from ..engine.logprobs import sequence_stats
+from ..objective.objectives import Objective, step_totals
+from ..objective.objectives import build as build_objective
 from .metrics import MetricsLog, NullLog
-from .modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime, weights_reader
-from .optim import build_optimizer, lr_factor, set_lr
-from .pairs import Pair, prompt_text
-from .reference import Tables, cached_score, first_epoch_plan, rows_of, score
+from ..engine.modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime, weights_reader
+from ..engine.optim import build_optimizer, lr_factor, set_lr
+from ..data.pairs import Pair, prompt_text
+from ..objective.reference import Tables, cached_score, first_epoch_plan, rows_of, score
 
 log = logging.getLogger(__name__)
 

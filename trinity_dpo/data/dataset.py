@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import builtin
+from ..sources import builtin
 from .batching import steps_per_epoch
-from .config import SUPERSEDED_STEPS, Config, StorageConfig
-from .config_loader import get_field
-from .data import Conversation, DataError, DataReport, Turns, load_conversations
+from ..config.schema import SUPERSEDED_STEPS, Config, StorageConfig
+from ..config.loader import get_field
+from .conversations import Conversation, DataError, DataReport, Turns, load_conversations
 from .pairs import Limits, Pair, build_pairs
-from .sft_data import build_examples, load_dialogues
+from .sft import build_examples, load_dialogues
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError
+from ..config.schema import Config, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError
+from ..config.schema import Config, ConfigError
 
 log = logging.getLogger(__name__)
 

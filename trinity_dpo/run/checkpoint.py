@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, lora, manifest
-from .config import ConfigError
-from .distributed import Dist
+from ..engine import distributed, lora
+from . import manifest
+from ..config.schema import ConfigError
+from ..engine.distributed import Dist
 
 log = logging.getLogger(__name__)
 

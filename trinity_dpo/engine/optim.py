@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import OptimizerConfig
+from ..config.schema import OptimizerConfig
 
 
 def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:

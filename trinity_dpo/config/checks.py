@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import builtin, hub
-from .config import Config, ConfigError
-from .lora import ADAPTER_CONFIG, is_adapter
+from ..sources import builtin, hub
+from .schema import Config, ConfigError
+from ..engine.lora import ADAPTER_CONFIG, is_adapter
 
 
 def get_field(cfg, dotted: str):
@@ -39,7 +39,7 @@ def validate(cfg: Config) -> None:
            f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
     fraction = cfg.buffer.trainer_input.eval_fraction
     _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
-    from .objectives import validate as validate_objective
+    from ..objective.objectives import validate as validate_objective
 
     validate_objective(cfg.algorithm)
     _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")
@@ -75,7 +75,7 @@ def validate(cfg: Config) -> None:
            "trainer_state/)")
     _validate_paths(cfg)
     _check_lora(cfg)
-    from .metrics import check_sinks
+    from ..run.metrics import check_sinks
 
     check_sinks(cfg)
 

@@ -25,8 +25,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .config import FormatConfig, StorageConfig
-from .data import BadRow, DataError, DataReport, _get, _lookup, _system, _text, convert_rows
+from ..config.schema import FormatConfig, StorageConfig
+from .conversations import BadRow, DataError, DataReport, _get, _lookup, _system, _text, convert_rows
 
 log = logging.getLogger(__name__)
 

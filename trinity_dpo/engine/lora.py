@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import lora_linear
-from .config import ConfigError, LoraConfig
+from ..config.schema import ConfigError, LoraConfig
 
 log = logging.getLogger(__name__)
 

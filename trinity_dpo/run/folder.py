@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint, run_lock
-from .config import Config, ConfigError
-from .distributed import Dist
+from . import checkpoint, lock as run_lock
+from ..config.schema import Config, ConfigError
+from ..engine.distributed import Dist
 from .metrics import load_lines
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .data import Conversation, DataError, DataReport, Turns
+from .conversations import Conversation, DataError, DataReport, Turns
 
 log = logging.getLogger(__name__)
 

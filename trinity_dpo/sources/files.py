@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 _SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

@@ -20,7 +20,7 @@ import socket
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

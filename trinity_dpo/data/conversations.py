@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .config import FormatConfig, StorageConfig
-from .sources import DataError, read_rows
+from ..config.schema import FormatConfig, StorageConfig
+from ..sources.files import DataError, read_rows
 
 log = logging.getLogger(__name__)
 

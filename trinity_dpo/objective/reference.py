@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .batching import by_slot, collate, is_padding, shard_step, step_indices, steps_per_epoch
-from .distributed import Dist
-from .logprobs import sequence_stats
-from .modeling import Runtime, inference_mode
-from .pairs import Pair
+from ..data.batching import by_slot, collate, is_padding, shard_step, step_indices, steps_per_epoch
+from ..engine.distributed import Dist
+from ..engine.logprobs import sequence_stats
+from ..engine.modeling import Runtime, inference_mode
+from ..data.pairs import Pair
 
 log = logging.getLogger(__name__)
 

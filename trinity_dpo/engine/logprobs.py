@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import varlen_kwargs
-from .batching import MicroBatch
+from ..data.batching import MicroBatch
 
 # Logits per chunk: 32 MiB of fp32 on CPU (170 tokens of a 49k vocabulary), 512 MiB on GPU. Forward holds one such
 # block (two where the entropy is wanted), backward one. On 2 CPU cores 32 MiB chunks ran a SmolLM2 step 3% faster

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from .config_verl import OptimizerConfig, VerlConfig  # noqa: F401  (part of the schema)
+from .verl import OptimizerConfig, VerlConfig  # noqa: F401  (part of the schema)
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

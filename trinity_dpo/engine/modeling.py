@@ -17,7 +17,7 @@ import torch
 
 from . import lora
 from .attention import is_varlen, use_varlen
-from .config import Config, ConfigError
+from ..config.schema import Config, ConfigError
 from .distributed import local_rank
 
 log = logging.getLogger(__name__)

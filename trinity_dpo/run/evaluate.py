@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
-from .objectives import Objective, step_totals
-from .modeling import Runtime, inference_mode
-from .pairs import Pair, Turns, prompt_ids, prompt_text
+from ..engine import distributed
+from ..objective.objectives import Objective, step_totals
+from ..engine.modeling import Runtime, inference_mode
+from ..data.pairs import Pair, Turns, prompt_ids, prompt_text
 
 
 def eval_metrics(policy: dict[str, torch.Tensor], ref: dict[str, torch.Tensor] | None, pairs: list[Pair],
@@ -79,12 +79,12 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     from both models."""
     import dataclasses
 
-    from . import builtin
-    from .batching import plan_micro
-    from .modeling import load_model, load_tokenizer, pick_runtime
-    from .reference import score
-    from .dataset import load_data, micro_plan
-    from .objectives import build as build_objective
+    from ..sources import builtin
+    from ..data.batching import plan_micro
+    from ..engine.modeling import load_model, load_tokenizer, pick_runtime
+    from ..objective.reference import score
+    from ..data.dataset import load_data, micro_plan
+    from ..objective.objectives import build as build_objective
 
     inputs = cfg.buffer.trainer_input
     if not inputs.eval_buffer.path and not inputs.eval_fraction:
