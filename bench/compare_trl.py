@@ -82,7 +82,7 @@ def smollm2_folder(work: Path, weights: bool = True) -> str:
     GPU machine: the GGUF is too large to travel), a folder of its shape with seeded random weights, its tokenizer
     and config from the bundle (only those, without `weights`: for its tokenizer)."""
     from trinity_dpo.sources import builtin
-    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.errors import ConfigError
 
     try:
         return builtin.materialize("builtin:smollm2-135m-instruct")

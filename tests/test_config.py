@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
 
 DATA = Path(__file__).parent / "data"

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from trinity_dpo.config.schema import FormatConfig, StorageConfig
-from trinity_dpo.data.conversations import DataError, load_conversations, read_rows, to_conversation
+from trinity_dpo.data.conversations import load_conversations, read_rows, to_conversation
+from trinity_dpo.errors import DataError
 
 from conftest import SHARED_DATA
 

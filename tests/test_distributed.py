@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from trinity_dpo.run import checkpoint, folder as run_folder, train
 from trinity_dpo.engine import distributed
 from trinity_dpo.data.batching import is_padding, plan_micro, shard_step
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import ConfigError, RunFolderError
 from trinity_dpo.config.loader import load_config
 from trinity_dpo.data.pairs import Pair
 
@@ -243,7 +243,7 @@ def test_run_folder_must_be_shared_storage(config):
     """A worker on a node that cannot see rank 0's run folder stops with a clear error instead of a split run."""
     cfg = load_config(config, ["name=unshared"])
     other = types.SimpleNamespace(main=False, from_main=lambda obj: (None, "rank 0's launch token"))
-    with pytest.raises(ConfigError, match="does not see rank 0's run folder .* it must be on storage they all share"):
+    with pytest.raises(RunFolderError, match="does not see rank 0's run folder .* it must be on storage they all share"):
         run_folder.prepare_run_dir(cfg, other)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from trinity_dpo.sources import builtin, demo_data
 from trinity_dpo.run import train
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
 
 

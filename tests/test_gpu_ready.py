@@ -55,7 +55,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(make_con
 
     from trinity_dpo.engine import memory
     from trinity_dpo.run import train
-    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.errors import ConfigError
     from trinity_dpo.config.loader import load_config
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 80e9)
@@ -206,7 +206,7 @@ def test_memory_check_counts_the_layers_that_keep_activations(make_config, monke
     import pytest
 
     from trinity_dpo.engine import memory
-    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.errors import ConfigError
     from trinity_dpo.config.loader import load_config
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 1.0)
@@ -227,7 +227,7 @@ def test_memory_check_counts_a_bf16_frozen_base_at_two_bytes(make_config, monkey
     import pytest
 
     from trinity_dpo.engine import memory
-    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.errors import ConfigError
     from trinity_dpo.config.loader import load_config
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 24e9)

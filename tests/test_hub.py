@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
 
 from conftest import REPO

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from trinity_dpo.run import checkpoint, lock as run_lock, train
 from trinity_dpo import cli
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
 
 from test_resume import records, run_killed_in_step

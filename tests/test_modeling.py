@@ -55,7 +55,7 @@ def test_a_corrupt_config_json_is_one_line(qwen_dir, tmp_path):
     with a traceback from reading its stored dtype."""
     import shutil
 
-    from trinity_dpo.config.schema import ConfigError
+    from trinity_dpo.errors import ConfigError
 
     folder = tmp_path / "model"
     shutil.copytree(qwen_dir, folder)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from trinity_dpo.data.conversations import Conversation, DataError, DataReport
+from trinity_dpo.data.conversations import Conversation, DataReport
+from trinity_dpo.errors import DataError
 from trinity_dpo.data.pairs import Limits, build_pairs, render
 
 LOOSE = Limits(max_prompt=10_000, max_response=10_000)

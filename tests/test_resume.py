@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from trinity_dpo.run import checkpoint, train
 from trinity_dpo.objective import losses
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import ConfigError, DataError
 from trinity_dpo.config.loader import load_config
 
 TIMING = ("tokens_per_s", "step_time_s")
@@ -196,7 +196,7 @@ def test_fail_fast_unwritable_root_and_rows_not_matching_prompt_type(make_config
     monkeypatch.setattr(os, "access", real_access)
     # A plaintext file read as prompt_type messages: every row is skipped, and the run stops before training.
     path = make_config(main={"buffer": {"trainer_input": {"experience_buffer": {"format": {"prompt_type": "messages"}}}}})
-    with pytest.raises(ConfigError, match=r"no usable preference pairs .*dropped: 24 'prompt' not messages"):
+    with pytest.raises(DataError, match=r"no usable preference pairs .*dropped: 24 'prompt' not messages"):
         train.run(load_config(path))
 
 

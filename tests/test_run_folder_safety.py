@@ -21,7 +21,7 @@ import yaml
 from trinity_dpo.run import checkpoint, folder as run_folder, lock as run_lock, train
 from trinity_dpo import cli
 from trinity_dpo.objective import reference
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import CheckpointError, ConfigError, DataError, NumericError, RunFolderError
 from trinity_dpo.config.loader import load_config
 from trinity_dpo.engine.distributed import Dist
 
@@ -111,7 +111,7 @@ def test_no_checkpoint_verifies_is_one_line_naming_what_to_do(runs, root):
     run_dir, cfg = copy_of(runs, root, "none_verify")
     for step in (1, 2, 3, 4):
         cut(run_dir / f"global_step_{step}" / DCP_FILE)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(CheckpointError) as err:
         train.run(load_config(cfg))
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"no checkpoint of {run_dir} can be resumed from (")
@@ -125,13 +125,13 @@ def test_resume_from_path_to_a_corrupt_checkpoint_is_one_line(runs, root):
     source, _ = copy_of(runs, root, "bad_source")
     now, before = cut(source / "global_step_4" / DCP_FILE)
     cfg = config(root, "from_bad", resume_from_path=str(source / "global_step_4"))
-    with pytest.raises(ConfigError, match=r"^trainer.resume_from_path: cannot resume from .*global_step_4: "
+    with pytest.raises(CheckpointError, match=r"^trainer.resume_from_path: cannot resume from .*global_step_4: "
                                           rf"{DCP_FILE} has {now} bytes where {before} were written; point it at "
                                           "another checkpoint, or set trainer.resume_mode: disable to start afresh$"):
         train.run(load_config(cfg))
     # Without a manifest to check it against, the same checkpoint fails in loading: one line too, no fallback.
     (source / "global_step_4" / "trainer_state" / "manifest.json").unlink()
-    with pytest.raises(ConfigError, match=r"^trainer.resume_from_path: cannot resume from .*global_step_4: loading "
+    with pytest.raises(CheckpointError, match=r"^trainer.resume_from_path: cannot resume from .*global_step_4: loading "
                                           "it raised RuntimeError: PytorchStreamReader failed reading zip archive"):
         train.run(load_config(cfg))
 
@@ -199,7 +199,7 @@ def test_cut_off_last_metrics_line_is_repaired_and_reported(tmp_path, caplog):
     assert ("the last line was cut off by a crash in mid-write and is dropped: "
             "'{\"step\": 4, \"loss\": 0.4'") in caplog.text
     path.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
-    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 2 is not a metrics record \(edited by hand\?\); "
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl: line 2 is not a metrics record \(edited by hand\?\); "
                                           "correct or delete it"):
         run_folder.truncate_metrics(tmp_path, 2)
 
@@ -220,7 +220,7 @@ def test_held_folder_refused_readable_and_taken_over_when_its_holder_dies(runs, 
         assert holder.stdout.readline().strip() == "held"
         started = json.loads((run_dir / run_lock.NAME).read_text())["started"]
         before = _snapshot(run_dir)
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(RunFolderError) as err:
             run_folder.prepare_run_dir(load_config(config(root, "whole")), Dist())
         assert _snapshot(run_dir) == before  # refused before it wrote anything
         assert str(err.value) == (f"run folder {run_dir} is in use by another run (pid {holder.pid} on host "
@@ -243,7 +243,7 @@ def test_held_folder_refused_readable_and_taken_over_when_its_holder_dies(runs, 
 
 def test_lock_left_by_another_host_is_not_taken(tmp_path):
     (tmp_path / run_lock.NAME).write_text(json.dumps({"pid": 1, "host": "node-7", "started": "2026-01-01T00:00:00"}))
-    with pytest.raises(ConfigError, match=rf"^run folder {tmp_path} is locked by a run on another host \(pid 1 on "
+    with pytest.raises(RunFolderError, match=rf"^run folder {tmp_path} is locked by a run on another host \(pid 1 on "
                                           r"host node-7, started 2026-01-01T00:00:00\), which this host cannot check; "
                                           rf"if that run has ended, delete {tmp_path / run_lock.NAME} and run again$"):
         run_lock.acquire(tmp_path)
@@ -304,15 +304,20 @@ def _snapshot(run_dir: Path) -> dict:
 # -- exit codes -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error,code", [(ConfigError("bad"), 2), (checkpoint.CheckpointError("disk full"), 2),
-                                        (train.NumericError("diverged"), 2)])
-def test_exit_codes(monkeypatch, capsys, error, code):
+@pytest.mark.parametrize("error,line", [(ConfigError("bad"), "trinity: error: bad"),
+                                        (DataError("rows.jsonl: line 3: malformed JSON"),
+                                         "trinity: error: rows.jsonl: line 3: malformed JSON"),
+                                        (RunFolderError("held"), "trinity: error: held"),
+                                        (CheckpointError("disk full"), "trinity: stopped: disk full"),
+                                        (NumericError("diverged"), "trinity: stopped: diverged")])
+def test_exit_codes(monkeypatch, capsys, error, line):
+    """Every user error is one line and exit code 2; anything else is a bug with its traceback."""
     def fail(args):
         raise error
 
     monkeypatch.setitem(cli.COMMANDS, "report", fail)
-    assert cli.main(["report", "x"]) == code
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert cli.main(["report", "x"]) == 2
+    assert capsys.readouterr().err.strip() == line
     monkeypatch.setitem(cli.COMMANDS, "report", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug: its traceback, and Python's exit code 1
         cli.main(["report", "x"])

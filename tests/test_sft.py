@@ -10,9 +10,11 @@ from transformers import AutoTokenizer
 
 from conftest import _deep_update
 from trinity_dpo.run import train
-from trinity_dpo.config.schema import ConfigError, FormatConfig, StorageConfig
+from trinity_dpo.config.schema import FormatConfig, StorageConfig
+from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
-from trinity_dpo.data.conversations import BadRow, DataError, DataReport
+from trinity_dpo.data.conversations import BadRow, DataReport
+from trinity_dpo.errors import DataError
 from trinity_dpo.data.sft import Dialogue, build_examples, to_dialogue
 
 TALK = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello friend!"},

@@ -16,9 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trinity_dpo.data import dataset
 from trinity_dpo.run import train
 from trinity_dpo.data.batching import step_indices
-from trinity_dpo.config.schema import ConfigError
+from trinity_dpo.errors import ConfigError, DataError, RunFolderError
 from trinity_dpo.config.loader import load_config
-from trinity_dpo.data.conversations import DataError
 from trinity_dpo.engine.modeling import load_model
 
 from test_config import doc_config
@@ -163,7 +162,7 @@ def test_gradient_checkpointing_and_bf16(make_config):
 
 def test_user_errors_before_training(make_config, tmp_path):
     train.run(load_config(make_config(main={"trainer": {"total_steps": 1}})))
-    with pytest.raises(ConfigError, match="is not empty and trainer.resume_mode is 'disable': choose a new `name`"):
+    with pytest.raises(RunFolderError, match="is not empty and trainer.resume_mode is 'disable': choose a new `name`"):
         train.run(load_config(make_config(main={"trainer": {"total_steps": 1, "resume_mode": "disable"}})))
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps([{"prompt": "q", "chosen": "same", "rejected": "same"}]))

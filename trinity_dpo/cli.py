@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from .config.schema import ConfigError
+from .errors import ConfigError, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,16 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         text = COMMANDS[args.command](args)
         if text:
             print(text, flush=True)
-    except ConfigError as e:
-        print(f"trinity: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from .run.checkpoint import CheckpointError
-        from .run.train import NumericError
-
-        if not isinstance(e, (CheckpointError, NumericError)):
-            raise
-        print(f"trinity: stopped: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"trinity: {e.label}: {e}", file=sys.stderr)
         return 2
     return 0
 

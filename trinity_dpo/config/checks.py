@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from ..sources import builtin, hub
-from .schema import Config, ConfigError
+from ..errors import ConfigError
+from .schema import Config
 from ..engine.lora import ADAPTER_CONFIG, is_adapter
 
 

@@ -16,7 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schema import ALIASES, Config, ConfigError
+from ..errors import ConfigError, one_line
+from .schema import ALIASES, Config
 from .checks import get_field, validate
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _to_plain(conf: Any, path: Path) -> dict:
     try:
         return OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: cannot resolve {_first_line(e)}") from None
+        raise ConfigError(f"{path}: cannot resolve {one_line(e)}") from None
 
 
 def _find_trainer_file(name: str, config_path: Path) -> Path:
@@ -109,11 +110,7 @@ def _resolve_scalar(value: Any, key: str) -> Any:
     try:
         return OmegaConf.create({"v": value}).v
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{key}: cannot resolve {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0]
+        raise ConfigError(f"{key}: cannot resolve {one_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- typed filling

@@ -15,10 +15,6 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from .verl import OptimizerConfig, VerlConfig  # noqa: F401  (part of the schema)
 
 
-class ConfigError(ValueError):
-    """A user error in the configuration: printed as one line, exit code 2."""
-
-
 # --------------------------------------------------------------------------- algorithm
 
 

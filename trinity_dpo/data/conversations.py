@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..config.schema import FormatConfig, StorageConfig
-from ..sources.files import DataError, read_rows
+from ..errors import DataError
+from ..sources.files import read_rows
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from ..sources import builtin
 from .batching import steps_per_epoch
 from ..config.schema import SUPERSEDED_STEPS, Config, StorageConfig
 from ..config.loader import get_field
-from .conversations import Conversation, DataError, DataReport, Turns, load_conversations
+from ..errors import DataError
+from .conversations import Conversation, DataReport, Turns, load_conversations
 from .pairs import Limits, Pair, build_pairs
 from .sft import build_examples, load_dialogues
 

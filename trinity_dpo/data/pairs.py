@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .conversations import Conversation, DataError, DataReport, Turns
+from ..errors import DataError
+from .conversations import Conversation, DataReport, Turns
 
 log = logging.getLogger(__name__)
 

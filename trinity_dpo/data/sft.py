@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.schema import FormatConfig, StorageConfig
-from .conversations import BadRow, DataError, DataReport, _get, _lookup, _system, _text, convert_rows
+from ..errors import DataError
+from .conversations import BadRow, DataReport, _get, _lookup, _system, _text, convert_rows
 
 log = logging.getLogger(__name__)
 

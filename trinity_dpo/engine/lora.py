@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import lora_linear
-from ..config.schema import ConfigError, LoraConfig
+from ..config.schema import LoraConfig
+from ..errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str, seed: int) 
         try:
             wrapper = get_peft_model(model, config)
         except ValueError as e:  # target modules that match nothing, or layers PEFT cannot adapt
-            raise ConfigError(f"model.lora.target_modules: {str(e).strip().splitlines()[0]}") from None
+            raise ConfigError(f"model.lora.target_modules: {one_line(e)}") from None
     if lora.path:
         c = wrapper.peft_config["default"]
         log.info("LoRA: continuing the adapter %s (rank %d, alpha %s, targets %s); its own settings apply",

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from ..config.schema import Config, ConfigError
+from ..config.schema import Config
+from ..errors import ConfigError, one_line
 from .lora import frozen_in_bf16
 from .modeling import Runtime, stored_dtype
 
@@ -29,7 +30,7 @@ def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> 
     try:
         shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code)
     except Exception as e:  # an architecture that cannot be built on the meta device: no estimate, no refusal
-        log.info("memory check skipped: the model's shape could not be read (%s)", str(e).strip().splitlines()[0])
+        log.info("memory check skipped: the model's shape could not be read (%s)", one_line(e))
         return
     lora = cfg.model.lora
     trained = shape["params"] if not lora.rank else lora.rank * shape["linear_in_out"]

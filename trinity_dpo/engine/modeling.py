@@ -17,7 +17,8 @@ import torch
 
 from . import lora
 from .attention import is_varlen, use_varlen
-from ..config.schema import Config, ConfigError
+from ..config.schema import Config
+from ..errors import ConfigError, one_line
 from .distributed import local_rank
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def load_tokenizer(cfg: Config):
         tok = AutoTokenizer.from_pretrained(cfg.model.model_path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.model_path: cannot load the tokenizer from {cfg.model.model_path}: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+                          f"{one_line(e)}") from None
     if cfg.model.custom_chat_template:
         tok.chat_template = cfg.model.custom_chat_template
     if tok.pad_token_id is None:
@@ -151,7 +152,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
                 path, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=trust, use_safetensors=True,
                 **(_four_bit(device) if quantized else {}))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the model from {path}: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"cannot load the model from {path}: {one_line(e)}") from None
     if bf16_base and not empty:
         _fp32_buffers(model, path, trust)
     if adapter is not None:  # `trinity eval` of a LoRA checkpoint: score the merged model

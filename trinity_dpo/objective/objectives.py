@@ -26,7 +26,8 @@ import torch
 
 from . import losses as L
 from ..data.batching import by_slot
-from ..config.schema import AlgorithmConfig, ConfigError, LossArgs
+from ..config.schema import AlgorithmConfig, LossArgs
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

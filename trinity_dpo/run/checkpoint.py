@@ -21,17 +21,13 @@ import torch
 
 from ..engine import distributed, lora
 from . import manifest
-from ..config.schema import ConfigError
+from ..errors import CheckpointError, UserError, one_line
 from ..engine.distributed import Dist
 
 log = logging.getLogger(__name__)
 
 MARKER = "latest_checkpointed_iteration.txt"
 STATE = "trainer_state"
-
-
-class CheckpointError(RuntimeError):
-    """Saving failed (a full disk, say); the previous checkpoint is intact. One line for the user, exit code 2."""
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -75,7 +71,7 @@ def _attempt(write) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     except RuntimeError as e:  # torch.save reports a full disk this way
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return one_line(e)
     except CheckpointException as e:  # DCP wraps each process's OSError
         cause = _cause(e)
         return (cause.strerror or str(cause)) if isinstance(cause, OSError) else _one_line(cause)
@@ -195,7 +191,7 @@ def verify(path: Path) -> str | None:
 
 def choose(run_dir: Path) -> Resume | None:
     """The newest checkpoint of `run_dir` that verifies, the older ones its fallback; None when there is none to
-    resume. Newer ones that fail verification are set aside, kept, with a warning; if none verifies, ConfigError."""
+    resume. Newer ones that fail verification are set aside, kept, with a warning; if none verifies, CheckpointError."""
     found = _complete(run_dir)[::-1]
     failed = []
     for i, path in enumerate(found):
@@ -209,12 +205,12 @@ def choose(run_dir: Path) -> Resume | None:
     return None
 
 
-def cannot_resume(failed: list[tuple[Path, str]], explicit: bool) -> ConfigError:
+def cannot_resume(failed: list[tuple[Path, str]], explicit: bool) -> CheckpointError:
     why = "; ".join(f"{path}: {reason}" for path, reason in failed)
     if explicit:
-        return ConfigError(f"trainer.resume_from_path: cannot resume from {why}; point it at another checkpoint, or "
+        return CheckpointError(f"trainer.resume_from_path: cannot resume from {why}; point it at another checkpoint, or "
                            "set trainer.resume_mode: disable to start afresh")
-    return ConfigError(f"no checkpoint of {failed[0][0].parent} can be resumed from ({why}); set "
+    return CheckpointError(f"no checkpoint of {failed[0][0].parent} can be resumed from ({why}); set "
                        "trainer.resume_from_path to a checkpoint you trust, or trainer.resume_mode: disable (with a "
                        "new `name`) to start afresh")
 
@@ -242,7 +238,7 @@ def restore(path: Path, model, optimizer) -> tuple[dict, Path]:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's wrapper of causes
 
     if not is_complete(path):
-        raise ConfigError(f"{path} is not a complete checkpoint of this tool (no {STATE}/state.json)")
+        raise CheckpointError(f"{path} is not a complete checkpoint of this tool (no {STATE}/state.json)")
     fallback = getattr(path, "fallback", None)
     failed = []
     for candidate in (path, *(fallback or ())):
@@ -250,7 +246,7 @@ def restore(path: Path, model, optimizer) -> tuple[dict, Path]:
         if reason is None:
             try:
                 state = _load(candidate, model, optimizer)
-            except ConfigError:
+            except UserError:
                 raise
             except (Exception, CheckpointException) as e:  # whatever a damaged file makes its reader raise
                 reason = f"loading it raised {_one_line(e)}"
@@ -275,8 +271,7 @@ def _load(path: Path, model, optimizer) -> dict:
 def _one_line(e: BaseException) -> str:
     """An exception as `Type: first line`, DCP's by its first process's cause."""
     e = _cause(e)
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {one_line(e)}" if str(e).strip() else type(e).__name__
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -293,7 +288,7 @@ def _restore_single_file(path: Path, model, optimizer) -> None:
     """The layout of checkpoints written before `dcp/`: fp32 weights in `model_fp32.safetensors` (else the HF copy)
     and the optimizer's own `optimizer.pt`, which only an unsharded model can take."""
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
-        raise ConfigError(f"{path} was written by an earlier version in a single-process layout: resume it once with "
+        raise CheckpointError(f"{path} was written by an earlier version in a single-process layout: resume it once with "
                           "cluster.gpu_per_node=1; its next checkpoint resumes with any number of processes")
     from safetensors.torch import load_model
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint, lock as run_lock
-from ..config.schema import Config, ConfigError
+from ..config.schema import Config
+from ..errors import RunFolderError, UserError
 from ..engine.distributed import Dist
 from .metrics import load_lines
 
@@ -31,14 +32,14 @@ def prepare_run_dir(cfg: Config, d: Dist) -> tuple[Path, Path | None]:
         try:
             decision, launch = _prepare_run_dir(cfg, run_dir), str(time.time_ns())
             (run_dir / ".launch").write_text(launch)
-        except ConfigError as e:  # told to every process, which would otherwise wait for rank 0's answer
+        except UserError as e:  # told to every process, which would otherwise wait for rank 0's answer
             decision = e
     decision, launch = d.from_main((decision, launch))
-    if isinstance(decision, ConfigError):
+    if isinstance(decision, UserError):
         raise decision
     seen = run_dir / ".launch"
     if not seen.is_file() or seen.read_text() != launch:
-        raise ConfigError(f"checkpoint_root_dir: this process does not see rank 0's run folder {run_dir}; with "
+        raise RunFolderError(f"checkpoint_root_dir: this process does not see rank 0's run folder {run_dir}; with "
                           "several nodes it must be on storage they all share")
     return run_dir, None if decision is None else checkpoint.resume_of(*decision)
 
@@ -59,7 +60,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[list[str], bool] | Non
         if found is not None:
             return [str(found), *map(str, found.fallback)], False
     elif any(run_dir.glob("global_step_*")) or (run_dir / "metrics.jsonl").is_file():
-        raise ConfigError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
+        raise RunFolderError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
                           "`name`, remove the folder, or set resume_mode: auto to continue it")
     for stale in ("metrics.jsonl", "samples.json", "samples_base.json"):
         (run_dir / stale).unlink(missing_ok=True)

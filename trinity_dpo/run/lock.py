@@ -20,7 +20,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..config.schema import ConfigError
+from ..errors import RunFolderError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _held: dict[Path, int] = {}  # lock file -> open descriptor holding its flock
 
 
 def acquire(run_dir: Path) -> None:
-    """Hold `run_dir`'s lock for this process, or raise ConfigError naming the run that holds it."""
+    """Hold `run_dir`'s lock for this process, or raise RunFolderError naming the run that holds it."""
     path = (run_dir / NAME).resolve()
     if path in _held:
         return
@@ -42,7 +42,7 @@ def acquire(run_dir: Path) -> None:
             time.sleep(0.1)
             holder = _read(fd)
         if locked is False:
-            raise ConfigError(f"run folder {run_dir} is in use by another run ({_describe(holder)}); wait for it to "
+            raise RunFolderError(f"run folder {run_dir} is in use by another run ({_describe(holder)}); wait for it to "
                               "end, or give this run another `name`")
         if holder and holder.get("pid") != os.getpid():
             _take_over(run_dir, path, holder, flock_works=locked)
@@ -102,10 +102,10 @@ def _open_locked(path: Path) -> tuple[int, bool | None]:
 def _take_over(run_dir: Path, path: Path, holder: dict, flock_works: bool | None) -> None:
     """Take over a lock nobody holds, left by a crashed run on this host; refuse one from another host."""
     if holder.get("host") != socket.gethostname():
-        raise ConfigError(f"run folder {run_dir} is locked by a run on another host ({_describe(holder)}), which "
+        raise RunFolderError(f"run folder {run_dir} is locked by a run on another host ({_describe(holder)}), which "
                           f"this host cannot check; if that run has ended, delete {path} and run again")
     if not flock_works and _alive(holder.get("pid")):
-        raise ConfigError(f"run folder {run_dir} is in use by another run ({_describe(holder)}); wait for it to "
+        raise RunFolderError(f"run folder {run_dir} is in use by another run ({_describe(holder)}); wait for it to "
                           "end, or give this run another `name`")
     log.warning("run folder %s: taking over the lock of a run that no longer runs (%s)", run_dir, _describe(holder))
 

@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..config.schema import Config, ConfigError
+from ..config.schema import Config
+from ..errors import ConfigError, RunFolderError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def load_lines(path: Path) -> list[tuple[str, dict]]:
         elif i == len(lines):
             log.warning("%s: the last line was cut off by a crash in mid-write and is dropped: %r", path, line[:120])
         else:
-            raise ConfigError(f"{path}: line {i} is not a metrics record (edited by hand?); correct or delete it")
+            raise RunFolderError(f"{path}: line {i} is not a metrics record (edited by hand?); correct or delete it")
     return out
 
 

@@ -21,6 +21,7 @@ from ..data import dataset
 from ..engine import distributed, logprobs, lora, memory
 from ..data.batching import collate, is_padding, shard_step, step_indices
 from ..config.schema import Config
+from ..errors import NumericError
 from ..data.dataset import Data
 from ..engine.distributed import Dist
 from .evaluate import comparison, eval_metrics, generate, side_by_side
@@ -264,10 +265,6 @@ def _count_skips(state: dict, record: dict, limit: int) -> None:
         raise NumericError(f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (last at step "
                            f"{state['step'] + 1}); stopping. Lower the learning rate or check the data; the last "
                            "checkpoint is intact")
-
-
-class NumericError(RuntimeError):
-    """Training diverged: one line for the user, exit code 2 (lower the learning rate, check the data)."""
 
 
 def _finish(run_dir: Path, data: Data, trained_answers: list[str]) -> None:

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.schema import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

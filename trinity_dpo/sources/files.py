@@ -10,13 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config.schema import ConfigError
+from ..errors import DataError, one_line
 
 _SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(ConfigError):
-    """A problem with the user's data: one line, exit code 2."""
 
 
 def _suffix(path: Path) -> str:
@@ -46,7 +42,7 @@ def read_rows(path: str, split: str = "train", subset: str | None = None,
     try:
         return datasets.load_dataset(_SUFFIX_BUILDERS[_suffix(p)], data_files=str(p), split="train").to_list()
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"{path}: cannot read data: {_reason(e)}") from None
+        raise DataError(f"{path}: cannot read data: {one_line(e)}") from None
 
 
 def _read_folder(p: Path, split: str, subset: str | None, key: str) -> list[dict[str, Any]]:
@@ -55,7 +51,7 @@ def _read_folder(p: Path, split: str, subset: str | None, key: str) -> list[dict
     try:
         configs = datasets.get_dataset_config_names(str(p))
     except Exception as e:
-        raise DataError(f"{key}.path: {p}: cannot read the dataset folder: {_reason(e)}") from None
+        raise DataError(f"{key}.path: {p}: cannot read the dataset folder: {one_line(e)}") from None
     if subset is None and len(configs) > 1:
         raise DataError(f"{key}.subset_name is needed: the dataset folder {p} has several configs "
                         f"({', '.join(configs)}); name one")
@@ -64,24 +60,20 @@ def _read_folder(p: Path, split: str, subset: str | None, key: str) -> list[dict
     try:
         splits = datasets.get_dataset_split_names(str(p), subset)
     except Exception as e:
-        raise DataError(f"{key}.path: {p}: cannot read the dataset folder: {_reason(e)}") from None
+        raise DataError(f"{key}.path: {p}: cannot read the dataset folder: {one_line(e)}") from None
     if split not in splits:
         raise DataError(f"{key}.split: the dataset folder {p} has no split {split!r} (it has: {', '.join(splits)})")
     try:
         return datasets.load_dataset(str(p), name=subset, split=split).to_list()
     except Exception as e:
-        raise DataError(f"{key}.path: {p}: cannot read data: {_reason(e)}") from None
-
-
-def _reason(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{key}.path: {p}: cannot read data: {one_line(e)}") from None
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read: {_reason(e)}") from None
+        raise DataError(f"{path}: cannot read: {one_line(e)}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

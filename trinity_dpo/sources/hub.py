@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from ..config.schema import ConfigError
+from ..errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def resolve(path: str, kind: str, key: str) -> str:
         try:
             folder = snapshot_download(path, repo_type=kind, cache_dir=cache)
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = one_line(e)
             raise ConfigError(f"{key}: {path} is not a local path, and downloading the Hugging Face {kind} {path} "
                               f"failed: {reason}") from None
     if folder is None:
