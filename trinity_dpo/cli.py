@@ -5,10 +5,10 @@
     trinity report RUN_DIR
     trinity models
 
-Each subcommand parses, validates before anything heavy loads, and calls one function. Exit codes (the README's
-table): 0 done, or stopped by SIGINT/SIGTERM after saving; 2 a problem the user must fix (configuration, data, a
-run folder another run holds, a checkpoint that cannot be resumed or saved, a diverged run), in one line; 1 a bug,
-with its traceback.
+Each subcommand parses, validates before anything heavy loads, and calls one function. Exit codes (the table in
+docs/internals.md): 0 done, or stopped by SIGINT/SIGTERM after saving; 2 a problem the user must fix
+(configuration, data, a run folder another run holds, a checkpoint that cannot be resumed or saved, a diverged run),
+in one line; 1 a bug, with its traceback.
 """
 from __future__ import annotations
 

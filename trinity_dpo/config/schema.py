@@ -3,7 +3,7 @@
 Two files fill it: the Trinity-RFT style `dpo.yaml` (the sections below `Config`) and the verl style trainer
 file named by `trainer.trainer_config_path`, which lands in `trainer.trainer_config` (`VerlConfig`). Several
 settings have more than one spelling (the document's, newer Trinity's, verl's); `ALIASES` lists them and
-`config_loader.resolve` folds each group into its canonical field, refusing two spellings that disagree.
+`loader.resolve` folds each group into its canonical field, refusing two spellings that disagree.
 Sections and keys that verl or Trinity accept but that do not apply to offline DPO are listed in each class's
 `IGNORED` and logged once, never silently dropped.
 """
@@ -128,7 +128,7 @@ class ModelConfig:
 class ClusterConfig:
     """`cluster`."""
 
-    node_num: int = 1  # nodes (more than one: start each with torchrun, see the README)
+    node_num: int = 1  # nodes (more than one: start each with torchrun, see docs/gpus_and_nodes.md)
     gpu_per_node: int = 1  # worker processes per node: one per GPU, or CPU processes where the device is cpu
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where available, else cpu
 

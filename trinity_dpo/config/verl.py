@@ -1,6 +1,6 @@
 """The optimizer settings and the verl-style trainer file's schema (`trainer.trainer_config_path`, or
 `trainer.trainer_config` inline), which `config.Config` holds as `trainer.trainer_config`. Same conventions as
-`config.py`: one line of doc per field; keys verl accepts that do not apply are listed in `IGNORED`.
+`schema.py`: one line of doc per field; keys verl accepts that do not apply are listed in `IGNORED`.
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from .attention import varlen_kwargs
 from ..data.batching import MicroBatch
 
 # Logits per chunk: 32 MiB of fp32 on CPU (170 tokens of a 49k vocabulary), 512 MiB on GPU. Forward holds one such
-# block (two where the entropy is wanted), backward one. On 2 CPU cores 32 MiB chunks ran a SmolLM2 step 3% faster
-# than 16 MiB, 64 MiB 1% more. Each chunk reads the whole head weight, so a chunk needs enough rows to be
+# block (two where the entropy is wanted), backward one; the CPU size was chosen by timing 16, 32 and 64 MiB on
+# SmolLM2 (docs/benchmarks.md, History). Each chunk reads the whole head weight, so a chunk needs enough rows to be
 # compute-bound rather than memory-bound: at least _MIN_ROWS (a 152k vocabulary would otherwise give 27-row chunks),
 # and on GPU, with its far higher FLOP per byte, the larger budget (~880 rows at 152k).
 _CHUNK_ELEMENTS = 1 << 23
@@ -287,8 +287,7 @@ def _chunk_logits(hidden, weight, bias, buffer=None):
 def _logits_buffer(hidden, weight, chunk):
     """One fp32 [chunk, V] block that every chunk's logits reuse (None where the bf16 head allocates its own). On
     CPU a fresh 32 MiB block per chunk is a fresh mapping whose pages fault in one by one as the product writes
-    them. With `_chunk_lse`, SmolLM2's frozen head (1000 rows, DPO's extras, forward and backward) went from
-    1.01-1.06 s to 0.86-0.90 s on 2 cores."""
+    them (the head's timings before and after: docs/benchmarks.md, History)."""
     if _bf16_head(hidden):
         return None
     return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=torch.float32, device=hidden.device)

@@ -50,8 +50,8 @@ class Runtime:
 
     def release_host_memory(self) -> None:
         """Hand the C heap's free pages back to the OS (CPU runs on glibc). glibc keeps the pages of freed
-        activations mapped while the next phase allocates elsewhere: measured on SmolLM2 in fp32, the process's peak
-        RSS sat 0.3 GB above its live tensors without this call between forward, backward and optimizer step."""
+        activations mapped while the next phase allocates elsewhere, so without this call between forward, backward
+        and optimizer step the process's peak RSS sits above its live tensors (docs/benchmarks.md, History)."""
         if self.trim_heap and self.device.type == "cpu" and _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
 
@@ -94,10 +94,8 @@ def for_model(runtime: Runtime, cfg: Config, model) -> Runtime:
     `attention.py`; other attention implementations would let a rejected answer see the chosen one.
 
     The heap is trimmed only under gradient checkpointing, the setting by which a user trades speed for memory:
-    every page handed back faults in again in the next phase. Measured on SmolLM2 in fp32 (6 steps of 4 pairs,
-    3 runs each way, bench/compare_trl.py's job): with checkpointing, trimming lowered peak RSS by 0.15-0.3 GB at no
-    measurable cost in speed; without it, it saved 0.0-0.13 GB and cost 6-12 % of the pairs/s (LoRA 0.70 -> 0.64,
-    full fine-tuning 0.49 -> 0.46)."""
+    every page handed back faults in again in the next phase. With checkpointing, trimming lowered the peak at no
+    measurable cost in speed; without it, it cost speed for little or no lower peak (docs/benchmarks.md, History)."""
     gc = cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing
     return dataclasses.replace(runtime, share_prompt=cfg.trainer.share_prompt and is_varlen(model), trim_heap=gc)
 
