@@ -9,6 +9,7 @@ import yaml
 
 from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
+from trinity_dpo.sources.local import localize
 
 DATA = Path(__file__).parent / "data"
 
@@ -124,10 +125,6 @@ ERRORS = [
      "buffer.batch_size (8) must be divisible by ppo_micro_batch_size_per_gpu (4) x processes (4)"),
     (None, {"actor_rollout_ref": {"nccl_timeout": 0}}, "nccl_timeout must be a positive number of seconds"),
     ({"model": {"model_path": ""}}, None, "model.model_path is required"),
-    ({"model": {"model_path": "/no/such/model"}}, None, "model.model_path: folder not found: /no/such/model"),
-    ({"model": {"model_path": "/tmp"}}, None, "model.model_path: /tmp has no config.json"),
-    ({"buffer": {"trainer_input": {"experience_buffer": {"path": "/no/data.json"}}}}, None,
-     "buffer.trainer_input.experience_buffer.path: not found: /no/data.json"),
     ({"trainer": {"trainer_config_path": "missing.yaml"}}, None,
      "trainer.trainer_config_path: file not found: missing.yaml"),
     ({"checkpoint_root_dir": "/etc/hostname/runs"}, None, "is not a folder"),
@@ -183,6 +180,22 @@ def test_config_errors(make_config, main, verl, message):
     path = make_config(main=main, verl=verl)
     with pytest.raises(ConfigError) as err:
         load_config(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# Paths that are not there: loading the config only parses and checks it; the names become local folders (and are
+# found missing) in the one step that makes them local, which the command runs before a run or an evaluation.
+PATH_ERRORS = [("model", "/no/such/model", "model.model_path: folder not found: /no/such/model"),
+               ("model", "/tmp", "model.model_path: /tmp has no config.json"),
+               ("data", "/no/data.json", "buffer.trainer_input.experience_buffer.path: not found: /no/data.json")]
+
+
+@pytest.mark.parametrize("what,path,message", PATH_ERRORS)
+def test_missing_paths_are_found_when_made_local(make_config, what, path, message):
+    cfg = load_config(make_config(**{what: path}))  # pure: no path is looked at
+    with pytest.raises(ConfigError) as err:
+        localize(cfg)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import torch
 
 from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
+from trinity_dpo.sources.local import localize
 
 from conftest import REPO
 
@@ -41,7 +47,9 @@ def hub_cache(tmp_path, qwen_dir, pairs_file, monkeypatch):
 
 
 def test_model_and_dataset_ids_resolve_to_cached_snapshots(make_config, hub_cache):
-    cfg = load_config(make_config(model="TinyOrg/tiny-chat", data="TinyOrg/prefs"))
+    loaded = load_config(make_config(model="TinyOrg/tiny-chat", data="TinyOrg/prefs"))
+    assert loaded.model.model_path == "TinyOrg/tiny-chat"  # loading is pure: names stay names
+    cfg = localize(loaded)
     assert cfg.model.model_path == str(hub_cache / "models--TinyOrg--tiny-chat" / "snapshots" / SHA)
     assert cfg.buffer.trainer_input.experience_buffer.path == str(
         hub_cache / "datasets--TinyOrg--prefs" / "snapshots" / SHA)
@@ -49,7 +57,7 @@ def test_model_and_dataset_ids_resolve_to_cached_snapshots(make_config, hub_cach
 
 def test_ids_not_cached_offline_are_one_line(make_config, hub_cache):
     with pytest.raises(ConfigError) as err:
-        load_config(make_config(model="Qwen/Qwen2.5-1.5B-Instruct"))
+        localize(load_config(make_config(model="Qwen/Qwen2.5-1.5B-Instruct")))
     assert str(err.value) == (
         f"model.model_path: Qwen/Qwen2.5-1.5B-Instruct is not a local path, and the Hugging Face model "
         f"Qwen/Qwen2.5-1.5B-Instruct is not in the cache {hub_cache} (HF_HUB_OFFLINE is set); download it with "
@@ -57,7 +65,7 @@ def test_ids_not_cached_offline_are_one_line(make_config, hub_cache):
     with pytest.raises(ConfigError, match="buffer.trainer_input.experience_buffer.path: HumanLLMs/Human-Like-DPO-"
                                           "Dataset is not a local path.*`hf download HumanLLMs/Human-Like-DPO-Dataset "
                                           "--repo-type dataset`"):
-        load_config(make_config(data="HumanLLMs/Human-Like-DPO-Dataset"))
+        localize(load_config(make_config(data="HumanLLMs/Human-Like-DPO-Dataset")))
 
 
 def test_a_run_from_hub_ids(make_config, hub_cache, tmp_path):
@@ -68,3 +76,36 @@ def test_a_run_from_hub_ids(make_config, hub_cache, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "ckpt" / "proj" / "run" / "metrics.jsonl").read_text()
                .splitlines() if "loss" in line]
     assert len(metrics) == 1 and abs(metrics[0]["loss"] - 0.6931471805599453) < 1e-6
+
+
+def test_loading_a_model_leaves_the_hub_setting_alone(make_config, qwen_dir, monkeypatch):
+    """Loading once set HF_HUB_OFFLINE for the rest of the process, so a later hub lookup in the same process (the
+    next stage's model, `trinity eval --ref` of a hub id) was refused; local folders are read with
+    `local_files_only` instead."""
+    from trinity_dpo.engine.modeling import load_model, load_tokenizer
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = localize(load_config(make_config()))
+    load_tokenizer(cfg)
+    load_model(cfg, torch.device("cpu"))
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_a_builtin_set_is_written_by_one_process_while_others_wait(tmp_path, monkeypatch):
+    """Every worker of a run makes its names local at once: the first writes the demo set, the others wait on the
+    lock file and find it written (without the lock each would write it: two writes here)."""
+    from trinity_dpo.sources import builtin, demo_data
+
+    monkeypatch.setenv("TRINITY_DPO_CACHE", str(tmp_path))
+    writes, real = [], demo_data.write
+
+    def slow_write(folder, name):
+        writes.append(name)
+        time.sleep(0.5)  # long enough for the other caller to arrive while the set is missing
+        return real(folder, name)
+
+    monkeypatch.setattr(demo_data, "write", slow_write)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: builtin.data_path("builtin:human-like-demo"), range(2)))
+    assert len(writes) == 1 and folders[0] == folders[1]
+    assert (Path(folders[0]) / "train.jsonl").is_file()

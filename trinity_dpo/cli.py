@@ -61,8 +61,11 @@ def _run(args) -> str:
     from .engine import distributed
     from .run import train
     from .config.loader import load_config
+    from .sources.local import localize
 
-    cfg = load_config(args.config, args.overrides)
+    # Names become local folders here, once, before any worker starts: a download or a conversion happens in one
+    # process, and a missing path is one line from the command itself (the workers find them done).
+    cfg = localize(load_config(args.config, args.overrides))
     code = distributed.launch(args.config, args.overrides, cfg)  # several processes: torchrun runs this again
     if code is not None:  # worker 0 has printed the run folder
         if code:

@@ -3,13 +3,13 @@ Nothing here loads a model or data; every failure is a `ConfigError` with one li
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
-from ..sources import builtin, hub
 from ..errors import ConfigError
+from .objective_checks import validate_objective
 from .schema import Config
-from ..engine.lora import ADAPTER_CONFIG, is_adapter
 
 
 def get_field(cfg, dotted: str):
@@ -40,8 +40,6 @@ def validate(cfg: Config) -> None:
            f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
     fraction = cfg.buffer.trainer_input.eval_fraction
     _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
-    from ..objective.objectives import validate as validate_objective
-
     validate_objective(cfg.algorithm)
     _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")
     _check(0 <= opt.lr_warmup_steps_ratio <= 1,
@@ -76,8 +74,6 @@ def validate(cfg: Config) -> None:
            "trainer_state/)")
     _validate_paths(cfg)
     _check_lora(cfg)
-    from ..run.metrics import check_sinks
-
     check_sinks(cfg)
 
 
@@ -116,27 +112,11 @@ def _refuse_unsupported(cfg: Config) -> None:
 
 
 def _validate_paths(cfg: Config) -> None:
-    """Local paths exist; hub ids are replaced by their folders in the Hugging Face cache (`hub.resolve`)."""
-    model = cfg.model.model_path
-    _check(bool(model), "model.model_path is required: a local Hugging Face model folder or a hub id")
-    if builtin.is_builtin(model):
-        builtin.check(model)
-    else:
-        cfg.model.model_path = model = hub.resolve(model, "model", "model.model_path")
-        _check(Path(model).is_dir(), f"model.model_path: folder not found: {model}")
-        _check(not is_adapter(model),
-               f"model.model_path: {model} is a LoRA adapter, not a model: give its merged/ folder, or the base model "
-               "here and the adapter as model.lora.path")
-        _check((Path(model) / "config.json").is_file(), f"model.model_path: {model} has no config.json (not a model "
-                                                        "folder)")
-    inputs = cfg.buffer.trainer_input
-    _check(bool(inputs.experience_buffer.path), "buffer.trainer_input.experience_buffer.path is required: a "
-           ".json/.jsonl/.parquet file, a dataset folder or a hub dataset id")
-    for key, storage in (("experience_buffer", inputs.experience_buffer), ("eval_buffer", inputs.eval_buffer)):
-        key = f"buffer.trainer_input.{key}.path"
-        if storage.path and not builtin.is_builtin(storage.path):
-            storage.path = hub.resolve(storage.path, "dataset", key)
-            _check(Path(storage.path).exists(), f"{key}: not found: {storage.path}")
+    """The paths are given and the run folder can be made. Whether model and data paths exist is checked where
+    they are made local (`sources.local.localize`): a hub id or a built-in name is not a path yet."""
+    _check(bool(cfg.model.model_path), "model.model_path is required: a local Hugging Face model folder or a hub id")
+    _check(bool(cfg.buffer.trainer_input.experience_buffer.path), "buffer.trainer_input.experience_buffer.path is "
+           "required: a .json/.jsonl/.parquet file, a dataset folder or a hub dataset id")
     root = Path(cfg.checkpoint_root_dir)
     existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
     _check(existing.is_dir(), f"checkpoint_root_dir: {root} cannot be created: {existing} is not a folder")
@@ -146,26 +126,17 @@ def _validate_paths(cfg: Config) -> None:
 def _check_lora(cfg: Config) -> None:
     lora, world = cfg.model.lora, cfg.cluster.node_num * cfg.cluster.gpu_per_node
     _check(lora.rank >= 0, f"model.lora.rank must be >= 0 (0: no LoRA), got {lora.rank}")
-    if lora.path:
-        adapter = Path(lora.path) / ADAPTER_CONFIG
-        _check(adapter.is_file(), f"model.lora.path: {lora.path} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-        import json
-
-        saved = json.loads(adapter.read_text())  # a continued adapter keeps its own shape
-        lora.rank, lora.alpha = int(saved.get("r") or 0), saved.get("lora_alpha")
-        lora.target_modules = saved.get("target_modules") or lora.target_modules
-    if not lora.rank:
+    if not lora.rank and not lora.path:  # a continued adapter's rank, alpha and targets are read when made local
         _check(not lora.load_in_4bit, "model.lora.load_in_4bit needs LoRA on: set model.lora.rank (or "
                "lora_configs[0].lora_rank) above 0")
         return
-    _check(lora.alpha is not None and lora.alpha > 0, f"model.lora.alpha must be > 0, got {lora.alpha}")
+    _check(bool(lora.path) or (lora.alpha is not None and lora.alpha > 0),
+           f"model.lora.alpha must be > 0, got {lora.alpha}")
     _check(0 <= lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
     targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
     _check("lm_head" not in targets, "model.lora.target_modules: the LM head is scored from its weight in fp32 chunks "
            "and cannot take an adapter; adapt the other modules ('all-linear' leaves the head out)")
     if lora.load_in_4bit:
-        import importlib.util
-
         import torch
 
         _check(cfg.cluster.device != "cpu" and torch.cuda.is_available(), "model.lora.load_in_4bit: QLoRA's 4-bit "
@@ -177,3 +148,20 @@ def _check_lora(cfg: Config) -> None:
         _check(lora.save_merged == "never", "model.lora.load_in_4bit: merging into 4-bit weights would lose the "
                "adapter's precision; set model.lora.save_merged: never and merge the saved adapter into the "
                "full-precision base")
+
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def sinks_of(cfg: Config) -> list[str]:
+    """The extra sinks asked for (console and metrics.jsonl are always on)."""
+    asked = list(cfg.trainer.trainer_config.trainer.logger)
+    if cfg.monitor.monitor_type:
+        asked.append(cfg.monitor.monitor_type)
+    return sorted({s for s in asked if s != "console"})
+
+
+def check_sinks(cfg: Config) -> None:
+    for sink in sinks_of(cfg):
+        if importlib.util.find_spec(PACKAGES[sink]) is None:
+            raise ConfigError(f"monitor '{sink}' needs the package '{PACKAGES[sink]}': pip install {PACKAGES[sink]}")

@@ -19,11 +19,11 @@ import torch
 from . import lora_linear
 from ..config.schema import LoraConfig
 from ..errors import ConfigError, one_line
+from ..sources.local import ADAPTER_CONFIG, is_adapter  # noqa: F401  (lora.is_adapter: one definition)
 
 log = logging.getLogger(__name__)
 
 _WRAPPER = "_trinity_peft"  # set with object.__setattr__: a plain attribute, not a submodule (no second state dict)
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED = "merged"
 
 
@@ -175,10 +175,6 @@ def merged_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dic
 
 def wants_merged(lora: LoraConfig, step: int, total: int) -> bool:
     return lora.rank > 0 and (lora.save_merged == "every" or (lora.save_merged == "final" and step == total))
-
-
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
 
 
 def base_of(adapter: str | Path) -> str:

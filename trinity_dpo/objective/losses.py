@@ -12,16 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# The f-DPO reparameterisation leaves a beta log Z(x) term that cancels only in the chosen - rejected difference,
-# so TRL allows another f-divergence only for the losses built on that difference.
-F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-# These sort the batch's log-ratios, so a pair's loss depends on the other pairs of its micro-batch (as in TRL,
-# where it depends on the other pairs of its device batch).
-SORTING_LOSS_TYPES = ("aot", "aot_unpaired")
+from ..config.objective_checks import (CPO_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES,  # noqa: F401
+                                       F_DIVERGENCES, SORTING_LOSS_TYPES)
 
 
 @dataclass

@@ -8,7 +8,6 @@ written to files stay readable.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -16,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..config.checks import sinks_of
 from ..config.schema import Config
-from ..errors import ConfigError, RunFolderError
+from ..errors import RunFolderError
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +25,9 @@ SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "ppl", "lr")  # those 
 EVAL_SHOWN = (("loss", "eval/loss"), ("accuracy", "eval/rewards/accuracies"), ("margin", "eval/rewards/margins"),
               ("prefers chosen", "eval/prefers_chosen"), ("ppl", "eval/ppl"),
               ("token accuracy", "eval/mean_token_accuracy"))
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-def sinks_of(cfg: Config) -> list[str]:
-    """The extra sinks asked for (console and metrics.jsonl are always on)."""
-    asked = list(cfg.trainer.trainer_config.trainer.logger)
-    if cfg.monitor.monitor_type:
-        asked.append(cfg.monitor.monitor_type)
-    return sorted({s for s in asked if s != "console"})
-
-
-def check_sinks(cfg: Config) -> None:
-    for sink in sinks_of(cfg):
-        if importlib.util.find_spec(PACKAGES[sink]) is None:
-            raise ConfigError(f"monitor '{sink}' needs the package '{PACKAGES[sink]}': pip install {PACKAGES[sink]}")
-
-
 def load_lines(path: Path) -> list[tuple[str, dict]]:
     """Each line of a metrics.jsonl with its record. A last line that is no record was cut off by a crash in
-    mid-write: it is left out, with a warning that shows it. Any other such line stops with a ConfigError."""
+    mid-write: it is left out, with a warning that shows it. Any other such line stops with a RunFolderError."""
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     out = []
     for i, line in enumerate(lines, 1):

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def materialize(model_path: str) -> str:
     name = model_path[len(PREFIX):]
     folder = cache_root() / "models" / name
     if not (folder / "config.json").is_file():
-        _convert(BUILTINS[name], folder)
+        with _one_process(folder):
+            if not (folder / "config.json").is_file():  # another process may have converted it while this one waited
+                _convert(BUILTINS[name], folder)
     return str(folder)
 
 
@@ -75,8 +78,25 @@ def data_path(path: str) -> str:
         raise ConfigError(f"unknown built-in dataset {name!r}; known: {demo_data.NAME}, {demo_data.SFT_NAME}")
     folder = cache_root() / "data" / f"{name}-v{demo_data.VERSION}"
     if not (folder / "README.md").is_file():
-        demo_data.write(folder, name)
+        with _one_process(folder):
+            if not (folder / "README.md").is_file():
+                demo_data.write(folder, name)
     return str(folder)
+
+
+@contextmanager
+def _one_process(folder: Path):
+    """Hold an exclusive lock beside `folder` while it is made: every worker of a run may ask for it at once, one
+    makes it and the others wait on the file (no collective, no timeout)."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _convert(spec: Builtin, folder: Path) -> None:
