@@ -255,3 +255,21 @@ def test_folder_errors_list_configs_and_splits(tmp_path):
         read_rows(str(folder), "test", "alpha", key="buffer.trainer_input.eval_buffer")
     with pytest.raises(DataError, match=r"subset_name: 'gamma' is not a config of .* \(it has: alpha, beta\)"):
         read_rows(str(folder), "train", "gamma")
+
+
+def test_rows_are_read_a_chunk_at_a_time_with_file_row_numbers(tmp_path):
+    """A JSON lines file is read in chunks (never whole); blank lines are skipped, and a bad line deep in the file
+    is named by its line in the file and a non-object by its row, as when the file was read whole."""
+    from trinity_dpo.sources.files import iter_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" + ("\n" if i == 2 else "") for i in range(5)))
+    assert [[r["i"] for r in chunk] for chunk in iter_rows(str(path), chunk_rows=2)] == [[0, 1], [2, 3], [4]]
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(5)) + "\n[1]\n")
+    with pytest.raises(DataError, match=r"rows.jsonl: row 6: expected an object with keys, got list"):
+        list(iter_rows(str(path), chunk_rows=2))
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(5)) + "{oops\n")
+    chunks = iter_rows(str(path), chunk_rows=2)
+    assert [r["i"] for r in next(chunks)] == [0, 1]  # rows before the bad line come while it is still unread
+    with pytest.raises(DataError, match=r"rows.jsonl: line 6: malformed JSON"):
+        list(chunks)

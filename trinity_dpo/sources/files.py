@@ -1,6 +1,8 @@
 """Rows from where the user keeps them: a .json/.jsonl file (gzip-compressed too), a .parquet file, a Hugging Face
 dataset folder (a card with `configs`, or data files the `datasets` library recognises, compressed or not), or a
-hub dataset id resolved through the Hugging Face cache (`hub.py`). Rows come back as dicts, in file order.
+hub dataset id resolved through the Hugging Face cache (`hub.py`). Rows come back as dicts, in file order, a chunk
+at a time (`iter_rows`): a file of a million rows is never held whole (a JSON array file is parsed whole, being one
+JSON value).
 """
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import DataError, one_line
 
 _SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+CHUNK_ROWS = 2048  # rows per chunk: large enough to batch the tokenizer, small enough to hold in any process
 
 
 def _suffix(path: Path) -> str:
@@ -22,30 +25,44 @@ def _suffix(path: Path) -> str:
 
 def read_rows(path: str, split: str = "train", subset: str | None = None,
               key: str = "buffer.trainer_input.experience_buffer") -> list[dict[str, Any]]:
-    """All rows of the file or folder at `path`; `key` names the config section in errors.
+    """All rows of the file or folder at `path`, in one list (`iter_rows` reads them a chunk at a time)."""
+    return [row for chunk in iter_rows(path, split, subset, key) for row in chunk]
+
+
+def iter_rows(path: str, split: str = "train", subset: str | None = None,
+              key: str = "buffer.trainer_input.experience_buffer", chunk_rows: int = CHUNK_ROWS
+              ) -> Iterator[list[dict[str, Any]]]:
+    """The rows of the file or folder at `path` in file order, `chunk_rows` at a time; `key` names the config
+    section in errors. A malformed line stops the read with its file and line number, wherever it is.
 
     JSON files are parsed here rather than by `datasets`: Arrow would fill a missing key with null and refuse a
     column that mixes text and numbers, hiding exactly the rows a user needs named.
     """
     p = Path(path)
     if _suffix(p) in (".json", ".jsonl") and p.is_file():
-        return _read_json(p)
+        yield from _json_chunks(p, chunk_rows)
+        return
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local folder must never reach for a hub
     import datasets
 
     datasets.disable_progress_bars()
     if p.is_dir():
-        return _read_folder(p, split, subset, key)
-    if _suffix(p) not in _SUFFIX_BUILDERS:
+        dataset = _open_folder(p, split, subset, key)
+    elif _suffix(p) not in _SUFFIX_BUILDERS:
         raise DataError(f"{path}: unsupported data file type {''.join(p.suffixes)!r}; use .json, .jsonl (either "
                         "may be .gz), .parquet or a dataset folder")
-    try:
-        return datasets.load_dataset(_SUFFIX_BUILDERS[_suffix(p)], data_files=str(p), split="train").to_list()
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"{path}: cannot read data: {one_line(e)}") from None
+    else:
+        try:  # Arrow tables on disk, memory-mapped: rows are taken a chunk at a time
+            dataset = datasets.load_dataset(_SUFFIX_BUILDERS[_suffix(p)], data_files=str(p), split="train")
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise DataError(f"{path}: cannot read data: {one_line(e)}") from None
+    for start in range(0, len(dataset), chunk_rows):
+        columns = dataset[start:start + chunk_rows]
+        names = list(columns)
+        yield [dict(zip(names, values)) for values in zip(*(columns[n] for n in names))]
 
 
-def _read_folder(p: Path, split: str, subset: str | None, key: str) -> list[dict[str, Any]]:
+def _open_folder(p: Path, split: str, subset: str | None, key: str):
     import datasets
 
     try:
@@ -64,35 +81,71 @@ def _read_folder(p: Path, split: str, subset: str | None, key: str) -> list[dict
     if split not in splits:
         raise DataError(f"{key}.split: the dataset folder {p} has no split {split!r} (it has: {', '.join(splits)})")
     try:
-        return datasets.load_dataset(str(p), name=subset, split=split).to_list()
+        return datasets.load_dataset(str(p), name=subset, split=split)
     except Exception as e:
         raise DataError(f"{key}.path: {p}: cannot read data: {one_line(e)}") from None
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def _json_chunks(path: Path, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
+    """A JSON array file parsed whole; JSON lines (also a .json file of one object per line) a line at a time."""
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with opener(path, "rb") as fh:
+            head = fh.read(4096).lstrip()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read: {one_line(e)}") from None
+    if _suffix(path) == ".json" and head.startswith(b"["):
+        rows = _json_array(path, opener)
+        for start in range(0, len(rows), chunk_rows):
+            yield rows[start:start + chunk_rows]
+        return
+    chunk, rows = [], 0
+    try:
+        with opener(path, "rb") as fh:
+            for line, raw in enumerate(fh, start=1):
+                row = _json_line(path, raw, line, rows + 1)
+                rows += len(row)
+                chunk.extend(row)
+                if len(chunk) >= chunk_rows:
+                    yield chunk
+                    chunk = []
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read: {one_line(e)}") from None
+    if chunk:
+        yield chunk
+
+
+def _json_array(path: Path, opener) -> list[dict[str, Any]]:
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read: {one_line(e)}") from None
     try:
-        text = raw.decode("utf-8")
+        rows = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: bytes that are not UTF-8") from None
-    if _suffix(path) == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON: {e.msg}") from None
-    else:  # JSON lines, also when a .json file holds one object per line
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: malformed JSON: {e.msg}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}: malformed JSON: {e.msg}") from None
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {n}: expected an object with keys, got {type(row).__name__}")
     return rows
+
+
+def _json_line(path: Path, raw: bytes, line: int, row: int) -> list[dict[str, Any]]:
+    """The row on one line of a JSON lines file ([] for a blank line)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: line {line}: bytes that are not UTF-8") from None
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {line}: malformed JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: row {row}: expected an object with keys, got {type(value).__name__}")
+    return [value]
