@@ -119,9 +119,15 @@ def test_head_backward_done_in_forward_for_a_uniform_gradient(monkeypatch, bias)
     assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads(same, True), expected)) and not rebuilds
     varied = torch.randn(23)
     assert all(torch.equal(g, e) for g, e in zip(grads(varied, True), grads(varied, False))) and rebuilds
+    # No gradient at all: the forward must not build the unit-gradient sums (a [V, H] buffer nothing would read),
+    # and its log-probs equal those the grad-enabled forward made while building them.
+    built, sums = [], lp._HeadGrads
+    monkeypatch.setattr(lp, "_HeadGrads", lambda *a: built.append(1) or sums(*a))
+    with_sums = lp.head_logprobs(hidden, head, labels, uniform_grad=True)[0].detach()
+    assert built == [1]
     with torch.no_grad():
-        assert torch.equal(lp.head_logprobs(hidden, head, labels, uniform_grad=True)[0],
-                           lp.head_logprobs(hidden, head, labels)[0])
+        assert torch.equal(lp.head_logprobs(hidden, head, labels, uniform_grad=True)[0], with_sums)
+    assert built == [1]
 
 
 def test_bf16_hidden_states_get_bf16_gradients_from_fp32_logits():

@@ -20,10 +20,13 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(modeling._MALLOC_TRIM is None or not Path("/proc/self/status").exists(), reason="glibc on Linux")
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_release_host_memory_returns_freed_heap_pages_under_checkpointing(checkpointing, llama_dir):
+def test_release_host_memory_returns_freed_heap_pages_under_checkpointing(checkpointing, llama_dir, monkeypatch):
     """250 MB of 64 KiB tensors (below glibc's mmap threshold, so on its heap), 15 of every 16 freed: glibc keeps
     their pages, since live blocks sit between them. With gradient checkpointing on, the release hands at least
-    150 MB of them back; with it off the runtime keeps them (a trimmed page faults in again: speed first)."""
+    150 MB of them back; with it off the runtime never calls malloc_trim and keeps them (a trimmed page faults in
+    again: speed first)."""
+    trims, trim = [], modeling._MALLOC_TRIM
+    monkeypatch.setattr(modeling, "_MALLOC_TRIM", lambda pad: trims.append(pad) or trim(pad))
     cfg = Config()
     cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing = checkpointing
     runtime = for_model(Runtime(torch.device("cpu"), bf16=False), cfg, AutoModelForCausalLM.from_pretrained(llama_dir))
@@ -34,6 +37,7 @@ def test_release_host_memory_returns_freed_heap_pages_under_checkpointing(checkp
     del drop
     held = _rss_mb()
     runtime.release_host_memory()
+    assert trims == ([0] if checkpointing else [])
     assert (held - _rss_mb() > 150) is checkpointing
     assert all(float(t[0]) == 1.0 for t in keep)  # the live blocks are untouched
 
