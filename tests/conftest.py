@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models built once per session, and a writer of run configs."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,16 @@ from tiny import SPACE_TEMPLATE, make_model_dir, write_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "human_like_dpo_dataset"
+
+
+def need_extra(name: str):
+    """Import a package of the test extras. Missing, the test (or its whole module) fails in one line: a skip would
+    silently drop the claim it makes, such as equality with TRL."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    pytest.fail(f"{name} is missing: install the test extras (pip install -e '.[test]')", pytrace=False)
 
 
 @pytest.fixture(scope="session")

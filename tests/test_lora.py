@@ -166,7 +166,9 @@ def test_three_adamw_steps_from_an_adapter_equal_trl(tmp_path, qwen_dir, make_co
     """One adapter (B away from zero, so the adapted policy differs from its base) loaded into both: TRL 1.16 trains
     a PeftModel against a frozen copy of its starting adapter, ours against the starting policy's cached
     log-probs. Batch 4 over the 4 pairs, so each step is the whole set."""
-    trl = pytest.importorskip("trl")
+    from conftest import need_extra
+
+    trl = need_extra("trl")
     from datasets import Dataset
     from transformers import AutoTokenizer
 

@@ -14,7 +14,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-trl = pytest.importorskip("trl")
+from conftest import need_extra
+
+trl = need_extra("trl")
 
 from test_trl_parity import BETA, our_pairs, rows, trl_trainer  # noqa: E402
 from trinity_dpo.objective import losses as L  # noqa: E402

@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import need_extra
 from trinity_dpo.engine.attention import use_varlen
 from trinity_dpo.data.batching import collate
 from trinity_dpo.config.loader import load_config
@@ -21,7 +22,7 @@ from trinity_dpo.data.pairs import Limits, build_pairs
 from trinity_dpo.objective.reference import score
 from trinity_dpo.run import train
 
-trl = pytest.importorskip("trl")
+trl = need_extra("trl")
 
 BETA = 0.1
 

@@ -15,7 +15,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-trl = pytest.importorskip("trl")
+from conftest import need_extra
+
+trl = need_extra("trl")
 
 from test_sft import metrics, sft_config  # noqa: E402,F401  (sft_config: the fixture)
 from tiny import CHATML_TEMPLATE  # noqa: E402
