@@ -60,14 +60,36 @@ class DataReport:
     prompts_in_train: int = 0  # held-out pairs whose prompt is also a training prompt
     unit: str = "pairs"  # what a row is: preference pairs, or SFT rows
 
-    def refuse(self, storage: StorageConfig, row: int, e: "BadRow") -> None:
-        """Count and skip bad row `row` (a warning for the first three of a reason), or stop the run when
-        `storage.on_bad_row` is `error`."""
+    def refuse(self, storage: StorageConfig, row: int, e: "BadRow", seen: Counter | None = None) -> None:
+        """Count and skip bad row `row` (a warning for the first three of a reason, counted in `seen`, by default
+        these counts), or stop the run when `storage.on_bad_row` is `error`."""
         if storage.on_bad_row == "error":
             raise DataError(f"{storage.path}: row {row}: {e.detail}") from None
         self.dropped[e.reason] += 1
-        if self.dropped[e.reason] <= 3:
+        seen = self.dropped if seen is None else seen
+        if seen is not self.dropped:
+            seen[e.reason] += 1
+        if seen[e.reason] <= 3:
             log.warning("%s: row %d skipped: %s", storage.path, row, e.detail)
+
+    def add(self, other: "DataReport") -> None:
+        """Add the counts of `other` (what tokenizing some rows added) to these."""
+        self.dropped.update(other.dropped)
+        self.truncated.update(other.truncated)
+        self.over_limit.update(other.over_limit)
+        self.resplit += other.resplit
+
+    def counts(self) -> dict:
+        """The counts tokenizing adds, as JSON (empty ones left out)."""
+        out = {k: dict(getattr(self, k)) for k in ("dropped", "truncated", "over_limit") if getattr(self, k)}
+        return {**out, "resplit": self.resplit} if self.resplit else out
+
+    def add_counts(self, counts: dict, times: int = 1) -> None:
+        """Add `counts` (`counts()` of another report) `times` times."""
+        for key in ("dropped", "truncated", "over_limit"):
+            for name, n in counts.get(key, {}).items():
+                getattr(self, key)[name] += n * times
+        self.resplit += counts.get("resplit", 0) * times
 
     def as_dict(self) -> dict:
         out = {"source": self.source, "read": self.read, "kept": self.read - sum(self.dropped.values()),

@@ -84,6 +84,18 @@ def _texts(tokenizer, conv: Conversation) -> tuple[str, str, str]:
 
 def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: DataReport) -> list[Pair]:
     """Tokenize every conversation into a `Pair`, truncating by `limits` and counting into `report`."""
+    pairs = []
+    for pair, counts in tokenize_pairs(convs, tokenizer, limits):
+        report.add(counts)
+        if pair is not None:
+            pair.index = len(pairs)
+            pairs.append(pair)
+    return pairs
+
+
+def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits) -> list[tuple[Pair | None, DataReport]]:
+    """Each conversation's `Pair` (None: dropped, e.g. identical after truncation) and what tokenizing it added to
+    the data report; the tokenizer runs once per batch of texts."""
     if not tokenizer.chat_template and not all(c.is_text for c in convs):
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
     texts = [_texts(tokenizer, c) for c in convs]
@@ -95,17 +107,14 @@ def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: Da
                        for k in range(3)]
             for n, i in enumerate(group):
                 ids[i] = (encoded[0][n], encoded[1][n], encoded[2][n])
-    pairs = []
+    out = []
     for i, conv in enumerate(convs):
         (prompt, full_c, full_r), (p_ids, c_ids, r_ids) = texts[i], ids[i]
-        chosen = _response_ids(tokenizer, prompt, p_ids, full_c, c_ids, conv, report)
-        rejected = _response_ids(tokenizer, prompt, p_ids, full_r, r_ids, conv, report)
-        pair = _truncate(Pair(len(pairs), conv.row, p_ids, chosen, rejected), limits, report)
-        if pair is not None:
-            pairs.append(pair)
-    for i, pair in enumerate(pairs):
-        pair.index = i
-    return pairs
+        counts = DataReport("")
+        chosen = _response_ids(tokenizer, prompt, p_ids, full_c, c_ids, conv, counts)
+        rejected = _response_ids(tokenizer, prompt, p_ids, full_r, r_ids, conv, counts)
+        out.append((_truncate(Pair(i, conv.row, p_ids, chosen, rejected), limits, counts), counts))
+    return out
 
 
 def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], full: str, full_ids: list[int],

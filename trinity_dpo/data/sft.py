@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,22 +143,39 @@ def build_examples(dialogues: list[Dialogue], tokenizer, fmt: FormatConfig, max_
                    truncation: str | None, report: DataReport, on_bad_row: str = "skip") -> list[SftExample]:
     """Tokenize every dialogue into an `SftExample` (see the module docstring for which tokens train), applying
     `max_len` as `truncation` says and counting into `report`."""
+    examples = []
+    for example, counts in tokenize_dialogues(dialogues, tokenizer, fmt, max_len, truncation, on_bad_row,
+                                              report.source):
+        report.add(counts)
+        if example is not None:
+            example.index = len(examples)
+            examples.append(example)
+    return examples
+
+
+def tokenize_dialogues(dialogues: list[Dialogue], tokenizer, fmt: FormatConfig, max_len: int | None,
+                       truncation: str | None, on_bad_row: str = "skip", source: str = ""
+                       ) -> list[tuple[SftExample | None, DataReport]]:
+    """Each dialogue's `SftExample` (None: refused, counted by reason) and what tokenizing it added to the data
+    report; with `on_bad_row: error` a refused row stops the run with its row in `source`."""
     if not tokenizer.chat_template:
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
     kwargs = {} if fmt.enable_thinking is None else {"enable_thinking": fmt.enable_thinking}
-    examples = []
+    out, seen = [], Counter()
     for d in dialogues:
         render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
             msgs, tools=d.tools, tokenize=False, add_generation_prompt=gen, **kwargs)
+        counts = DataReport("")
         try:
             ids, mask = _masked_ids(tokenizer, d, render, fmt.enable_concatenated_multi_turn)
-            ids, mask = _fit(ids, mask, max_len, truncation or "error", report)
+            ids, mask = _fit(ids, mask, max_len, truncation or "error", counts)
         except BadRow as e:
-            report.refuse(StorageConfig(path=report.source, on_bad_row=on_bad_row), d.row, e)
+            counts.refuse(StorageConfig(path=source, on_bad_row=on_bad_row), d.row, e, seen)
+            out.append((None, counts))
             continue
         start = mask.index(1)
-        examples.append(SftExample(len(examples), d.row, ids[:start], ids[start:], mask[start:]))
-    return examples
+        out.append((SftExample(len(out), d.row, ids[:start], ids[start:], mask[start:]), counts))
+    return out
 
 
 def _masked_ids(tokenizer, d: Dialogue, render, every_assistant: bool) -> tuple[list[int], list[int]]:
