@@ -34,7 +34,7 @@ def validate(cfg: Config) -> None:
                 "model.max_response_tokens", _ACTOR_MICRO, "trainer.max_checkpoints_to_keep"):
         value = get_field(cfg, key)
         _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
-    for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples"):
+    for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples", "buffer.tokenize_workers"):
         _check(get_field(cfg, key) >= 0, f"{key} must be >= 0, got {get_field(cfg, key)}")
     _check(cfg.trainer.eval_max_new_tokens > 0,
            f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")

@@ -196,6 +196,8 @@ class BufferConfig:
     batch_size: Optional[int] = None  # the document's spelling of train_batch_size
     total_steps: Optional[int] = None  # optimizer steps in place of total_epochs (the data repeats as needed)
     trainer_input: TrainerInputConfig = field(default_factory=TrainerInputConfig)  # data for the trainer
+    tokenize_workers: int = 0  # processes that tokenize the data, once per node (0: every core of the node)
+    token_cache_dir: Optional[str] = None  # where tokenized data is kept for every run on it (default: cache/tokens)
 
     IGNORED: ClassVar[tuple[str, ...]] = ("explorer_input", "max_retry_times", "max_retry_interval", "tokenizer_path")
 

@@ -96,7 +96,8 @@ class Writer:
     def __init__(self, final: Path, segments: int):
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        for stale in final.parent.glob(f".{final.name}.tmp*"):  # a killed build's (the caller holds the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.files = {name: open(self.tmp / f"{name}.raw", "wb") for name in ARRAYS if name != "prompt_offsets"}
         self.prompts = open(self.tmp / "prompts.bin", "wb")
