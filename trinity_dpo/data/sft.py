@@ -182,6 +182,13 @@ def _masked_ids(tokenizer, d: Dialogue, render, every_assistant: bool) -> tuple[
     """Token ids of the whole rendered conversation and the trained-token mask over them."""
     full = render(d.messages, False)
     ids = _ids(tokenizer, full)
+    known = {full: ids}  # the last turn's rendering is the whole conversation: tokenized once, not three times
+
+    def ids_of(text: str) -> list[int]:
+        if text not in known:
+            known[text] = _ids(tokenizer, text)
+        return known[text]
+
     mask = [0] * len(ids)
     turns = [i for i, m in enumerate(d.messages) if m["role"] == "assistant"] if every_assistant else [
         len(d.messages) - 1]
@@ -191,8 +198,9 @@ def _masked_ids(tokenizer, d: Dialogue, render, every_assistant: bool) -> tuple[
             raise DataError(f"row {d.row}: the chat template does not render the conversation's turns as prefixes "
                             "of each other, so the assistant's tokens cannot be found; set "
                             "model.custom_chat_template to a template that does")
-        a, b = len(_ids(tokenizer, before)), len(_ids(tokenizer, upto))
-        if _ids(tokenizer, upto) != ids[:b]:
+        upto_ids = ids_of(upto)
+        a, b = len(ids_of(before)), len(upto_ids)
+        if upto_ids != ids[:b]:
             raise DataError(f"row {d.row}: the tokens of the conversation's first {i + 1} messages are not a prefix "
                             "of the whole conversation's tokens")
         mask[a:b] = [1] * (b - a)

@@ -1,0 +1,187 @@
+"""Data at scale: reading and tokenizing 10^4-10^6 preference pairs (and long SFT conversations), first run and
+cache hit, against TRL's DPOTrainer on the same file.
+
+    python bench/data_scale.py --pairs 10000 100000 [--sft 20000] [--out docs/benchmarks.md]
+
+Each job is a whole process, as a user starts it: a tiny Llama (2 layers, hidden 64) with SmolLM2's tokenizer and
+chat template, so that the time is reading + tokenizing + start-up, one optimizer step. Rows are the real
+Human-Like pairs (../shared/data, else the built-in demo set) repeated with a unique number in each prompt.
+trinity-dpo runs `trinity run` with `policy_loss_fn: simpo` (no reference pass) twice on the same file under two
+run names: the first tokenizes, the second finds the token table. TRL runs `DPOTrainer` with `dataset_num_proc`
+set to the core count and `precompute_ref_log_probs` off. Reported: wall time of the whole process, time from
+start to the first optimizer step (ours: the first line of metrics.jsonl), rows/s of the data preparation, and
+the peak of the summed proportional set size (PSS: a page shared by several processes counts once in all) of the
+process and its children, sampled every 0.2 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+REAL = REPO.parent / "shared" / "data" / "human_like_dpo_dataset"
+
+
+def tiny_model(work: Path) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer (the built-in model's folder gives the tokenizer and template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from bench.compare_trl import smollm2_folder
+
+    folder = work / "tiny-smollm2-tok"
+    if not (folder / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(smollm2_folder(work, weights=False))
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return str(folder)
+
+
+def source_rows() -> list[dict]:
+    from trinity_dpo.data.conversations import read_rows
+    from trinity_dpo.sources import builtin
+
+    source = str(REAL) if REAL.is_dir() else builtin.data_path("builtin:human-like-demo")
+    return read_rows(source, "train")
+
+
+def write_pairs(path: Path, n: int) -> Path:
+    rows = source_rows()
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            r = rows[i % len(rows)]
+            fh.write(json.dumps({"prompt": f"{r['prompt']} (#{i})", "chosen": r["chosen"],
+                                 "rejected": r["rejected"]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_sft(path: Path, n: int, tokens: int = 4700) -> Path:
+    """Mixture-of-Thoughts-shaped conversations: a question, and a long reasoning answer (~`tokens` tokens)."""
+    rows = source_rows()
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            r = rows[i % len(rows)]
+            answer = " ".join(rows[(i + k) % len(rows)]["chosen"] for k in range(tokens // 180))  # ~180 tokens each
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"{r['prompt']} (#{i})"},
+                                              {"role": "assistant", "content": answer}]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def measure(cmd: list[str], env: dict, first_step: Path | None = None) -> dict:
+    """Wall time, time to `first_step` existing with a line, and peak summed PSS of `cmd` and its children."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, stepped, out = [0.0], [None], []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.Error, OSError):
+                pass
+        peak[0] = max(peak[0], total)
+        if first_step is not None and stepped[0] is None and first_step.is_file() and first_step.read_text().strip():
+            stepped[0] = time.perf_counter() - start
+        time.sleep(0.2)
+    reader.join()
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{''.join(out)[-3000:]}")
+    return {"wall_s": time.perf_counter() - start, "first_step_s": stepped[0], "peak_gb": peak[0] / 1e9,
+            "log": "".join(out)}
+
+
+def ours(model: str, data: Path, work: Path, name: str, sft: bool, env: dict) -> dict:
+    config = {
+        "project": "scale", "name": name, "mode": "train", "checkpoint_root_dir": str(work / "runs"),
+        "algorithm": {"algorithm_type": "sft" if sft else "dpo", "policy_loss_fn": "sft" if sft else "simpo"},
+        "model": {"model_path": model},
+        "buffer": {"batch_size": 8, "total_epochs": 1, "trainer_input": {"experience_buffer": {
+            "path": str(data), "format": {"prompt_type": "messages" if sft else "plaintext"}}}},
+        "trainer": {"total_steps": 1, "save_interval": 0, "precision": "fp32", "eval_samples": 0,
+                    "trainer_config": {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 1}}}},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(json.dumps(config))
+    metrics = work / "runs" / "scale" / name / "metrics.jsonl"
+    r = measure([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path)], env, metrics)
+    line = next((ln for ln in r["log"].splitlines() if "tokenized " in ln and " rows of " in ln), "")
+    r["tokenize_line"] = line.split(" INFO ")[-1]
+    return r
+
+
+TRL = """
+import os, sys, time
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+model_path, data, out = sys.argv[1:4]
+tok = AutoTokenizer.from_pretrained(model_path)
+rows = load_dataset("json", data_files=data, split="train")
+rows = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
+                           "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                           "rejected": [{"role": "assistant", "content": r["rejected"]}]}, num_proc=os.cpu_count())
+args = DPOConfig(output_dir=out, per_device_train_batch_size=8, max_steps=1, report_to=[], save_strategy="no",
+                 dataset_num_proc=os.cpu_count(), logging_steps=1, use_cpu=True, precompute_ref_log_probs=False)
+trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args, train_dataset=rows,
+                     processing_class=tok)
+print("prepared", time.time(), flush=True)
+trainer.train()
+"""
+
+
+def trl(model: str, data: Path, work: Path, env: dict) -> dict:
+    return measure([sys.executable, "-c", TRL, model, str(data), str(work / "trl")], env)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, nargs="*", default=[10000, 100000])
+    parser.add_argument("--sft", type=int, nargs="*", default=[])
+    parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="data_scale_"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRINITY_DPO_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf_datasets")}
+    model = tiny_model(work)
+    lines = []
+    for n, sft in [(n, False) for n in args.pairs] + [(n, True) for n in args.sft]:
+        data = (write_sft if sft else write_pairs)(work / f"{'sft' if sft else 'pairs'}_{n}.jsonl", n)
+        first = ours(model, data, work, f"first_{n}_{sft}", sft, env)
+        again = ours(model, data, work, f"again_{n}_{sft}", sft, env)
+        row = {"rows": n, "kind": "SFT" if sft else "pairs", "first": first, "again": again}
+        if not args.no_trl and not sft:
+            row["trl"] = trl(model, data, work, env)
+        lines.append(_line(row))
+        print(lines[-1], flush=True)
+    print(f"machine: {os.cpu_count()} cores; work folder {work}")
+    return 0
+
+
+def _line(row: dict) -> str:
+    f, a, t = row["first"], row["again"], row.get("trl")
+    ours_part = (f"| {row['rows']:,} {row['kind']} | {f['wall_s']:.0f} s, {f['peak_gb']:.2f} GB | "
+                 f"{a['wall_s']:.0f} s (first step at {a['first_step_s'] or float('nan'):.0f} s), {a['peak_gb']:.2f} GB")
+    trl_part = f" | {t['wall_s']:.0f} s, {t['peak_gb']:.2f} GB |" if t else " | - |"
+    return ours_part + trl_part + f" {f['tokenize_line']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
