@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 
-from trinity_dpo.data.batching import collate, plan_micro
+from trinity_dpo.data.batching import collate, is_padding, plan_micro
 from trinity_dpo.data.pairs import Pair
 
 
@@ -69,3 +69,35 @@ def test_shared_prompt_layout():
     assert mb.target_seq.tolist() == [0, 0, 0, 1, 2, 3, 3]
     assert mb.target_ids.tolist() == [2, 2, 2, 2, 3, 3, 3]
     assert (mb.n_tokens, mb.n_real, mb.n_pad) == (13, 10, 0)
+
+
+def test_schedule_builds_the_reference_plan_from_the_loops_own_steps():
+    """The reference pass scores the first epoch in the very micro-batches each process trains it in (the step-1
+    bitwise guarantee rests on it); every epoch visits each pair once and the next reshuffles; no micro-batch
+    holds more tokens (a shared prompt once) than the memory check's `micro_tokens`; with one process the
+    held-out plan is `plan_micro`'s."""
+    from trinity_dpo.data.schedule import Schedule
+
+    train, held_out = random_pairs(21, seed=1), random_pairs(5, seed=2)
+    tokens = lambda g: sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in g)  # noqa: E731
+    for world, micro, budget in ((1, 2, None), (2, None, 300), (3, 1, None)):
+        s = Schedule(train, held_out, batch_size=6, seed=7, total=9, world=world, micro_pairs=micro,
+                     token_budget=budget)
+        assert s.per_epoch == 4  # 21 pairs in steps of 6: the 4th is short
+        first = s.first_epoch()
+        assert (first.label, first.n_rows, len(first.per_rank)) == ("train", 21, world)
+        for rank in range(world):
+            assert first.per_rank[rank] == [g for i in range(4) for g in s.step(i, rank).micro_batches]
+        steps = [s.step(i, 0) for i in range(9)]
+        assert [st.epoch for st in steps] == [0] * 4 + [1] * 4 + [2]
+        for epoch in (steps[:4], steps[4:8]):
+            assert sorted(p.index for st in epoch for p in st.examples) == list(range(21))
+        assert [p.index for p in steps[4].examples] != [p.index for p in steps[0].examples]
+        groups = [g for i in range(9) for r in range(world) for g in s.step(i, r).micro_batches if not is_padding(g)]
+        assert max(map(tokens, groups)) <= s.micro_tokens()
+        assert len(s.held_out().per_rank) == world and s.held_out().n_rows == 5
+    one = Schedule(train, held_out, batch_size=6, seed=7, total=9, world=1, micro_pairs=2, token_budget=None)
+    assert one.held_out().per_rank == [plan_micro(held_out, 2)]
+    assert one.micro_tokens() == 2 * max(map(tokens, ([p] for p in train)))
+    none = Schedule(train, [], batch_size=6, seed=7, total=2, world=2, micro_pairs=None, token_budget=None)
+    assert none.held_out().per_rank == [[], []] and len(none.first_epoch().per_rank[0]) == 2

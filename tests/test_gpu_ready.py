@@ -53,7 +53,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(make_con
     and LoRA. With LoRA the same job fits."""
     import pytest
 
-    from trinity_dpo.engine import memory
+    from trinity_dpo.engine import memory, policy
     from trinity_dpo.run import train
     from trinity_dpo.errors import ConfigError
     from trinity_dpo.config.loader import load_config
@@ -63,7 +63,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(make_con
                "intermediate": 11008}
     monkeypatch.setattr(memory, "model_shape", lambda path, trust: seven_b)
     loaded = []
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(policy, "load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(ConfigError) as err:
         train.run(load_config(make_config()))
     message = str(err.value)
@@ -108,7 +108,7 @@ _LOAD_WORKER = """
 import json, os, resource, sys
 import psutil, torch
 from trinity_dpo.engine import distributed
-from trinity_dpo.run import train
+from trinity_dpo.engine.policy import build_policy
 from trinity_dpo.config.loader import load_config
 from trinity_dpo.engine.modeling import pick_runtime
 
@@ -116,7 +116,7 @@ cfg = load_config(sys.argv[1])
 runtime = pick_runtime(cfg)
 d = distributed.setup(cfg, runtime.device)
 before = psutil.Process().memory_info().rss
-model, _, _ = train._load_policy(cfg, runtime, d)
+model = build_policy(cfg, runtime, d).model
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 local = sum(p.to_local().numel() * 4 for p in model.parameters())
 tied = model.lm_head.weight is model.model.embed_tokens.weight

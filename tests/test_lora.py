@@ -285,9 +285,9 @@ def test_fresh_adapter_reference_pass_runs_with_adapters_off(make_config, monkey
 
     seen, real = [], train.cached_score
 
-    def spying(model, *args, **kwargs):
-        seen.append({m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer)})
-        return real(model, *args, **kwargs)
+    def spying(scoring, *args, **kwargs):
+        seen.append({m.disable_adapters for m in scoring.policy.model.modules() if isinstance(m, LoraLayer)})
+        return real(scoring, *args, **kwargs)
 
     monkeypatch.setattr(train, "cached_score", spying)
     cfg = load_config(make_config(main={"model": {"lora": {"rank": 4}}, "trainer": {"total_steps": 1,
@@ -422,7 +422,9 @@ def test_a_bf16_read_base_keeps_computed_buffers_in_fp32(tmp_path):
     under bf16 autocast equal the fp32-read model's exactly."""
     from transformers import Gemma3TextConfig
 
-    from trinity_dpo.engine import modeling
+    from trinity_dpo.engine.distributed import Dist
+    from trinity_dpo.engine.modeling import Runtime
+    from trinity_dpo.engine.policy import build_policy
     from trinity_dpo.config.schema import Config
 
     config = Gemma3TextConfig(vocab_size=300, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
@@ -434,7 +436,7 @@ def test_a_bf16_read_base_keeps_computed_buffers_in_fp32(tmp_path):
     for bf16 in (False, True):
         cfg = Config()
         cfg.model.model_path, cfg.model.lora.rank, cfg.model.lora.alpha = str(tmp_path), 4, 8
-        model, _ = modeling.load_model(cfg, torch.device("cpu"), bf16=bf16)
+        model = build_policy(cfg, Runtime(torch.device("cpu"), bf16=bf16), Dist()).model
         assert (model.model.layers[0].mlp.gate_proj.base_layer.weight.dtype == torch.bfloat16) is bf16
         scale = dict(model.named_buffers())["model.embed_tokens.embed_scale"]
         assert scale.dtype == torch.float32 and scale.item() == torch.tensor(40 ** 0.5).item()

@@ -1,5 +1,5 @@
 """What a run trains and evaluates on: tokenized training pairs, held-out pairs (the eval buffer, or a seeded
-fraction of the data), the prompts answered before and after training, the step count and the micro-batch plan.
+fraction of the data) and the prompts answered before and after training (steps and micro-batches: `schedule.py`).
 """
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sources import builtin
-from .batching import steps_per_epoch
-from ..config.schema import SUPERSEDED_STEPS, Config, StorageConfig
-from ..config.loader import get_field
+from ..config.schema import Config, StorageConfig
 from ..errors import DataError
 from .conversations import Conversation, DataReport, Turns, load_conversations
 from .pairs import Limits, Pair, build_pairs
@@ -31,35 +29,6 @@ class Data:
     eval: list[Pair]
     sample_prompts: list[Turns]
     summary: dict
-
-
-def total_steps_of(cfg: Config, n_pairs: int) -> int:
-    """Optimizer steps of the run, as Trinity 0.3+ counts them: `buffer.total_steps` if set (the data repeats),
-    else `total_epochs` passes; `trainer.total_steps` caps either."""
-    total = cfg.buffer.total_steps or steps_per_epoch(n_pairs, cfg.buffer.train_batch_size) * cfg.buffer.total_epochs
-    return min(total, cfg.trainer.total_steps) if cfg.trainer.total_steps else total
-
-
-def explain_steps(cfg: Config, n_pairs: int) -> str:
-    """Which setting gives the step count, and the trainer file's step counts that do not apply."""
-    total, per_epoch = total_steps_of(cfg, n_pairs), steps_per_epoch(n_pairs, cfg.buffer.train_batch_size)
-    if cfg.trainer.total_steps and total == cfg.trainer.total_steps:
-        why = f"trainer.total_steps caps the run at {total}"
-    elif cfg.buffer.total_steps:
-        why = f"buffer.total_steps={cfg.buffer.total_steps}"
-    else:
-        why = f"buffer.total_epochs={cfg.buffer.total_epochs} x {per_epoch} steps per epoch"
-    stale = {key: get_field(cfg, key) for key in SUPERSEDED_STEPS if get_field(cfg, key) not in (None, -1, 0)}
-    if stale:
-        why += "; not applied (Trinity 0.3+ replaces them with this count): " + ", ".join(
-            f"{key.replace('trainer.trainer_config.', 'trainer file ')}={value}" for key, value in stale.items())
-    return f"{total} optimizer steps ({why})"
-
-
-def micro_plan(cfg: Config) -> tuple[int | None, int | None]:
-    """(pairs per micro-batch, token budget per micro-batch) as the actor settings say."""
-    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
-    return actor.ppo_micro_batch_size_per_gpu, actor.ppo_max_token_len_per_gpu if actor.use_dynamic_bsz else None
 
 
 def _read(cfg: Config, storage: StorageConfig, key: str) -> tuple[list, DataReport]:

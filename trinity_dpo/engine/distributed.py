@@ -207,14 +207,13 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard(model: torch.nn.Module, d: Dist, bf16: bool, forward_method: str) -> None:
+def shard(model: torch.nn.Module, d: Dist, bf16: bool) -> None:
     """FSDP2 over all processes: each decoder layer is one unit, the root (embeddings, final norm, LM head) another;
     parameters, gradients and Adam's moments are sharded. On GPU with bf16 the layers' mixed-precision policy
-    gathers and computes in bf16 and reduces gradients in fp32. `forward_method` is the model's method that scores
-    micro-batches outside `forward`."""
+    gathers and computes in bf16 and reduces gradients in fp32."""
     if d.mesh is None:
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     layer_policy = MixedPrecisionPolicy()
     if d.device.type == "cuda" and bf16:
@@ -226,15 +225,22 @@ def shard(model: torch.nn.Module, d: Dist, bf16: bool, forward_method: str) -> N
         fully_shard(layer, mesh=d.mesh, mp_policy=layer_policy)
     # The root keeps fp32 parameters: the LM head's log-softmax runs in fp32 (logprobs.py), as on one process.
     fully_shard(model, mesh=d.mesh, mp_policy=MixedPrecisionPolicy())
-    # The root's parameters are gathered only inside a forward FSDP knows of; scoring calls the backbone and the
-    # head itself, so its method is registered as one.
-    register_fsdp_forward_method(model, forward_method)
     for module in model.modules():
         if hasattr(module, "set_force_sum_reduction_for_comms"):
             # Gradients are summed, not averaged: each micro-batch's loss is already divided by the global pair
             # count, so the sum over processes is the full-batch gradient (gloo has no pre-scaled reduction).
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+
+
+def register_forward(model: torch.nn.Module, method: str) -> None:
+    """Make FSDP2 treat `model.<method>` as a forward of a model `shard` sharded (nothing otherwise). The root's
+    parameters are gathered only inside a forward FSDP knows of; scoring calls the backbone and the head itself
+    (`logprobs.bind`), so its method must be one."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(model, FSDPModule):
+        register_fsdp_forward_method(model, method)
 
 
 def fill(model: torch.nn.Module, d: Dist, read) -> None:

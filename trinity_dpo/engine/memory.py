@@ -25,7 +25,7 @@ GB = 1e9
 
 def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> None:
     """Raise ConfigError when `cfg`'s model cannot fit on `runtime`'s device (one of `world` processes) with
-    `micro_tokens` tokens in a micro-batch."""
+    `micro_tokens` tokens in a micro-batch (`Schedule.micro_tokens`)."""
     device = runtime.device
     try:
         shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code)
@@ -98,15 +98,3 @@ def device_bytes(device: torch.device, processes_per_host: int) -> float:
     except (OSError, StopIteration, ValueError):
         return float("inf")  # not Linux: no figure to check against
     return available / max(1, processes_per_host)
-
-
-def micro_tokens(cfg: Config, examples: list, world: int) -> int:
-    """The most tokens a micro-batch can hold: the token budget, else pairs (rows) per micro-batch x the longest
-    example's tokens (a shared prompt counted once)."""
-    longest = max((len(s[0][0]) + sum(len(r) for _, r, _ in s) for s in (e.sequences() for e in examples)), default=0)
-    actor = cfg.trainer.trainer_config.actor_rollout_ref.actor
-    if actor.use_dynamic_bsz:
-        return max(actor.ppo_max_token_len_per_gpu, longest)
-    per_micro = actor.ppo_micro_batch_size_per_gpu or math.ceil(cfg.buffer.train_batch_size / world)
-    return per_micro * longest
-

@@ -131,7 +131,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     """The model at `path` (default: the policy's) in fp32 on `device`, dropout off; and the dtype its folder stores
     (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real), to be
     sharded and then filled from `weights_reader`. `bf16`: the run computes in bf16, so LoRA's frozen base may be
-    read and kept in bf16 (`lora.frozen_in_bf16`)."""
+    read in bf16 (`lora.frozen_in_bf16`). The policy's adapters are attached by `policy.build_policy`."""
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,11 +164,6 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         _checkpoint_every(model, cfg.trainer.trainer_config.actor_rollout_ref.model.gradient_checkpointing_every)
-    if policy and cfg.model.lora.rank > 0:
-        lora.attach(model, cfg.model.lora, path, cfg.trainer.seed)
-    if bf16_base:
-        log.info("LoRA: the frozen base of %d adapted layers kept in bf16 (bf16 compute, bf16 checkpoint)",
-                 lora.base_in_bf16(model))
     model.config.use_cache = False
     return (model if quantized or empty else model.to(device)).train(), stored
 

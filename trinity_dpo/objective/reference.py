@@ -3,23 +3,27 @@
 The reference is the policy's initial weights, frozen. Rather than keep a second copy of the model, the policy
 itself scores every pair before its first update, in no-grad passes; training then reads the per-pair numbers
 from [n_pairs, 2] tables (chosen, rejected), one per statistic the objective reads from the reference (summed
-log-probs, and for LD-DPO their shared-length part). An objective without a reference has no such pass. The passes use the very micro-batches the first epoch trains on,
-so at step 1 policy and reference agree to the bit (loss exactly ln 2), in bf16 as in fp32. The table is kept in
-the run folder under a fingerprint of what it depends on and reused by any run (or resume) with the same one.
+log-probs, and for LD-DPO their shared-length part). An objective without a reference has no such pass. The
+passes use the very micro-batches the first epoch trains on (`Schedule.first_epoch`), so at step 1 policy and
+reference agree to the bit (loss exactly ln 2), in bf16 as in fp32. The table is kept in the run folder under a
+fingerprint of what it depends on and reused by any run (or resume) with the same one.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..data.batching import by_slot, collate, is_padding, shard_step, step_indices, steps_per_epoch
+from ..data.batching import by_slot, collate, is_padding
+from ..data.schedule import Plan
 from ..engine.distributed import Dist
 from ..engine.logprobs import sequence_stats
 from ..engine.modeling import Runtime, inference_mode
+from ..engine.policy import Policy
 from ..data.pairs import Pair
 
 log = logging.getLogger(__name__)
@@ -48,19 +52,6 @@ def score(model, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Ru
 def rows_of(tables: Tables, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """The statistics of the examples `index` as per-sequence vectors in micro-batch (slot-major) order."""
     return {k: t[index.cpu()].t().reshape(-1).to(device) for k, t in tables.items()}
-
-
-def first_epoch_plan(pairs: list[Pair], batch_size: int, seed: int, total_steps: int, world: int,
-                     plan: tuple[int | None, int | None]) -> list[list[list[Pair]]]:
-    """`[rank][micro-batch]` over the first epoch's steps (at most `total_steps`): every pair the run visits, in
-    the micro-batches each process will train it in."""
-    steps = min(total_steps, steps_per_epoch(len(pairs), batch_size))
-    per_rank: list[list[list[Pair]]] = [[] for _ in range(world)]
-    for step in range(steps):
-        _, indices = step_indices(step, len(pairs), batch_size, seed)
-        for rank, groups in enumerate(shard_step([pairs[i] for i in indices], world, *plan)):
-            per_rank[rank] += groups
-    return per_rank
 
 
 def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime, extra: str = "") -> str:
@@ -99,26 +90,49 @@ def _weights_digest(model_path: str) -> str:
     return _DIGESTS[key]
 
 
-def cached_score(model, model_path: str, plan: list[list[list[Pair]]], n_rows: int, pad_id: int, runtime: Runtime,
-                 run_dir: Path, label: str, d: Dist, stats: tuple[str, ...] = ("logps",), salt: str = "") -> Tables:
-    """`score` of the `[rank][micro-batch]` plan (each process scores its own part; the parts are merged), read
-    from `ref_cache/<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
+@dataclass(frozen=True)
+class Scoring:
+    """What a run's reference passes share: the policy that scores (its starting adapter is part of what the
+    tables depend on), the folder its weights come from, the pad id, the run folder that caches them, the processes."""
+
+    policy: Policy
+    model_path: str
+    pad_id: int
+    run_dir: Path
+    d: Dist
+
+
+def cached_score(scoring: Scoring, plan: Plan, stats: tuple[str, ...] = ("logps",)) -> Tables:
+    """`score` of `plan` (each process scores its own part; the parts are merged), read from
+    `ref_cache/<label>-<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
     rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one."""
-    # Rank 0 hashes (every process would read every weight file) and decides for all.
-    fp = d.from_main(fingerprint(model_path, plan, runtime, extra=f"{label}|{n_rows}|{','.join(stats)}|{salt}")
-                     if d.main else None)
-    name = f"ref_cache/{label}-{fp}.pt"
-    found = d.from_main(_find(run_dir, name, fp, n_rows) if d.main else None)  # rank 0 decides for all
+    d, run_dir = scoring.d, scoring.run_dir
+    # Rank 0 hashes (every process would read every weight file), looks the tables up and decides for all, in
+    # one broadcast.
+    fp, found = d.from_main(_lookup(scoring, plan, stats) if d.main else None)
+    name = _cache_name(plan, fp)
     if found is not None:
         saved, source = found
         if d.main and source != run_dir / name:
             _save(run_dir / name, saved)
         return saved["tables"]
-    tables = score(model, plan[d.rank], n_rows, pad_id, runtime, stats=stats)
+    policy = scoring.policy
+    tables = score(policy.model, plan.per_rank[d.rank], plan.n_rows, scoring.pad_id, policy.runtime, stats=stats)
     tables = {k: d.merge_rows(t) for k, t in tables.items()}
     if d.main:
         _save(run_dir / name, {"fingerprint": fp, "tables": tables})
     return tables
+
+
+def _lookup(scoring: Scoring, plan: Plan, stats: tuple[str, ...]) -> tuple[str, tuple[dict, Path] | None]:
+    """(the plan's fingerprint, the cached tables and their file, or None)."""
+    extra = f"{plan.label}|{plan.n_rows}|{','.join(stats)}|{scoring.policy.adapter}"
+    fp = fingerprint(scoring.model_path, plan.per_rank, scoring.policy.runtime, extra=extra)
+    return fp, _find(scoring.run_dir, _cache_name(plan, fp), fp, plan.n_rows)
+
+
+def _cache_name(plan: Plan, fp: str) -> str:
+    return f"ref_cache/{plan.label}-{fp}.pt"
 
 
 def _find(run_dir: Path, name: str, fp: str, n_rows: int) -> tuple[dict, Path] | None:

@@ -80,10 +80,10 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     import dataclasses
 
     from ..sources import builtin
-    from ..data.batching import plan_micro
     from ..engine.modeling import load_model, load_tokenizer, pick_runtime
     from ..objective.reference import score
-    from ..data.dataset import load_data, micro_plan
+    from ..data.dataset import load_data
+    from ..data.schedule import Schedule
     from ..objective.objectives import build as build_objective
 
     inputs = cfg.buffer.trainer_input
@@ -96,7 +96,7 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     tokenizer = load_tokenizer(cfg)  # the checkpoint's own template and tokens
     data = load_data(cfg, tokenizer)
     pad, max_new = tokenizer.pad_token_id, cfg.trainer.eval_max_new_tokens
-    groups = plan_micro(data.eval, *micro_plan(cfg))
+    groups = Schedule.of(cfg, data, world=1).held_out().per_rank[0]  # one process: `plan_micro` of the held-out set
     tables, answers = [], []
     objective = build_objective(cfg.algorithm)
     stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))

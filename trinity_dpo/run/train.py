@@ -18,9 +18,10 @@ import torch
 from ..sources import builtin
 from . import checkpoint, report, folder as run_folder, lock as run_lock
 from ..data import dataset
-from ..engine import distributed, logprobs, lora, memory
-from ..data.batching import collate, is_padding, shard_step, step_indices
-from ..config.schema import Config
+from ..engine import distributed, lora, memory
+from ..data.batching import collate, is_padding
+from ..data.schedule import Schedule, Step, explain_steps
+from ..config.schema import Config, LoraConfig
 from ..errors import NumericError
 from ..data.dataset import Data
 from ..engine.distributed import Dist
@@ -29,10 +30,11 @@ from ..engine.logprobs import sequence_stats
 from ..objective.objectives import Objective, step_totals
 from ..objective.objectives import build as build_objective
 from .metrics import MetricsLog, NullLog
-from ..engine.modeling import Runtime, for_model, load_model, load_tokenizer, pick_runtime, weights_reader
+from ..engine.modeling import Runtime, load_tokenizer, pick_runtime
 from ..engine.optim import build_optimizer, lr_factor, set_lr
+from ..engine.policy import Policy, build_policy
 from ..data.pairs import Pair, prompt_text
-from ..objective.reference import Tables, cached_score, first_epoch_plan, rows_of, score
+from ..objective.reference import Scoring, Tables, cached_score, rows_of, score
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +61,32 @@ class Session:
     """Everything a run works with, built once by `_start`; `state` is the loop position a checkpoint keeps."""
 
     cfg: Config
-    runtime: Runtime
     d: Dist
     tokenizer: object
     data: Data
+    schedule: Schedule
     run_dir: Path
-    resume_from: Path | None
-    model: torch.nn.Module
-    save_dtype: torch.dtype
+    resume_from: Path | None  # the checkpoint this run resumed from (after any fallback)
+    policy: Policy
     optimizer: torch.optim.Optimizer
     objective: Objective
     ref: Tables | None  # reference statistics, each [n_train, sequences] (a pair: chosen, rejected); None: not needed
     eval_groups: list[list[Pair]]  # this process's held-out micro-batches
     eval_ref: Tables | None  # [n_eval, sequences] each
-    total: int  # optimizer steps of the whole run
     state: dict
     metrics: MetricsLog | NullLog
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every optimizer step of a run works with besides the model, the optimizer and the step itself."""
+
+    objective: Objective
+    ref: Tables | None
+    runtime: Runtime
+    pad_id: int
+    grad_clip: float  # inf: no clipping
+    d: Dist
 
 
 def run(cfg: Config) -> Path:
@@ -121,73 +133,53 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
     data = dataset.load_data(cfg, tokenizer)
-    memory.check_fits(cfg, runtime, d.world, memory.micro_tokens(cfg, data.train, d.world))  # before loading
-    run_dir, resume_from = run_folder.prepare_run_dir(cfg, d)
+    schedule = Schedule.of(cfg, data, d.world)
+    memory.check_fits(cfg, runtime, d.world, schedule.micro_tokens())  # before loading
+    run_dir, resume = run_folder.prepare_run_dir(cfg, d)
     if d.main:
         run_folder.write_json(run_dir / "data_summary.json", data.summary)
-    model, save_dtype, adapter = _load_policy(cfg, runtime, d)
-    runtime = for_model(runtime, cfg, model)
+    policy = build_policy(cfg, runtime, d)
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
-             "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in model.parameters()) / 1e6)
-    total = dataset.total_steps_of(cfg, len(data.train))
+             "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in policy.model.parameters()) / 1e6)
     log.info("%d %s, batch %d: %s", len(data.train), "rows" if cfg.algorithm.algorithm_type == "sft" else "pairs",
-             cfg.buffer.train_batch_size,
-             dataset.explain_steps(cfg, len(data.train)))
+             cfg.buffer.train_batch_size, explain_steps(cfg, len(data.train)))
     # Before the optimizer exists and before any restore: the reference is the initial weights.
     objective = build_objective(cfg.algorithm)
-    ref, eval_groups, eval_ref = _reference_tables(cfg, objective, model, data, total, runtime, run_dir,
-                                                   tokenizer.pad_token_id, d, adapter)
-    optimizer = build_optimizer(model, cfg.algorithm.optimizer)
-    state = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}
-    if resume_from is not None:
-        state, resume_from = checkpoint.restore(resume_from, model, optimizer)  # the one used, after any fallback
+    scoring = Scoring(policy, cfg.model.model_path, tokenizer.pad_token_id, run_dir, d)
+    ref, eval_groups, eval_ref = _reference_tables(scoring, objective, schedule, cfg.model.lora)
+    optimizer = build_optimizer(policy.model, cfg.algorithm.optimizer)
+    state, resume_from = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}, None
+    if resume is not None:
+        state, resume_from = checkpoint.restore(resume, policy.model, optimizer)  # the one used, after any fallback
         log.info("resumed from %s at step %d", resume_from, state["step"])
         if d.main:
             run_folder.carry_history(resume_from.parent, run_dir)
             run_folder.truncate_metrics(run_dir, state["step"])
-    metrics = MetricsLog(run_dir, cfg, total, first_step=state["step"]) if d.main else NullLog()
-    return Session(cfg, runtime, d, tokenizer, data, run_dir, resume_from, model, save_dtype, optimizer, objective,
-                   ref, eval_groups, eval_ref, total, state, metrics)
-
-
-def _load_policy(cfg: Config, runtime: Runtime, d: Dist) -> tuple[torch.nn.Module, torch.dtype, str]:
-    """The policy sharded over the processes, its folder's dtype, and a digest of its starting adapter (the
-    reference cache depends on it). With several processes the model is built on the meta device and each process
-    reads only its shard of the weights; one process, or a folder that cannot be read that way, loads it whole."""
-    if d.mesh is not None:
-        model, save_dtype = load_model(cfg, runtime.device, empty=True, bf16=runtime.bf16)
-        read = weights_reader(cfg, model)
-        if read is not None:
-            distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
-            distributed.fill(model, d, read)
-            return model, save_dtype, lora.initial_digest(model)
-    model, save_dtype = load_model(cfg, runtime.device, bf16=runtime.bf16)
-    adapter = lora.initial_digest(model)
-    distributed.shard(model, d, runtime.bf16, logprobs.bind(model))
-    return model, save_dtype, adapter
+    metrics = MetricsLog(run_dir, cfg, schedule.total, first_step=state["step"]) if d.main else NullLog()
+    return Session(cfg, d, tokenizer, data, schedule, run_dir, resume_from, policy, optimizer, objective, ref,
+                   eval_groups, eval_ref, state, metrics)
 
 
 def _loop(s: Session, stop: _Stop) -> bool:
     """Optimizer steps from the state's step on, with evals and checkpoints; False when stopped by a signal."""
-    cfg, d = s.cfg, s.d
-    for step in range(s.state["step"], s.total):
-        lr = cfg.algorithm.optimizer.lr * lr_factor(step, cfg.algorithm.optimizer, s.total)
-        epoch, indices = step_indices(step, len(s.data.train), cfg.buffer.train_batch_size, cfg.trainer.seed)
-        batch = [s.data.train[i] for i in indices]
-        groups = shard_step(batch, d.world, *dataset.micro_plan(cfg))[d.rank]
-        record = train_step(s.model, s.optimizer, groups, step_totals(batch), s.ref, s.objective, cfg, s.runtime,
-                            s.tokenizer.pad_token_id, lr, d)
+    cfg, d, total = s.cfg, s.d, s.schedule.total
+    context = StepContext(s.objective, s.ref, s.policy.runtime, s.tokenizer.pad_token_id,
+                          cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf"), d)
+    for index in range(s.state["step"], total):
+        lr = cfg.algorithm.optimizer.lr * lr_factor(index, cfg.algorithm.optimizer, total)
+        step = s.schedule.step(index, d.rank)
+        record = train_step(s.policy.model, s.optimizer, step, lr, context)
         _count_skips(s.state, record, cfg.trainer.max_consecutive_skips)
-        s.state["step"] = done = step + 1
-        s.metrics.write({"step": done, "epoch": epoch, **record, "skipped_steps": s.state["skipped_steps"]})
-        if done == s.total or (cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0):
+        s.state["step"] = done = index + 1
+        s.metrics.write({"step": done, "epoch": step.epoch, **record, "skipped_steps": s.state["skipped_steps"]})
+        if done == total or (cfg.trainer.eval_interval and done % cfg.trainer.eval_interval == 0):
             _evaluate(s, done)
         stopping = d.any(stop.asked is not None)  # every process stops after the same step
-        if done == s.total or stopping or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
+        if done == total or stopping or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
             _save(s, done)
-        if stopping and done < s.total:
+        if stopping and done < total:
             log.warning("stopped by %s after step %d of %d; run the same command again to resume",
-                        stop.asked or "a signal to another process", done, s.total)
+                        stop.asked or "a signal to another process", done, total)
             return False
     return True
 
@@ -199,20 +191,21 @@ def _evaluate(s: Session, step: int) -> None:
     if step == 0 and s.eval_ref is not None:
         policy = s.eval_ref  # before any update the policy is the reference (which holds the policy's statistics too)
     else:
-        tables = score(s.model, s.eval_groups, len(s.data.eval), s.tokenizer.pad_token_id, s.runtime,
+        tables = score(s.policy.model, s.eval_groups, len(s.data.eval), s.tokenizer.pad_token_id, s.policy.runtime,
                        s.objective.sequences, s.objective.stats)
         policy = {k: s.d.merge_rows(t) for k, t in tables.items()}
     s.metrics.write_eval(step, eval_metrics(policy, s.eval_ref, s.data.eval, s.objective))
 
 
 def _answer(s: Session) -> list[str]:
-    return generate(s.model, s.tokenizer, s.data.sample_prompts, s.runtime, s.cfg.trainer.eval_max_new_tokens,
-                    synced=s.d.world > 1)
+    return generate(s.policy.model, s.tokenizer, s.data.sample_prompts, s.policy.runtime,
+                    s.cfg.trainer.eval_max_new_tokens, synced=s.d.world > 1)
 
 
 def _save(s: Session, step: int) -> None:
-    path = checkpoint.save(s.run_dir, step, s.model, s.tokenizer, s.save_dtype, s.optimizer,
-                           {**s.state, "total": s.total}, s.d, merge=lora.wants_merged(s.cfg.model.lora, step, s.total))
+    total = s.schedule.total
+    path = checkpoint.save(s.run_dir, step, s.policy.model, s.tokenizer, s.policy.save_dtype, s.optimizer,
+                           {**s.state, "total": total}, s.d, merge=lora.wants_merged(s.cfg.model.lora, step, total))
     if s.d.main:
         checkpoint.prune(s.run_dir, s.cfg.trainer.max_checkpoints_to_keep, s.resume_from)
     log.info("saved %s", path)
@@ -231,27 +224,22 @@ def _materialize_builtins(cfg: Config, d: Dist) -> None:
     cfg.model.model_path = builtin.materialize(cfg.model.model_path)
 
 
-def _reference_tables(cfg: Config, objective: Objective, model, data: Data, total: int, runtime: Runtime,
-                      run_dir: Path, pad: int, d: Dist, adapter: str):
+def _reference_tables(scoring: Scoring, objective: Objective, schedule: Schedule,
+                      lora_cfg: LoraConfig) -> tuple[Tables | None, list[list[Pair]], Tables | None]:
     """(training reference table, this process's held-out micro-batches, held-out reference table), both tables
     cached in the run folder; each process scores its own share. No reference pass for an objective without one."""
-    plan = dataset.micro_plan(cfg)
-    eval_plan = shard_step(data.eval, d.world, *plan) if data.eval else [[] for _ in range(d.world)]
+    held_out = schedule.held_out()
+    eval_groups = held_out.per_rank[scoring.d.rank]
     if not objective.needs_reference:
-        return None, eval_plan[d.rank], None
+        return None, eval_groups, None
     t0 = time.perf_counter()
-    train_plan = first_epoch_plan(data.train, cfg.buffer.train_batch_size, cfg.trainer.seed, total, d.world, plan)
-    model_path = cfg.model.model_path
-    with lora.reference(model, cfg.model.lora):
-        ref = cached_score(model, model_path, train_plan, len(data.train), pad, runtime, run_dir, "train", d,
-                           objective.ref_stats, salt=adapter)
+    with lora.reference(scoring.policy.model, lora_cfg):
+        ref = cached_score(scoring, schedule.first_epoch(), objective.ref_stats)
         # The held-out reference pass also gives the untrained policy's statistics (the step-0 evaluation).
-        eval_stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
-        eval_ref = cached_score(model, model_path, eval_plan, len(data.eval), pad, runtime, run_dir, "eval", d,
-                                eval_stats, salt=adapter)
-    log.info("reference log-probs of %d pairs in %.1f s", int((~ref["logps"].isnan()).all(1).sum()) + len(data.eval),
+        eval_ref = cached_score(scoring, held_out, tuple(dict.fromkeys(objective.ref_stats + objective.stats)))
+    log.info("reference log-probs of %d pairs in %.1f s", int((~ref["logps"].isnan()).all(1).sum()) + held_out.n_rows,
              time.perf_counter() - t0)
-    return ref, eval_plan[d.rank], eval_ref
+    return ref, eval_groups, eval_ref
 
 
 def _count_skips(state: dict, record: dict, limit: int) -> None:
@@ -283,11 +271,11 @@ def _finish(run_dir: Path, data: Data, trained_answers: list[str]) -> None:
         print("\n" + side_by_side(prompts, base_answers, trained_answers) + "\n", flush=True)
 
 
-def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Tables | None, objective: Objective,
-               cfg: Config, runtime: Runtime, pad_id: int, lr: float, d: Dist) -> dict[str, float]:
-    """One optimizer step: this process's micro-batches `groups` (`shard_step`) of a step with the global counts
-    `totals` (`objectives.step_totals`); returns the step's metrics, means over all the step's examples (the same on
-    every process)."""
+def train_step(model, optimizer, step: Step, lr: float, context: StepContext) -> dict[str, float]:
+    """One optimizer step: this process's micro-batches of `step`; returns the step's metrics, means over all the
+    step's examples (the same on every process)."""
+    objective, ref, runtime, d = context.objective, context.ref, context.runtime, context.d
+    totals = step_totals(step.examples)  # the whole step's counts, which every micro-batch's loss is normalised by
     start = time.perf_counter()
     n_pairs = totals["examples"]
     names = ["loss", *objective.metrics]
@@ -295,9 +283,10 @@ def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Ta
     # (positions and pads); summed over processes in one collective.
     sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=runtime.device)
     tokens = real = slots = 0
+    groups = step.micro_batches
     for i, group in enumerate(groups):  # every process has as many micro-batches (`shard_step` pads)
         distributed.sync_gradients(model, i == len(groups) - 1)
-        mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
+        mb = collate(group, context.pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
         stats = sequence_stats(model, mb, runtime.autocast(), objective.stats, objective.uniform_grad)
         runtime.release_host_memory()
         if is_padding(group):
@@ -311,14 +300,13 @@ def train_step(model, optimizer, groups: list[list[Pair]], totals: dict, ref: Ta
         sums[:len(names)] += torch.stack([losses.detach().sum(), *(metrics[k].sum() for k in names[1:])])
         tokens, real, slots = tokens + mb.n_tokens, real + mb.n_real, slots + mb.input_ids.numel()
     sums[len(names):] = torch.tensor([tokens, real, slots], dtype=torch.float64)
-    clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     runtime.release_host_memory()
-    grad_norm = distributed.clip_grad_norm(model, clip)
-    totals = d.all_sum(sums).tolist()  # one host sync per step
-    record = {name: total / n_pairs for name, total in zip(names, totals)}
+    grad_norm = distributed.clip_grad_norm(model, context.grad_clip)
+    summed = d.all_sum(sums).tolist()  # one host sync per step
+    record = {name: total / n_pairs for name, total in zip(names, summed)}
     record.update(objective.derived(record))
     record["pairs" if objective.sequences == 2 else "rows"] = n_pairs
-    tokens, real, slots = totals[len(names):]
+    tokens, real, slots = summed[len(names):]
     # A non-finite loss or norm would poison the weights and Adam's moments: drop this step's update entirely.
     skipped = not (math.isfinite(record["loss"]) and math.isfinite(grad_norm))
     if not skipped:
