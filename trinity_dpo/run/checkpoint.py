@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -168,18 +169,17 @@ def prune(run_dir: Path, keep: int | None, protect: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class Resume(type(Path())):
-    """The checkpoint to resume from as the run folder chose it: a Path (train.py hands it to `restore` as one) that
-    also carries `fallback`, the older checkpoints to load, newest first, if loading it raises; None for an
-    explicit `trainer.resume_from_path`: the user named that one."""
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint to resume from as the run folder chose it, and `fallback`: the older checkpoints to load,
+    newest first, if loading it raises; None for an explicit `trainer.resume_from_path`: the user named that one."""
 
+    path: Path
     fallback: tuple[Path, ...] | None = None
 
 
 def resume_of(paths: list[str], explicit: bool) -> Resume:
-    chosen = Resume(paths[0])
-    chosen.fallback = None if explicit else tuple(Path(p) for p in paths[1:])
-    return chosen
+    return Resume(Path(paths[0]), None if explicit else tuple(Path(p) for p in paths[1:]))
 
 
 def verify(path: Path) -> str | None:
@@ -191,13 +191,14 @@ def verify(path: Path) -> str | None:
 
 def choose(run_dir: Path) -> Resume | None:
     """The newest checkpoint of `run_dir` that verifies, the older ones its fallback; None when there is none to
-    resume. Newer ones that fail verification are set aside, kept, with a warning; if none verifies, CheckpointError."""
+    resume. Newer ones that fail verification are set aside, kept, with a warning; if none verifies, CheckpointError.
+    Rank 0 alone chooses (`folder.prepare_run_dir`)."""
     found = _complete(run_dir)[::-1]
     failed = []
     for i, path in enumerate(found):
         reason = verify(path)
         if reason is None:
-            _set_aside(failed, path)
+            _set_aside(failed, path, main=True)
             return resume_of([str(p) for p in found[i:]], explicit=False)
         failed.append((path, reason))
     if failed:
@@ -215,31 +216,33 @@ def cannot_resume(failed: list[tuple[Path, str]], explicit: bool) -> CheckpointE
                        "new `name`) to start afresh")
 
 
-def _set_aside(failed: list[tuple[Path, str]], chosen: Path) -> None:
+def _set_aside(failed: list[tuple[Path, str]], chosen: Path, main: bool) -> None:
     """Rename the checkpoints skipped in favour of `chosen` out of the way (the run would overwrite them when it
-    reaches their step again), keeping them for the user to inspect; point the marker at `chosen`."""
+    reaches their step again), keeping them for the user to inspect; point the marker at `chosen`. Every process
+    learns the new names; only the `main` one renames."""
     for path, reason in failed:
         kept = path.with_name(f"{path.name}.skipped")
         n = 1
         while kept.exists():
             n += 1
             kept = path.with_name(f"{path.name}.skipped{n}")
-        if distributed.is_main_process():
+        if main:
             os.replace(path, kept)
         log.warning("checkpoint %s skipped: %s; kept as %s; resuming from %s", path, reason, kept.name, chosen.name)
-    if failed and distributed.is_main_process():
+    if failed and main:
         _mark(chosen.parent, int(chosen.name[12:]))
 
 
-def restore(path: Path, model, optimizer) -> tuple[dict, Path]:
+def restore(resume: Resume, model, optimizer, main: bool) -> tuple[dict, Path]:
     """Load fp32 weights, optimizer state (whatever number of processes wrote them) and RNG states from checkpoint
-    `path`; return its loop state and the checkpoint used. If loading it raises, the first of its `fallback` that
-    verifies and loads is used instead, and those that failed are set aside (`_set_aside`)."""
+    `resume.path`; return its loop state and the checkpoint used. If loading it raises, the first of its `fallback`
+    that verifies and loads is used instead, and those that failed are set aside (`_set_aside`; `main`: this
+    process renames them)."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's wrapper of causes
 
+    path, fallback = resume.path, resume.fallback
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint of this tool (no {STATE}/state.json)")
-    fallback = getattr(path, "fallback", None)
     failed = []
     for candidate in (path, *(fallback or ())):
         reason = verify(candidate) if failed else None  # `path` was verified when it was chosen
@@ -251,8 +254,8 @@ def restore(path: Path, model, optimizer) -> tuple[dict, Path]:
             except (Exception, CheckpointException) as e:  # whatever a damaged file makes its reader raise
                 reason = f"loading it raised {_one_line(e)}"
         if reason is None:
-            _set_aside(failed, candidate)
-            return state, Path(candidate)
+            _set_aside(failed, candidate, main)
+            return state, candidate
         failed.append((candidate, reason))
     raise cannot_resume(failed, explicit=fallback is None)
 

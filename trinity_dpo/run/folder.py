@@ -22,7 +22,7 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.checkpoint_root_dir) / cfg.project / cfg.name
 
 
-def prepare_run_dir(cfg: Config, d: Dist) -> tuple[Path, Path | None]:
+def prepare_run_dir(cfg: Config, d: Dist) -> tuple[Path, checkpoint.Resume | None]:
     """The run folder, and the checkpoint to resume from (None: a fresh start) as `trainer.resume_mode` says.
     Rank 0 takes the folder's lock for all processes, decides and tidies; every process must see the same folder
     (shared storage across nodes)."""
@@ -58,7 +58,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[list[str], bool] | Non
     if cfg.trainer.resume_mode == "auto":
         found = checkpoint.choose(run_dir)
         if found is not None:
-            return [str(found), *map(str, found.fallback)], False
+            return [str(found.path), *map(str, found.fallback)], False
     elif any(run_dir.glob("global_step_*")) or (run_dir / "metrics.jsonl").is_file():
         raise RunFolderError(f"run folder {run_dir} is not empty and trainer.resume_mode is 'disable': choose a new "
                           "`name`, remove the folder, or set resume_mode: auto to continue it")

@@ -150,7 +150,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     optimizer = build_optimizer(policy.model, cfg.algorithm.optimizer)
     state, resume_from = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}, None
     if resume is not None:
-        state, resume_from = checkpoint.restore(resume, policy.model, optimizer)  # the one used, after any fallback
+        state, resume_from = checkpoint.restore(resume, policy.model, optimizer, d.main)
         log.info("resumed from %s at step %d", resume_from, state["step"])
         if d.main:
             run_folder.carry_history(resume_from.parent, run_dir)
