@@ -17,6 +17,7 @@ from trinity_dpo.run import checkpoint, lock as run_lock, train
 from trinity_dpo import cli
 from trinity_dpo.errors import ConfigError
 from trinity_dpo.config.loader import load_config
+from trinity_dpo.sources.local import localize
 
 from test_resume import records, run_killed_in_step
 
@@ -69,7 +70,7 @@ def test_lora_settings_errors_are_one_line(make_config, main, verl, message):
         assert not run_lock.held()  # the run that could not start gave its folder back
     else:
         with pytest.raises(ConfigError) as err:
-            load_config(make_config(main=main, verl=verl))
+            localize(load_config(make_config(main=main, verl=verl)))  # the adapter path is read when made local
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -273,7 +274,7 @@ def test_an_adapter_folder_as_model_path_is_one_line(make_config, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError) as err:
-        load_config(make_config(model=adapter))
+        localize(load_config(make_config(model=adapter)))
     assert str(err.value) == (f"model.model_path: {adapter} is a LoRA adapter, not a model: give its merged/ folder, "
                               "or the base model here and the adapter as model.lora.path")
 

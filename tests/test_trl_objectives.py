@@ -24,6 +24,7 @@ from trinity_dpo.objective import objectives, reference
 from trinity_dpo.run import train  # noqa: E402
 from trinity_dpo.engine.attention import use_varlen  # noqa: E402
 from trinity_dpo.data.batching import collate  # noqa: E402
+from trinity_dpo.config.objective_checks import validate_objective  # noqa: E402
 from trinity_dpo.config.schema import AlgorithmConfig, LossArgs  # noqa: E402
 from trinity_dpo.config.loader import load_config  # noqa: E402
 from trinity_dpo.engine.logprobs import sequence_stats  # noqa: E402
@@ -75,7 +76,7 @@ def perturb(model, seed=1):
 
 def build(fn, **args):
     algorithm = AlgorithmConfig(policy_loss_fn=fn, policy_loss_fn_args=LossArgs(**args))
-    objectives.validate(algorithm)
+    validate_objective(algorithm)
     return objectives.build(algorithm)
 
 

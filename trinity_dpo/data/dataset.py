@@ -3,13 +3,11 @@ fraction of the data) and the prompts answered before and after training (steps 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..sources import builtin
 from ..config.schema import Config, StorageConfig
 from ..errors import DataError
 from .conversations import Conversation, DataReport, Turns, load_conversations
@@ -33,8 +31,6 @@ class Data:
 
 def _read(cfg: Config, storage: StorageConfig, key: str) -> tuple[list, DataReport]:
     """Preference conversations, or SFT dialogues, of `storage` and what reading them did."""
-    # Hub ids were resolved to cached folders by the config loader; built-in names are generated here.
-    storage = dataclasses.replace(storage, path=builtin.data_path(storage.path))
     return (load_dialogues if _is_sft(cfg) else load_conversations)(storage, key)
 
 

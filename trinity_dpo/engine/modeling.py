@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,9 +112,9 @@ def cpu_has_fast_bf16() -> bool:
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.model.model_path, trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(cfg.model.model_path, trust_remote_code=cfg.model.trust_remote_code,
+                                            local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.model_path: cannot load the tokenizer from {cfg.model.model_path}: "
                           f"{one_line(e)}") from None
@@ -134,7 +133,6 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     read in bf16 (`lora.frozen_in_bf16`). The policy's adapters are attached by `policy.build_policy`."""
     from transformers import AutoModelForCausalLM
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     policy, path = path is None, path or cfg.model.model_path
     adapter, path = (path, lora.base_of(path)) if lora.is_adapter(path) else (None, path)
     quantized = policy and cfg.model.lora.rank > 0 and cfg.model.lora.load_in_4bit
@@ -148,7 +146,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
             # A bf16 base is read as stored: no fp32 copy of the whole model on the host, even for a moment.
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=trust, use_safetensors=True,
-                **(_four_bit(device) if quantized else {}))
+                local_files_only=True, **(_four_bit(device) if quantized else {}))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model from {path}: {one_line(e)}") from None
     if bf16_base and not empty:
@@ -188,8 +186,8 @@ def _skeleton(path: str, trust: bool) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust),
-                                                 dtype=torch.float32, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
     model.tie_weights()  # accelerate's context re-registers parameters, which unties them
     return model
 

@@ -301,6 +301,7 @@ def _restore_single_file(path: Path, model, optimizer) -> None:
     else:
         from transformers import AutoModelForCausalLM
 
-        saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True)
         model.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(torch.load(path / STATE / "optimizer.pt", map_location="cpu", weights_only=True))

@@ -79,20 +79,21 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     from both models."""
     import dataclasses
 
-    from ..sources import builtin
+    from ..sources.local import localize, model_folder
     from ..engine.modeling import load_model, load_tokenizer, pick_runtime
     from ..objective.reference import score
     from ..data.dataset import load_data
     from ..data.schedule import Schedule
     from ..objective.objectives import build as build_objective
 
+    cfg = localize(cfg)
     inputs = cfg.buffer.trainer_input
     if not inputs.eval_buffer.path and not inputs.eval_fraction:
         inputs.eval_buffer = dataclasses.replace(inputs.experience_buffer)
     runtime = pick_runtime(cfg)
-    ref_path = builtin.materialize(cfg.model.model_path)
+    ref_path = cfg.model.model_path
     cfg.trainer.eval_samples = generate_n
-    cfg.model.model_path = builtin.materialize(model_path)
+    cfg.model.model_path = model_folder(model_path, "trinity eval --model", adapter_ok=True)
     tokenizer = load_tokenizer(cfg)  # the checkpoint's own template and tokens
     data = load_data(cfg, tokenizer)
     pad, max_new = tokenizer.pad_token_id, cfg.trainer.eval_max_new_tokens

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..sources import builtin
+from ..sources.local import localize
 from . import checkpoint, report, folder as run_folder, lock as run_lock
 from ..data import dataset
 from ..engine import distributed, lora, memory
@@ -92,6 +92,7 @@ class StepContext:
 def run(cfg: Config) -> Path:
     """Train offline DPO as `cfg` says (resuming where the run folder says so); return the run folder. Under
     torchrun every worker process runs this, each on its share of every step (`distributed.py`)."""
+    cfg = localize(cfg)  # names -> local folders, before anything reads them (idempotent: safe in every worker)
     runtime = pick_runtime(cfg)
     d = distributed.setup(cfg, runtime.device)
     try:
@@ -129,7 +130,6 @@ def _train(s: Session) -> bool:
 def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     """Data, run folder, model (sharded over the processes), reference tables, optimizer; restored from the
     checkpoint the run folder says to resume from."""
-    _materialize_builtins(cfg, d)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg)
     data = dataset.load_data(cfg, tokenizer)
@@ -209,19 +209,6 @@ def _save(s: Session, step: int) -> None:
     if s.d.main:
         checkpoint.prune(s.run_dir, s.cfg.trainer.max_checkpoints_to_keep, s.resume_from)
     log.info("saved %s", path)
-
-
-def _materialize_builtins(cfg: Config, d: Dist) -> None:
-    """Convert the built-in model and write the built-in data where asked, one process per node first (they would
-    all do the same work), then point the config at the local folders."""
-    inputs = cfg.buffer.trainer_input
-    if distributed.local_rank() == 0:
-        builtin.materialize(cfg.model.model_path)
-        for path in (inputs.experience_buffer.path, inputs.eval_buffer.path):
-            if path:
-                builtin.data_path(path)
-    d.any(False)  # the others wait here
-    cfg.model.model_path = builtin.materialize(cfg.model.model_path)
 
 
 def _reference_tables(scoring: Scoring, objective: Objective, schedule: Schedule,
