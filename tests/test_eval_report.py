@@ -19,6 +19,7 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_eval_fraction_interval_samples_and_report(make_config, capsys):
     path = make_config(main={"buffer": {"total_epochs": 2, "trainer_input": {"eval_fraction": 0.25}},
                              "trainer": {"eval_interval": 2, "eval_samples": 2, "eval_max_new_tokens": 5}})
@@ -86,6 +87,7 @@ def test_missing_monitor_package_is_one_clear_line(make_config, monkeypatch):
         load_config(make_config(verl={"trainer": {"logger": ["mlflow"]}}))
 
 
+@pytest.mark.slow
 def test_trinity_eval_command(make_config, qwen_dir, pairs_file):
     run_dir = train.run(load_config(make_config(main={"trainer": {"total_steps": 3, "eval_samples": 0}})))
     proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "eval", "--model", str(run_dir / "global_step_3"),

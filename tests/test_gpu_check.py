@@ -11,6 +11,7 @@ import torch
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_gpu_check_quick(tmp_path):
     out = tmp_path / "gpu.md"
     proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--quick", "--out", str(out)],

@@ -6,6 +6,7 @@ import builtins
 import os
 import shutil
 
+import pytest
 import torch
 
 from trinity_dpo.objective import reference
@@ -127,6 +128,7 @@ distributed.teardown(d)
 """
 
 
+@pytest.mark.slow
 def test_two_workers_each_load_half_the_model(tmp_path, make_config):
     """FSDP2 loading builds the model on the meta device and each worker reads only its rows of each weight: with
     2 gloo workers and a 112M-parameter model (450 MB in fp32), each worker's peak host memory grows by about half

@@ -68,6 +68,7 @@ def test_ids_not_cached_offline_are_one_line(make_config, hub_cache):
         localize(load_config(make_config(data="HumanLLMs/Human-Like-DPO-Dataset")))
 
 
+@pytest.mark.slow
 def test_a_run_from_hub_ids(make_config, hub_cache, tmp_path):
     path = make_config(model="TinyOrg/tiny-chat", data="TinyOrg/prefs", main={"trainer": {"total_steps": 1}})
     proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path)], cwd=REPO,

@@ -94,6 +94,7 @@ def test_reference_free_objectives_declare_no_reference(fn):
     assert ("nll_loss" in objective.metrics) == (fn != "simpo")  # SimPO has no NLL term (cpo_alpha 0)
 
 
+@pytest.mark.slow
 def test_evaluate_does_not_import_the_training_loop():
     import subprocess
     import sys

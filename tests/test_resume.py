@@ -89,6 +89,7 @@ def _wait_for_lines(path, n, proc, timeout=120):
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_same_command(make_config):
     def config(name):
         return make_config(main={"name": name, "buffer": {"total_epochs": 20},
@@ -106,6 +107,7 @@ def test_sigkill_at_any_moment_then_same_command(make_config):
     assert_same_run(whole, run_dir, 60)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_0(make_config):
     config = make_config(main={"name": "stopped", "buffer": {"total_epochs": 40},
                                "trainer": {"save_interval": 0, "eval_samples": 0}})

@@ -261,6 +261,7 @@ def test_rank_0_holds_the_lock_for_all_processes(make_config, tmp_path):
     assert not (run_dir / run_lock.NAME).exists() and run_dir.resolve() / run_lock.NAME not in run_lock.held()
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_one_trains_the_other_stops_with_exit_2(make_config):
     path = make_config(main={"name": "twice", "trainer": {"total_steps": 2}})
     run_dir = path.parent / "ckpt" / "proj" / "twice"

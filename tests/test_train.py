@@ -170,6 +170,7 @@ def test_user_errors_before_training(make_config, tmp_path):
         train.run(load_config(make_config(main={"name": "empty"}, data=empty)))
 
 
+@pytest.mark.slow
 def test_cli_user_error_is_one_line_exit_2(make_config, tmp_path):
     path = make_config(main={"buffer": {"batch_sise": 3}})
     proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path)],
@@ -180,6 +181,7 @@ def test_cli_user_error_is_one_line_exit_2(make_config, tmp_path):
         "trinity: error: unknown key 'buffer.batch_sise'; did you mean 'buffer.batch_size'?")
 
 
+@pytest.mark.slow
 def test_cli_runs(make_config):
     path = make_config(main={"trainer": {"total_steps": 2}})
     proc = subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(path), "name=cli"],
