@@ -30,6 +30,15 @@ def need_extra(name: str):
     pytest.fail(f"{name} is missing: install the test extras (pip install -e '.[test]')", pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test tokenizes into its own cache folder (a test's subprocesses too), so no test finds another's
+    tables; runs within a test share it, as runs on the same data do."""
+    folder = tmp_path_factory.mktemp("tokens")
+    monkeypatch.setenv("TRINITY_DPO_TOKEN_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("llama"), "llama")

@@ -20,12 +20,18 @@ def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
     return math.ceil(n_pairs / batch_size)
 
 
-def step_indices(step: int, n_pairs: int, batch_size: int, seed: int) -> tuple[int, list[int]]:
-    """(epoch, dataset indices) of global step `step` (0-based); the last step of an epoch may be short."""
+def step_indices(step: int, n_pairs: int, batch_size: int, seed: int, order=None) -> tuple[int, list[int]]:
+    """(epoch, dataset indices) of global step `step` (0-based); the last step of an epoch may be short. `order`:
+    the epoch's `epoch_order`, when the caller keeps it (a permutation of a million examples per step adds up)."""
     per_epoch = steps_per_epoch(n_pairs, batch_size)
     epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    order = epoch_order(epoch, n_pairs, seed) if order is None else order
     return epoch, order[offset * batch_size:(offset + 1) * batch_size].tolist()
+
+
+def epoch_order(epoch: int, n_pairs: int, seed: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits the examples: a function of (seed, epoch) alone."""
+    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def plan_micro(batch: list[Pair], micro_pairs: int | None, token_budget: int | None = None) -> list[list[Pair]]:

@@ -3,6 +3,9 @@ its token lists built only when a step (or the reference pass) asks for that exa
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 
 from .pairs import Pair
@@ -35,6 +38,13 @@ class Examples:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    def digest(self) -> str:
+        """What these examples hold: the table's key and checksums, and which of its entries, in order."""
+        h = hashlib.blake2b(self.table.folder.name.encode(), digest_size=16)
+        h.update(json.dumps(self.table.meta["checksums"], sort_keys=True).encode())
+        h.update(self.entries.tobytes())
+        return h.hexdigest()
 
     def longest(self) -> int:
         """The most tokens of one example, a shared prompt counted once (the memory check's bound)."""

@@ -8,8 +8,10 @@ only a temporary folder, which no reader takes.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -111,10 +113,12 @@ def _build(storage: StorageConfig, key: str, tokenizer, recipe: Recipe, folder: 
     read, dropped = 0, Counter()
     start = time.perf_counter()
     jobs = _jobs(storage, key)
+    head = list(itertools.islice(jobs, 2))  # a source of one chunk is tokenized here: no processes to start
+    jobs = itertools.chain(head, jobs)
     bar = tqdm(total=_count_rows(storage.path), unit=" rows", desc="tokenizing", mininterval=2, disable=None)
     try:
-        with _pool(workers) as pool:
-            for chunk, n_rows, bad in (pool.imap(_tokenize_chunk, jobs) if pool else map(_tokenize_chunk, jobs)):
+        with _pool(workers if len(head) > 1 else 1) as pool:
+            for chunk, n_rows, bad in (_bounded_map(pool, jobs, 2 * workers) if pool else map(_tokenize_chunk, jobs)):
                 writer.add(chunk)
                 read += n_rows
                 dropped.update(bad)
@@ -148,6 +152,18 @@ def _pool(workers: int):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Rust thread pool does not survive a fork
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         yield pool
+
+
+def _bounded_map(pool, jobs, window: int):
+    """`_tokenize_chunk` of each job in order, with at most `window` chunks read ahead: `Pool.imap` would read the
+    whole source into its queue, which is what reading in chunks is for not to do."""
+    pending = collections.deque()
+    for job in jobs:
+        pending.append(pool.apply_async(_tokenize_chunk, (job,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _count_rows(path: str) -> int | None:

@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 Tables = dict[str, torch.Tensor]  # statistic -> fp32 [n_rows, sequences]
 
 
-def score(model, groups: list[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime, sequences: int = 2,
+def score(model, groups: Iterable[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime, sequences: int = 2,
           stats: tuple[str, ...] = ("logps",)) -> Tables:
     """Per-sequence statistics `stats` (`objectives.STATS`) of each example's sequences (a pair: chosen, rejected)
     under the current weights, one fp32 [n_rows, sequences] table each, in the row of each example's index, one
@@ -54,20 +55,17 @@ def rows_of(tables: Tables, index: torch.Tensor, device: torch.device) -> dict[s
     return {k: t[index.cpu()].t().reshape(-1).to(device) for k, t in tables.items()}
 
 
-def fingerprint(model_path: str, plan: list[list[list[Pair]]], runtime: Runtime, extra: str = "") -> str:
-    """A digest of everything the reference numbers depend on: the weight files, the token ids of every pair
-    (which carry the tokenizer, chat template, data and length settings), the micro-batch composition on each
-    process (bf16 sums depend on it), the precision, the layout and the CPU thread count."""
+def fingerprint(model_path: str, plan: Plan, runtime: Runtime, extra: str = "") -> str:
+    """A digest of everything the reference numbers depend on: the weight files, the token ids of every example
+    and which share a micro-batch on each process (`Plan.digest`: bf16 sums depend on it; the ids carry the
+    tokenizer, chat template, data and length settings), the precision, the layout and the CPU thread count."""
     h = hashlib.blake2b(digest_size=16)
     h.update(_weights_digest(model_path).encode())
     # CPU kernels split sums by thread count: a table scored with other threads is off in the last bits, and the
     # step-1 policy would no longer equal its reference to the bit.
     threads = torch.get_num_threads() if runtime.device.type == "cpu" else 0
-    h.update(f"{runtime.device.type}|{threads}|{runtime.bf16}|{runtime.share_prompt}|{extra}|{len(plan)}".encode())
-    for group in (g for groups in plan for g in groups):
-        h.update(b"|")
-        for p in group:
-            h.update(repr((p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+    h.update(f"{runtime.device.type}|{threads}|{runtime.bf16}|{runtime.share_prompt}|{extra}|{plan.world}".encode())
+    h.update(plan.digest.encode())
     return h.hexdigest()
 
 
@@ -117,7 +115,7 @@ def cached_score(scoring: Scoring, plan: Plan, stats: tuple[str, ...] = ("logps"
             _save(run_dir / name, saved)
         return saved["tables"]
     policy = scoring.policy
-    tables = score(policy.model, plan.per_rank[d.rank], plan.n_rows, scoring.pad_id, policy.runtime, stats=stats)
+    tables = score(policy.model, plan.groups(d.rank), plan.n_rows, scoring.pad_id, policy.runtime, stats=stats)
     tables = {k: d.merge_rows(t) for k, t in tables.items()}
     if d.main:
         _save(run_dir / name, {"fingerprint": fp, "tables": tables})
@@ -127,7 +125,7 @@ def cached_score(scoring: Scoring, plan: Plan, stats: tuple[str, ...] = ("logps"
 def _lookup(scoring: Scoring, plan: Plan, stats: tuple[str, ...]) -> tuple[str, tuple[dict, Path] | None]:
     """(the plan's fingerprint, the cached tables and their file, or None)."""
     extra = f"{plan.label}|{plan.n_rows}|{','.join(stats)}|{scoring.policy.adapter}"
-    fp = fingerprint(scoring.model_path, plan.per_rank, scoring.policy.runtime, extra=extra)
+    fp = fingerprint(scoring.model_path, plan, scoring.policy.runtime, extra=extra)
     return fp, _find(scoring.run_dir, _cache_name(plan, fp), fp, plan.n_rows)
 
 
