@@ -162,7 +162,7 @@ def test_a_bad_row_with_on_bad_row_error_names_its_line_and_writes_nothing(tmp_p
     tok = AutoTokenizer.from_pretrained(qwen_dir)
     with pytest.raises(DataError, match=r"rows.jsonl: row 5: "):
         _cached(storage, tok, qwen_dir, _recipe("pairs"), tmp_path, workers=2)
-    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock") and p.name != "sources"]
 
 
 BUILD = """
@@ -247,3 +247,21 @@ def test_parallel_and_single_process_builds_are_identical(tmp_path, qwen_dir):
     for name in token_cache.ARRAYS:
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
     assert one.meta["events"] == two.meta["events"]
+
+
+def test_a_source_is_hashed_once_per_version(tmp_path, qwen_dir, monkeypatch):
+    """The source's digest is kept under its (path, size, mtime): a second load, by another process or run,
+    does not read the whole file again; an edit (new size or mtime) hashes it anew."""
+    rows, fmt, _ = _rows("plaintext")
+    path = _write(tmp_path, rows)
+    storage = StorageConfig(path=str(path), format=fmt)
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    hashed, real = [], token_cache.file_digest
+    monkeypatch.setattr(token_cache, "file_digest", lambda p: hashed.append(p) or real(p))
+    _cached(storage, tok, qwen_dir, _recipe("pairs"), tmp_path)
+    _cached(storage, tok, qwen_dir, _recipe("pairs"), tmp_path)
+    assert len(hashed) == 1
+    rows[0]["chosen"] += "!"
+    _write(tmp_path, rows)
+    _cached(storage, tok, qwen_dir, _recipe("pairs"), tmp_path)
+    assert len(hashed) == 2

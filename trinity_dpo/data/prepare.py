@@ -54,7 +54,7 @@ def load_table(storage: StorageConfig, key: str, tokenizer, tokenizer_folder: st
                cache_dir: Path, workers: int = 0) -> tuple[token_cache.TokenTable, DataReport]:
     """The token table of `storage` (built now, or found), and the report of reading it (rows read, bad rows by
     reason; what tokenizing added is kept per entry in the table)."""
-    parts = {"source": token_cache.file_digest(storage.path), "split": storage.split, "subset": storage.subset_name,
+    parts = {"source": _source_digest(storage.path, cache_dir), "split": storage.split, "subset": storage.subset_name,
              "format": dataclasses.asdict(storage.format), "on_bad_row": storage.on_bad_row,
              "tokenizer": _tokenizer_digest(tokenizer, tokenizer_folder), "recipe": dataclasses.asdict(recipe)}
     folder = cache_dir / token_cache.fingerprint(parts)
@@ -72,6 +72,24 @@ def load_table(storage: StorageConfig, key: str, tokenizer, tokenizer_folder: st
     return table, report
 
 
+def _source_digest(path: str, cache_dir: Path) -> str:
+    """The digest of a source's bytes (`token_cache.file_digest`), computed once per file version: it is kept
+    under the files' (path, size, modification time) in the cache folder, so the other processes of a run and later
+    runs read it instead of reading the whole source again; one process computes it while the others wait."""
+    files = token_cache.source_files(Path(path).resolve())
+    stamp = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    key = hashlib.blake2b(stamp.encode(), digest_size=16).hexdigest()
+    memo = cache_dir / "sources" / key
+    with _one_builder(memo, path, quiet=True):
+        if memo.is_file():
+            return memo.read_text()
+        digest = token_cache.file_digest(path)
+        tmp = memo.with_name(f".{key}.tmp{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    return digest
+
+
 def _open(folder: Path) -> token_cache.TokenTable | None:
     if not (folder / token_cache.DONE).is_file():
         return None
@@ -83,7 +101,7 @@ def _open(folder: Path) -> token_cache.TokenTable | None:
 
 
 @contextmanager
-def _one_builder(folder: Path, source: str):
+def _one_builder(folder: Path, source: str, quiet: bool = False):
     """An exclusive lock beside `folder`: the first process builds, the others wait on the file, not on a
     collective with a timeout."""
     import fcntl
@@ -93,7 +111,8 @@ def _one_builder(folder: Path, source: str):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is tokenizing %s into %s; waiting for it", source, folder)
+            if not quiet:
+                log.info("another process is tokenizing %s into %s; waiting for it", source, folder)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

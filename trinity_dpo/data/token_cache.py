@@ -80,13 +80,17 @@ def file_digest(path: str | Path) -> str:
 
     h = xxhash.xxh3_128()
     p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and ".cache" not in f.parts)
-    for f in files:
+    for f in source_files(p):
         h.update(str(f.relative_to(p) if f != p else f.name).encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files of a source: itself, or a folder's files (a download tool's `.cache` folder left out)."""
+    return [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and ".cache" not in f.parts)
 
 
 class Writer:
