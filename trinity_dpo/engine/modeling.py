@@ -284,3 +284,37 @@ def _disable_dropout(model) -> None:
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
+
+
+def round_to_bf16(model: torch.nn.Module) -> int:
+    """Under bf16 compute, set each trained fp32 weight that autocast casts to bf16 for its products (matrices and
+    biases of linear layers, adapters included) to that bf16 value, in place; a sharded one shard by shard. The
+    forward is unchanged to the bit: autocast rounds the same way. The update is what changes: a master weight
+    exactly halfway between two bf16 values (8% of a Q4 GGUF de-quantized to fp32) has its products jump a whole
+    bf16 step at any update, however small, that points away from the value autocast picked; from its bf16 value
+    it moves once the updates add up to half a step, as in a run from a bf16 checkpoint. Left alone: embeddings
+    (looked up in fp32), norms, the LM head (fp32 on CPU; tied to the embeddings in many models) and frozen weights
+    (no update to amplify). Returns how many values this process changed."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer (addmm)
+
+    fp32 = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    seen = {id(p) for m in fp32 for p in m.parameters()}
+    changed = ties = total = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, (torch.nn.Linear, Conv1D)):
+                continue
+            for p in module.parameters(recurse=False):
+                if id(p) in seen or not p.requires_grad or p.dtype != torch.float32:
+                    continue
+                seen.add(id(p))
+                local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this process's rows, in place
+                rounded = local.to(torch.bfloat16).float()
+                changed += int((rounded != local).sum())
+                ties += int(((local.view(torch.int32) & 0xFFFF) == 0x8000).sum())
+                total += local.numel()
+                local.copy_(rounded)
+    if changed:
+        log.info("bf16 compute: %d of %d trained linear-layer weights were not bf16 values (%d of them exactly "
+                 "halfway between two): set to the bf16 values their products use", changed, total, ties)
+    return changed
