@@ -13,7 +13,7 @@ import torch
 from . import distributed, logprobs, lora
 from ..config.schema import Config
 from .distributed import Dist
-from .modeling import Runtime, for_model, load_model, weights_reader
+from .modeling import Runtime, for_model, load_model, round_to_bf16, weights_reader
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ def build_policy(cfg: Config, runtime: Runtime, d: Dist) -> Policy:
     if read is not None:
         distributed.fill(model, d, read)
     # Every weight holds its starting value from here: what changes them at load goes here, before the digest.
+    if runtime.bf16:
+        round_to_bf16(model)
     adapter = lora.initial_digest(model)  # a sharded adapter is gathered: every process calls this
     distributed.register_forward(model, logprobs.bind(model))
     return Policy(model, save_dtype, adapter, for_model(runtime, cfg, model))
