@@ -151,15 +151,44 @@ def trl(model: str, data: Path, work: Path, env: dict) -> dict:
     return measure([sys.executable, "-c", TRL, model, str(data), str(work / "trl")], env)
 
 
+def micro(n: int, work: Path) -> None:
+    """Tokenizing alone, in this process: the direct path (read, convert, `build_pairs`) against the cache's
+    builder with 1 and 2 worker processes, rows/s."""
+    from transformers import AutoTokenizer
+
+    from bench.compare_trl import smollm2_folder
+    from trinity_dpo.config.schema import FormatConfig, StorageConfig
+    from trinity_dpo.data import prepare
+    from trinity_dpo.data.conversations import load_conversations
+    from trinity_dpo.data.pairs import Limits, build_pairs
+
+    folder = smollm2_folder(work, weights=False)
+    tok = AutoTokenizer.from_pretrained(folder)
+    storage = StorageConfig(path=str(write_pairs(work / f"micro_{n}.jsonl", n)),
+                            format=FormatConfig(prompt_type="plaintext"))
+    start = time.perf_counter()
+    convs, report = load_conversations(storage)
+    build_pairs(convs, tok, Limits(), report)
+    print(f"direct path: {n / (time.perf_counter() - start):.0f} rows/s", flush=True)
+    for workers in (1, 2):
+        start = time.perf_counter()
+        prepare.load_table(storage, "x", tok, folder, prepare.Recipe("pairs", limits=Limits()),
+                           work / f"micro_cache_{workers}", workers)
+        print(f"cache builder, {workers} worker(s): {n / (time.perf_counter() - start):.0f} rows/s", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, nargs="*", default=[10000, 100000])
     parser.add_argument("--sft", type=int, nargs="*", default=[])
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--processes", type=int, default=1, help="also a cache-hit run with this many CPU processes")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--micro", type=int, metavar="N", help="only tokenize N pairs in this process, three ways")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="data_scale_"))
+    if args.micro:
+        micro(args.micro, work)
+        return 0
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRINITY_DPO_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf_datasets")}
     model = tiny_model(work)
