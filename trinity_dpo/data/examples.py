@@ -23,6 +23,7 @@ class Examples:
         # A pair's two sequences each hold the prompt (chosen and rejected are separate rows).
         self.n_tokens = (2 * lengths[:, 0] + lengths[:, 1:].sum(1)) if kind == "pairs" else lengths.sum(1)
         self.rows = np.asarray(table.rows[self.entries])
+        self._longest = int(lengths.sum(1).max()) if len(self.entries) else 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -48,7 +49,4 @@ class Examples:
 
     def longest(self) -> int:
         """The most tokens of one example, a shared prompt counted once (the memory check's bound)."""
-        if not len(self):
-            return 0
-        lengths = np.asarray(self.table.spans[self.entries][:, :, 1])
-        return int(lengths.sum(1).max())
+        return self._longest
