@@ -225,6 +225,7 @@ class TrainerConfig:
     max_consecutive_skips: int = 5  # abort after this many optimizer steps in a row with a non-finite loss or norm
     seed: int = 42  # seeds shuffling and any random init
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device has fast bf16
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # HF checkpoint weights; auto: those the run computes with
     share_prompt: bool = True  # compute each pair's prompt once for chosen and rejected (models on SDPA attention)
     log_interval: int = 10  # steps between plain log lines when output is not a terminal
     eval_interval: int = 0  # steps between held-out evaluations (also before training and at the end); 0: only those

@@ -23,7 +23,7 @@ class Policy:
     """The policy and what the run needs to know of how it was built."""
 
     model: torch.nn.Module
-    save_dtype: torch.dtype  # the dtype its folder stores: checkpoints keep it
+    save_dtype: torch.dtype  # the dtype its HF checkpoints store (`checkpoint_dtype`)
     adapter: str  # a digest of the starting adapter ('' without LoRA): the reference cache depends on it
     runtime: Runtime  # the run's runtime as this model allows (`modeling.for_model`)
 
@@ -32,10 +32,10 @@ def build_policy(cfg: Config, runtime: Runtime, d: Dist) -> Policy:
     """The policy of `cfg`, sharded over `d`'s processes, its starting values in place, its scoring method bound."""
     read = None
     if d.mesh is not None:
-        model, save_dtype = _read(cfg, runtime, empty=True)
+        model, stored = _read(cfg, runtime, empty=True)
         read = weights_reader(cfg, model)
     if read is None:
-        model, save_dtype = _read(cfg, runtime, empty=False)
+        model, stored = _read(cfg, runtime, empty=False)
     distributed.shard(model, d, runtime.bf16)
     if read is not None:
         distributed.fill(model, d, read)
@@ -44,7 +44,17 @@ def build_policy(cfg: Config, runtime: Runtime, d: Dist) -> Policy:
         round_to_bf16(model)
     adapter = lora.initial_digest(model)  # a sharded adapter is gathered: every process calls this
     distributed.register_forward(model, logprobs.bind(model))
-    return Policy(model, save_dtype, adapter, for_model(runtime, cfg, model))
+    return Policy(model, checkpoint_dtype(cfg.trainer.save_dtype, runtime.bf16, stored), adapter,
+                  for_model(runtime, cfg, model))
+
+
+def checkpoint_dtype(setting: str, bf16: bool, stored: torch.dtype) -> torch.dtype:
+    """The dtype of the HF checkpoints' weights. `auto` writes the weights the run computes with: its fp32 masters
+    under fp32 compute (a bf16 file would round away updates below bf16's resolution: a short run's whole
+    progress), and under bf16 autocast the folder's own dtype, as bf16 is what every product read anyway."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    return stored if bf16 else torch.float32
 
 
 def _read(cfg: Config, runtime: Runtime, empty: bool) -> tuple[torch.nn.Module, torch.dtype]:
