@@ -138,6 +138,7 @@ rows = load_dataset("json", data_files=data, split="train")
 rows = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
                            "chosen": [{"role": "assistant", "content": r["chosen"]}],
                            "rejected": [{"role": "assistant", "content": r["rejected"]}]}, num_proc=os.cpu_count())
+print("trainer", time.time(), flush=True)
 args = DPOConfig(output_dir=out, per_device_train_batch_size=8, max_steps=1, report_to=[], save_strategy="no",
                  dataset_num_proc=os.cpu_count(), logging_steps=1, use_cpu=True, precompute_ref_log_probs=False)
 trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args, train_dataset=rows,
@@ -148,7 +149,13 @@ trainer.train()
 
 
 def trl(model: str, data: Path, work: Path, env: dict) -> dict:
-    return measure([sys.executable, "-c", TRL, model, str(data), str(work / "trl")], env)
+    """TRL's whole process; `prepare_s`: the `DPOTrainer` constructor, which tokenizes (the bench's own map to
+    messages, before it, is left out)."""
+    r = measure([sys.executable, "-c", TRL, model, str(data), str(work / "trl")], env)
+    stamps = {ln.split()[0]: float(ln.split()[1]) for ln in r["log"].splitlines()
+              if ln.startswith(("trainer ", "prepared "))}
+    r["prepare_s"] = stamps["prepared"] - stamps["trainer"]
+    return r
 
 
 def micro(n: int, work: Path) -> None:
@@ -212,7 +219,8 @@ def _line(row: dict) -> str:
     f, a, t = row["first"], row["again"], row.get("trl")
     ours_part = (f"| {row['rows']:,} {row['kind']} | {f['wall_s']:.0f} s, {f['peak_gb']:.2f} GB | "
                  f"{a['wall_s']:.0f} s (first step at {a['first_step_s'] or float('nan'):.0f} s), {a['peak_gb']:.2f} GB")
-    trl_part = f" | {t['wall_s']:.0f} s, {t['peak_gb']:.2f} GB |" if t else " | - |"
+    trl_part = (f" | {t['wall_s']:.0f} s, {t['peak_gb']:.2f} GB (DPOTrainer's tokenizing: {t['prepare_s']:.1f} s, "
+                f"{row['rows'] / t['prepare_s']:.0f} rows/s) |" if t else " | - |")
     n = row.get("again_n")
     more = f" cache hit with several processes: {n['wall_s']:.0f} s, {n['peak_gb']:.2f} GB |" if n else ""
     return ours_part + trl_part + more + f" {f['tokenize_line']}"

@@ -265,3 +265,18 @@ def test_a_source_is_hashed_once_per_version(tmp_path, qwen_dir, monkeypatch):
     _write(tmp_path, rows)
     _cached(storage, tok, qwen_dir, _recipe("pairs"), tmp_path)
     assert len(hashed) == 2
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_fast_encoding_gives_the_tokenizers_own_ids(qwen_dir, special):
+    """`encode` (the Rust backend's `encode_batch_fast`, no offsets) gives `tokenizer(texts)["input_ids"]`:
+    special tokens inside the text, an empty text, unicode; and a backend left with truncation on (a
+    tokenizer.json may ship one) is reset by the wrapper first, as a plain call would be."""
+    from trinity_dpo.data.encode import encode
+
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    texts = ["<|im_start|>user\nhi  there<|im_end|>\n", "", "naïve café — 東京 \n\n\nx", "a" * 700]
+    assert tok.is_fast and encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+    tok.backend_tokenizer.enable_truncation(3)
+    assert encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+    assert len(encode(tok, texts, special)[3]) > 3

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 from .conversations import Conversation, DataReport, Turns
+from .encode import encode
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits) -> list
     for is_text in (False, True):  # raw text takes the tokenizer's special tokens (BOS); a template writes its own
         group = [i for i, c in enumerate(convs) if c.is_text == is_text]
         if group:
-            encoded = [tokenizer([texts[i][k] for i in group], add_special_tokens=is_text)["input_ids"]
-                       for k in range(3)]
+            encoded = [encode(tokenizer, [texts[i][k] for i in group], is_text) for k in range(3)]
             for n, i in enumerate(group):
                 ids[i] = (encoded[0][n], encoded[1][n], encoded[2][n])
     out = []

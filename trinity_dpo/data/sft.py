@@ -29,6 +29,7 @@ from typing import Any
 from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
 from .conversations import BadRow, DataReport, _get, _lookup, _system, _text, convert_rows
+from .encode import encode
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def _masked_ids(tokenizer, d: Dialogue, render, every_assistant: bool) -> tuple[
 
 
 def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(tokenizer, [text], False)[0]
 
 
 def _fit(ids: list[int], mask: list[int], max_len: int | None, truncation: str,
