@@ -199,7 +199,14 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRINITY_DPO_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf_datasets")}
     model = tiny_model(work)
-    lines = []
+    lines, base = [], {}
+    if args.processes > 1:  # what a cache hit costs without data: subtracted to give the data's own memory
+        small = write_pairs(work / "pairs_100.jsonl", 100)
+        ours(model, small, work, "base_first", False, env)
+        base = {1: ours(model, small, work, "base_1", False, env)["peak_gb"],
+                args.processes: ours(model, small, work, "base_n", False, env, args.processes)["peak_gb"]}
+        print(f"cache hit on 100 pairs: {base[1]:.2f} GB with 1 process, {base[args.processes]:.2f} GB with "
+              f"{args.processes}", flush=True)
     for n, sft in [(n, False) for n in args.pairs] + [(n, True) for n in args.sft]:
         data = (write_sft if sft else write_pairs)(work / f"{'sft' if sft else 'pairs'}_{n}.jsonl", n)
         first = ours(model, data, work, f"first_{n}_{sft}", sft, env)
@@ -209,20 +216,24 @@ def main() -> int:
             row["again_n"] = ours(model, data, work, f"again{args.processes}_{n}_{sft}", sft, env, args.processes)
         if not args.no_trl and not sft:
             row["trl"] = trl(model, data, work, env)
-        lines.append(_line(row))
+        lines.append(_line(row, base, args.processes))
         print(lines[-1], flush=True)
     print(f"machine: {os.cpu_count()} cores; work folder {work}")
     return 0
 
 
-def _line(row: dict) -> str:
+def _line(row: dict, base: dict, processes: int) -> str:
     f, a, t = row["first"], row["again"], row.get("trl")
     ours_part = (f"| {row['rows']:,} {row['kind']} | {f['wall_s']:.0f} s, {f['peak_gb']:.2f} GB | "
                  f"{a['wall_s']:.0f} s (first step at {a['first_step_s'] or float('nan'):.0f} s), {a['peak_gb']:.2f} GB")
     trl_part = (f" | {t['wall_s']:.0f} s, {t['peak_gb']:.2f} GB (DPOTrainer's tokenizing: {t['prepare_s']:.1f} s, "
                 f"{row['rows'] / t['prepare_s']:.0f} rows/s) |" if t else " | - |")
     n = row.get("again_n")
-    more = f" cache hit with several processes: {n['wall_s']:.0f} s, {n['peak_gb']:.2f} GB |" if n else ""
+    more = ""
+    if n:
+        one, many = a["peak_gb"] - base[1], n["peak_gb"] - base[processes]
+        more = (f" cache hit with {processes} processes: {n['wall_s']:.0f} s, {n['peak_gb']:.2f} GB; data memory "
+                f"(over 100 pairs) {one:.3f} GB with 1, {many:.3f} GB with {processes} ({many / one:.2f}x) |")
     return ours_part + trl_part + more + f" {f['tokenize_line']}"
 
 

@@ -71,7 +71,7 @@ class Schedule:
         self.train, self.eval = train, held_out
         self.batch_size, self.seed, self.total, self.world = batch_size, seed, total, world
         self.micro_pairs, self.token_budget = micro_pairs, token_budget
-        self._tokens = _n_tokens(train)
+        self._tokens = _n_tokens(train)  # by example: an array, read by each step's plan
         self._order: tuple = (None, None)  # (epoch, its order): the steps of an epoch come one after the other
 
     @classmethod
@@ -143,15 +143,16 @@ class Schedule:
                 for r in group]
 
 
-def _n_tokens(examples) -> list[int]:
-    """Each example's tokens as the micro-batch plan counts them: from the token table's arrays when there."""
+def _n_tokens(examples):
+    """Each example's tokens as the micro-batch plan counts them: the token table's array when there (a Python
+    list of a million ints would be 36 MB in every process)."""
     if hasattr(examples, "n_tokens") and not isinstance(examples, list):
-        return examples.n_tokens.tolist()
+        return examples.n_tokens
     return [e.n_tokens for e in examples]
 
 
-def _refs(indices, n_tokens: list[int]) -> list[_Ref]:
-    return [_Ref(i, n_tokens[i], i) for i in indices]
+def _refs(indices, n_tokens) -> list[_Ref]:
+    return [_Ref(i, int(n_tokens[i]), i) for i in indices]
 
 
 def _content_digest(examples) -> str:
