@@ -236,12 +236,9 @@ def test_continue_from_checkpoint(make_config):
 
 
 REFUSED = [
-    ({"algorithm": {"kl_loss_fn": "k1", "kl_loss_fn_args": {"kl_coef": 0.1}}}, None,
-     "algorithm.kl_loss_fn_args.kl_coef: Trinity 0.2+ adds kl_coef (default 0.001) x a per-token KL (k1) to the DPO "
-     "loss, which this tool does not compute; set algorithm.kl_loss_fn_args.kl_coef: 0"),
-    ({"algorithm": {"kl_loss_fn": "k2"}}, None, "algorithm.kl_loss_fn: Trinity 0.2+ adds kl_coef (default 0.001)"),
-    ({"algorithm": {"entropy_loss_fn_args": {"entropy_coef": 0.01}}}, None,
-     "entropy_coef: 0.01 adds an entropy term to the loss, which this tool does not compute"),
+    ({"algorithm": {"algorithm_type": "dpo", "policy_loss_fn": "simpo", "kl_loss_fn": "k3"}}, None,
+     "algorithm.kl_loss_fn: k3 is a KL term against the reference, and simpo has no reference"),
+    ({"algorithm": {"kl_loss_fn": "k5"}}, None, "algorithm.kl_loss_fn"),
     ({"buffer": {"trainer_input": {"experience_buffer": {"format": {"image_key": "images"}}}}}, None,
      "multimodal rows are not supported"),
     (None, {"actor_rollout_ref": {"model": {"override_config": {"attention_dropout": 0.1}}}},
@@ -276,6 +273,26 @@ def test_settings_that_match_plain_dpo_are_accepted(make_config):
                                   verl={"actor_rollout_ref": {"model": {"lora_rank": 0, "override_config": {}},
                                                               "actor": {"optim": {"optimizer": "AdamW"}}}}))
     assert cfg.algorithm.optimizer.optimizer_type == "adam"
+
+
+KL_BY_VERSION = [
+    ({}, "none", 0.0, 0.0),  # the document's shape (Trinity before 0.2): DPO alone, beta from actor_kl_loss_coef
+    ({"policy_loss_fn": "dpo"}, "k2", 0.001, 0.0),  # a 0.2+ config: k2 x 0.001 unless told otherwise
+    ({"kl_loss_fn": "none"}, "k2", 0.001, 0.0),  # Trinity's check turns DPO's 'none' into k2
+    ({"kl_loss_fn": "k1", "kl_loss_fn_args": {"kl_coef": 0.1}}, "k1", 0.1, 0.0),  # the current examples
+    ({"kl_loss_fn": "low_var_kl", "kl_loss_fn_args": {"kl_coef": 0}}, "none", 0.0, 0.0),  # the way to turn it off
+    ({"entropy_loss_fn_args": {"entropy_coef": 0.01}}, "k2", 0.001, 0.01),
+    ({"algorithm_type": "sft", "entropy_loss_fn_args": {"entropy_coef": 0.01}}, "none", 0.0, 0.01),
+    ({"entropy_loss_fn": "none", "entropy_loss_fn_args": {"entropy_coef": 0.01}}, "k2", 0.001, 0.0),
+]
+
+
+@pytest.mark.parametrize("algorithm,kl,coef,entropy", KL_BY_VERSION)
+def test_kl_and_entropy_terms_as_each_trinity_version_adds_them(make_config, algorithm, kl, coef, entropy):
+    cfg = load_config(make_config(main={"algorithm": {"algorithm_type": "dpo", **algorithm}}))
+    algo = cfg.algorithm
+    assert (algo.kl_loss_fn, algo.kl_loss_fn_args.kl_coef, algo.entropy_loss_fn_args.entropy_coef) == (
+        kl, coef, entropy)
 
 
 def test_file_level_errors(tmp_path):

@@ -187,3 +187,31 @@ def test_frozen_head_takes_any_gradient_ahead_with_its_extras(monkeypatch, extra
     assert head.weight.grad is None
     for name in extras:
         assert torch.allclose(table[name], want[name].detach(), atol=1e-5), name
+
+
+@pytest.mark.parametrize("bias, transform, uniform", [(False, None, False), (True, _softcap, False),
+                                                      (False, None, True)])
+def test_entropy_with_gradient_equals_naive(monkeypatch, bias, transform, uniform):
+    """An entropy term's gradient (Trinity's entropy loss): for a loss a . logp + b . H, with
+    H = -sum_v p_v log p_v, the chunked head's gradients of hidden, weight and bias equal autograd through the
+    full logits, with a soft cap too, and with `uniform_grad` asked (the entropy then forces the rebuild)."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (23,))
+    a, b = torch.randn(23), torch.randn(23)
+    logits = head(hidden) if transform is None else transform(head(hidden))
+    logp_all = F.log_softmax(logits, -1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    ((logp_all.gather(-1, labels[:, None]).squeeze(-1) * a).sum() + (entropy * b).sum()).backward()
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 50 * 5)
+    monkeypatch.setattr(lp, "_MIN_ROWS", 1)
+    logps, extra = lp.head_logprobs(hidden, head, labels, transform, ("entropy",), uniform, entropy_grad=True)
+    ((logps * a).sum() + (extra["entropy"] * b).sum()).backward()
+    assert torch.allclose(extra["entropy"], entropy, atol=1e-5)
+    for p, want in zip(params, expected):
+        assert torch.allclose(p.grad, want, atol=1e-5)

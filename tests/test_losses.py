@@ -235,3 +235,21 @@ def test_orpo_log_odds():
     Pair 2: p_c = 1/5, p_r = 1/2: ln(1/4) - ln 1 = -1.38629436."""
     out = orpo_log_odds(T([math.log(0.75), math.log(0.2)]), T([math.log(0.25), math.log(0.5)]))
     assert close(out, [2.19722458, -1.38629436])
+
+
+def test_kl_penalties_by_hand():
+    """Per token, d = logp - ref. With logp = ln 0.5, ref = ln 0.25, d = ln 2 = 0.693147:
+    k1 = 0.693147; k2 = d^2/2 = 0.240227; k3 = e^-d - 1 + d = 0.5 - 1 + 0.693147 = 0.193147; abs = 0.693147;
+    low_var_kl = k3 here (no clamp bites). With d = -30 (logp far below ref): k3 = e^30 - 31 = 1.0686e13, while
+    low_var_kl clamps -d to 20 and then e^20 - 21 = 4.85e8 to 10. corrected_k3 is k3 (no generating policy)."""
+    from trinity_dpo.objective.losses import kl_penalty
+
+    logp, ref = torch.tensor([math.log(0.5), -30.0]), torch.tensor([math.log(0.25), 0.0])
+    d = math.log(2)
+    expected = {"k1": [d, -30.0], "k2": [d * d / 2, 450.0], "k3": [0.5 - 1 + d, math.exp(30) - 31],
+                "abs": [d, 30.0], "low_var_kl": [0.5 - 1 + d, 10.0], "corrected_k3": [0.5 - 1 + d, math.exp(30) - 31]}
+    for name, want in expected.items():
+        got = kl_penalty(name, logp.double(), ref.double())
+        assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12), name
+    with pytest.raises(ValueError):
+        kl_penalty("k4", logp, ref)

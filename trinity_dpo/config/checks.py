@@ -83,14 +83,9 @@ _ACTOR_MICRO = "trainer.trainer_config.actor_rollout_ref.actor.ppo_micro_batch_s
 def _refuse_unsupported(cfg: Config) -> None:
     """Trinity and verl settings that would change training but that this tool does not do: one line each."""
     algo, verl_model = cfg.algorithm, cfg.trainer.trainer_config.actor_rollout_ref.model
-    coef, kl_fn = algo.kl_loss_fn_args.kl_coef, algo.kl_loss_fn
-    _check(coef in (None, 0) and (coef == 0 or kl_fn in (None, "none")),
-           f"algorithm.kl_loss_fn{'_args.kl_coef' if coef else ''}: Trinity 0.2+ adds kl_coef (default 0.001) x a "
-           f"per-token KL ({kl_fn or 'k2'}) to the DPO loss, which this tool does not compute; set "
-           "algorithm.kl_loss_fn_args.kl_coef: 0 to train DPO alone (its beta is policy_loss_fn_args.beta)")
-    entropy = algo.entropy_loss_fn_args.entropy_coef
-    _check(not entropy, f"algorithm.entropy_loss_fn_args.entropy_coef: {entropy} adds an entropy term to the loss, "
-           "which this tool does not compute; set it to 0")
+    _check(algo.kl_loss_fn == "none" or algo.policy_loss_fn == "dpo",
+           f"algorithm.kl_loss_fn: {algo.kl_loss_fn} is a KL term against the reference, and {algo.policy_loss_fn} has "
+           "no reference; remove it (or set algorithm.kl_loss_fn_args.kl_coef: 0)")
     fmt = cfg.buffer.trainer_input.experience_buffer.format
     sft = algo.algorithm_type == "sft"
     _check(sft or not fmt.enable_concatenated_multi_turn, "format.enable_concatenated_multi_turn applies to SFT rows "

@@ -240,6 +240,7 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
 
     A command-line override of any spelling replaces what the files say under the other spellings.
     """
+    dated = sorted(k for k in provided if k.startswith(_TRINITY_02_KEYS))  # as written, before folding adds any
     for section in ("algorithm.optimizer", "trainer.trainer_config.actor_rollout_ref.actor.optim"):
         _fold_betas(cfg, section, provided)
     for canonical, tiers in ALIASES:
@@ -273,6 +274,7 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
     fmt = cfg.buffer.trainer_input.experience_buffer.format
     if fmt.enable_thinking is None:
         fmt.enable_thinking = cfg.model.enable_thinking
+    _fold_regularizers(cfg, dated)
     args = algo.policy_loss_fn_args
     if isinstance(args.loss_type, str):
         args.loss_type = [args.loss_type]
@@ -318,6 +320,45 @@ def _fold_lora(cfg: Config, provided: set[str]) -> None:
             setattr(lora, name, getattr(entries[0], trinity_key))  # Trinity's defaults, as Trinity reads an entry
     if lora.alpha is None:
         lora.alpha = 32.0 if entries else 16.0 if verl_model.lora_rank else 32.0
+
+
+# Keys that only Trinity 0.2+ configs have: their presence dates a config (older ones gave DPO's beta as the trainer
+# file's kl_loss_coef and had no KL term).
+_TRINITY_02_KEYS = ("algorithm.policy_loss_fn", "algorithm.kl_loss_fn", "algorithm.entropy_loss_fn")
+
+
+def _fold_regularizers(cfg: Config, dated: list[str]) -> None:
+    """The KL and entropy terms as the config's Trinity version would add them, into `kl_loss_fn` (a name or
+    'none'), `kl_loss_fn_args.kl_coef` and `entropy_loss_fn_args.entropy_coef` (numbers), with the reason logged.
+
+    Trinity 0.2+ adds kl_coef x KL to DPO with `kl_loss_fn` k2 and kl_coef 0.001 when unset, and its config check
+    turns `none` into k2; a config without 0.2+ keys (`dated`: those it has) is older, and no version before had a
+    KL term."""
+    algo = cfg.algorithm
+    kl_args, entropy_args = algo.kl_loss_fn_args, algo.entropy_loss_fn_args
+    if algo.algorithm_type == "dpo" and algo.policy_loss_fn == "dpo" and dated:
+        if algo.kl_loss_fn in (None, "none"):
+            log.info("algorithm.kl_loss_fn: %s -> k2: Trinity 0.2+ trains DPO with a KL term (its config check "
+                     "replaces an unset or 'none' one by k2); algorithm.kl_loss_fn_args.kl_coef: 0 turns it off",
+                     algo.kl_loss_fn or "unset")
+            algo.kl_loss_fn = "k2"
+        if kl_args.kl_coef is None:
+            kl_args.kl_coef = 0.001
+    elif algo.kl_loss_fn in (None, "none") or kl_args.kl_coef == 0:
+        algo.kl_loss_fn = "none"
+    elif kl_args.kl_coef is None:
+        kl_args.kl_coef = 0.001
+    if kl_args.kl_coef == 0:
+        algo.kl_loss_fn = "none"
+    kl_args.kl_coef = kl_args.kl_coef or 0.0
+    if algo.entropy_loss_fn == "none" or entropy_args.entropy_coef is None:
+        entropy_args.entropy_coef = 0.0
+    if algo.kl_loss_fn != "none" or entropy_args.entropy_coef:
+        log.info("loss terms besides %s: %s%s (%s over the step's response tokens; Trinity 0.2+ spellings: %s)",
+                 algo.policy_loss_fn,
+                 f"+ {kl_args.kl_coef:g} x KL ({algo.kl_loss_fn}) " if algo.kl_loss_fn != "none" else "",
+                 f"- {entropy_args.entropy_coef:g} x entropy" if entropy_args.entropy_coef else "",
+                 algo.loss_agg_mode, ", ".join(dated) or "none")
 
 
 def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:

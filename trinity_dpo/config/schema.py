@@ -40,16 +40,16 @@ class LossArgs:
 class KlLossArgs:
     """`algorithm.kl_loss_fn_args`: Trinity 0.2+ adds kl_coef x a per-token KL to the DPO loss (not DPO's beta)."""
 
-    kl_coef: Optional[float] = None  # weight of that extra KL term; only 0 is accepted (this tool does not add it)
+    kl_coef: Optional[float] = None  # weight of that KL term; unset: 0.001 where the term is on (Trinity's default)
 
-    IGNORED: ClassVar[tuple[str, ...]] = ("adaptive", "target_kl", "horizon")
+    IGNORED: ClassVar[tuple[str, ...]] = ("adaptive", "target_kl", "horizon")  # Trinity adapts only a reward penalty
 
 
 @dataclass
 class EntropyLossArgs:
     """`algorithm.entropy_loss_fn_args`."""
 
-    entropy_coef: Optional[float] = None  # Trinity subtracts entropy_coef x entropy; only 0 is accepted
+    entropy_coef: Optional[float] = None  # the loss subtracts entropy_coef x the responses' aggregated entropy; unset: 0
 
 
 @dataclass
@@ -58,13 +58,13 @@ class AlgorithmConfig:
 
     algorithm_type: Literal["dpo", "sft"] = "dpo"  # offline DPO (preference pairs) or SFT (conversations)
     policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo", "sft"] = "dpo"  # the objective; sft with algorithm_type sft
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # SFT's NLL
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # SFT's NLL, KL, entropy
     use_token_level_loss: Optional[bool] = None  # older Trinity spelling: true is token-mean, false seq-mean-token-mean
     policy_loss_fn_args: LossArgs = field(default_factory=LossArgs)  # loss hyper-parameters
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW and schedule
-    kl_loss_fn: Optional[str] = None  # Trinity's extra KL term (k1, k2, k3, low_var_kl, none); see kl_loss_fn_args
+    kl_loss_fn: Optional[Literal["none", "k1", "k2", "k3", "low_var_kl", "abs", "corrected_k3"]] = None  # KL term; unset: by the config's Trinity version
     kl_loss_fn_args: KlLossArgs = field(default_factory=KlLossArgs)  # its weight
-    entropy_loss_fn: Optional[str] = None  # Trinity's entropy term; see entropy_loss_fn_args
+    entropy_loss_fn: Optional[Literal["default", "none"]] = None  # Trinity's entropy term; its weight below
     entropy_loss_fn_args: EntropyLossArgs = field(default_factory=EntropyLossArgs)  # its weight
 
     IGNORED: ClassVar[tuple[str, ...]] = (

@@ -33,15 +33,20 @@ METHOD = "trinity_sequence_logps"
 HEAD_EXTRAS = ("entropy", "log_sum_sq_probs", "mean_logits", "top1")
 # Per-sequence statistics (`objectives.STATS` documents each) and the head extras they sum.
 _SOFTMAX_EXTRAS = ("entropy", "log_sum_sq_probs")  # the extras that read the softmax too
-_EXTRA_STATS = {"entropy": "entropy", "mean_logits": "mean_logits", "top1": "top1", "wpo": "log_sum_sq_probs"}
+_EXTRA_STATS = {"entropy": "entropy", "entropy_grad": "entropy", "mean_logits": "mean_logits", "top1": "top1",
+                "wpo": "log_sum_sq_probs"}
 
 
 def sequence_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager,
-                   wanted: tuple[str, ...] = ("logps",), uniform_grad: bool = False) -> dict[str, torch.Tensor]:
+                   wanted: tuple[str, ...] = ("logps",), uniform_grad: bool = False,
+                   token_ref: torch.Tensor | None = None, kl=None) -> dict[str, torch.Tensor]:
     """The per-sequence statistics `wanted` (names of `objectives.STATS`) of micro-batch `mb`, fp32 [mb.n_seqs]
-    each, on the model's device, from one forward; token counts need none. Only `logps`, `logps_shared` and
-    `prompt_logps` carry gradients. `uniform_grad`: the loss will give every response token's log-prob the same
-    gradient (`objectives.Objective.uniform_grad`), so the LM head's backward can be done in its forward."""
+    each, on the model's device, from one forward; token counts need none. `logps`, `logps_shared`,
+    `prompt_logps`, `kl` and `entropy_grad` carry gradients. `kl` sums `kl(logp, ref)` over each sequence's
+    response tokens, `token_ref` [N] being the reference's log-prob of each (in `mb.target_ids` order).
+    `token_logps` is per token, [N], not per sequence (what the reference pass keeps for a KL term).
+    `uniform_grad`: the loss will give every response token's log-prob the same gradient
+    (`objectives.Objective.uniform_grad`), so the LM head's backward can be done in its forward."""
     device = mb.input_ids.device
     out = {}
     if "tokens" in wanted:
@@ -52,16 +57,21 @@ def sequence_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMa
     if not computed:
         return out
     bound = getattr(model, METHOD, None)
-    token, prompt = (bound or types.MethodType(_token_stats, model))(mb, autocast, tuple(computed), uniform_grad)
+    token, prompt = (bound or types.MethodType(_token_stats, model))(mb, autocast, tuple(computed),
+                                                                   uniform_grad and "entropy_grad" not in wanted)
     segment = lambda values: _segment_sum(values, mb.target_seq, mb.n_seqs)  # noqa: E731
     if "logps" in wanted:
         out["logps"] = segment(token["logps"])
+    if "token_logps" in wanted:
+        out["token_logps"] = token["logps"]
+    if "kl" in wanted:
+        out["kl"] = segment(kl(token["logps"], token_ref.to(device)))
     if "logps_shared" in wanted:
         out["logps_shared"] = segment(token["logps"] * _shared_mask(mb))
     for stat, extra in _EXTRA_STATS.items():
         if stat in wanted:
             values = token["logps"].detach() - token[extra] if stat == "wpo" else token[extra]
-            out[stat] = segment(values)
+            out[stat] = segment(values if stat == "entropy_grad" else values.detach())
     if "prompt_logps" in wanted:
         out["prompt_logps"] = _segment_sum(prompt, mb.prompt_seq, mb.n_seqs)
     return out
@@ -99,9 +109,10 @@ def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMana
     with_prompt = "prompt_logps" in wanted
     if with_prompt:
         positions, labels = torch.cat([positions, mb.prompt_pos]), torch.cat([labels, mb.prompt_target_ids])
-    extras = tuple(e for s, e in _EXTRA_STATS.items() if s in wanted)
+    extras = tuple(dict.fromkeys(e for s, e in _EXTRA_STATS.items() if s in wanted))
     logps, extra = head_logprobs(hidden.index_select(0, positions), model.get_output_embeddings(), labels,
-                                 _logit_transform(model.config), extras, uniform_grad and not with_prompt)
+                                 _logit_transform(model.config), extras, uniform_grad and not with_prompt,
+                                 entropy_grad="entropy_grad" in wanted)
     n = mb.target_ids.numel()
     token = {"logps": logps[:n], **{k: v[:n] for k, v in extra.items()}}
     return token, (logps[n:] if with_prompt else None)
@@ -139,10 +150,11 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
 
 
 def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, transform=None,
-                  extras: tuple[str, ...] = (), uniform_grad: bool = False
+                  extras: tuple[str, ...] = (), uniform_grad: bool = False, entropy_grad: bool = False
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`token_logprobs` and the `HEAD_EXTRAS` named in `extras`, fp32 [N] each, the latter without gradient.
-    `uniform_grad`: the rows' log-probs are expected to get one and the same gradient (see `_HeadLogprobs`)."""
+    """`token_logprobs` and the `HEAD_EXTRAS` named in `extras`, fp32 [N] each, the latter without gradient but
+    the entropy with `entropy_grad` (an entropy term in the loss). `uniform_grad`: the rows' log-probs are expected
+    to get one and the same gradient (see `_HeadLogprobs`)."""
     weight, bias = head.weight, getattr(head, "bias", None)
     budget = _CHUNK_ELEMENTS_GPU if hidden.is_cuda else _CHUNK_ELEMENTS
     chunk = max(_MIN_ROWS, budget // weight.shape[0])
@@ -150,7 +162,8 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
     # A frozen head (LoRA) needs only d hidden, which scales row by row: done ahead whatever the loss.
     frozen = not (wants[1] or wants[2])
     ahead = wants if (uniform_grad or frozen) and transform is None and torch.is_grad_enabled() and any(wants) else None
-    logps, table = _HeadLogprobs.apply(hidden, weight, bias, labels, transform, chunk, extras, ahead)
+    ahead = None if entropy_grad else ahead  # the entropy's gradient is not row-uniform: backward rebuilds
+    logps, table = _HeadLogprobs.apply(hidden, weight, bias, labels, transform, chunk, extras, ahead, entropy_grad)
     return logps, {name: table[:, i] for i, name in enumerate(extras)}
 
 
@@ -171,7 +184,7 @@ class _HeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, transform, chunk, extras, ahead):
+    def forward(ctx, hidden, weight, bias, labels, transform, chunk, extras, ahead, entropy_grad=False):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         unit = _HeadGrads(hidden, weight, bias, ahead) if ahead else None
         lse = torch.empty_like(out)
@@ -188,22 +201,30 @@ class _HeadLogprobs(torch.autograd.Function):
             if unit is not None:  # e -> the logits' gradient for a unit gradient on each row: onehot - e / sum e
                 unit.add(s, e.mul_(total.reciprocal().neg_()).scatter_add_(1, labels[rows, None],
                                                                              torch.ones_like(total)))
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.transform, ctx.chunk, ctx.unit = transform, chunk, unit
-        ctx.mark_non_differentiable(table)
+        entropy = table[:, extras.index("entropy")].clone() if entropy_grad else None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.transform, ctx.chunk, ctx.unit, ctx.entropy_col = transform, chunk, unit, \
+            extras.index("entropy") if entropy_grad else None
+        if not entropy_grad:
+            ctx.mark_non_differentiable(table)
+        ctx.set_materialize_grads(False)
         return out, table
 
     @staticmethod
-    def backward(ctx, grad, _):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+    def backward(ctx, grad, grad_table):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        grad = torch.zeros_like(lse) if grad is None else grad
+        g_h = None if grad_table is None or ctx.entropy_col is None else grad_table[:, ctx.entropy_col]
         if ctx.unit is not None and (ctx.unit.rowwise or grad.numel() and bool((grad == grad[0]).all())):
-            return (*ctx.unit.result(grad), *(None,) * 5)
+            return (*ctx.unit.result(grad), *(None,) * 6)
         grads, n = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3]), ctx.chunk
         buffer = _logits_buffer(hidden, weight, n)
         for s in range(0, hidden.shape[0], n):
-            grads.add(s, _logits_grad(grads.rows(s, n), grads.w, bias, labels[s:s + n, None], grad[s:s + n, None],
-                                      lse[s:s + n, None], ctx.transform, buffer))
-        return (*grads.result(), *(None,) * 5)
+            rows = slice(s, s + n)
+            h_term = None if g_h is None else (g_h[rows, None], entropy[rows, None])
+            grads.add(s, _logits_grad(grads.rows(s, n), grads.w, bias, labels[rows, None], grad[rows, None],
+                                      lse[rows, None], ctx.transform, buffer, h_term))
+        return (*grads.result(), *(None,) * 6)
 
 
 class _HeadGrads:
@@ -304,21 +325,26 @@ def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor, bias=None) -> torch.Tensor:
     return out if bias is None else out + bias.float()
 
 
-def _logits_grad(h, w, bias, labels, g, lse, transform, buffer=None):
-    """g * d log softmax(t)[label] / d z for one chunk: z = h w^T + b, t = transform(z); all [n, V] but labels, g,
-    lse [n, 1]."""
+def _logits_grad(h, w, bias, labels, g, lse, transform, buffer=None, h_term=None):
+    """g * d log softmax(t)[label] / d z (+ g_H * d H / d z with `h_term` = (g_H, H), the entropy H of softmax(t))
+    for one chunk: z = h w^T + b, t = transform(z); all [n, V] but labels, g, lse, g_H, H [n, 1]."""
     z = _chunk_logits(h, w, bias, buffer)
     if transform is None:
-        return _softmax_grad(z, labels, g, lse)
+        return _softmax_grad(z, labels, g, lse, h_term)
     with torch.enable_grad():
         z.requires_grad_(True)
         t = transform(z)
-    return torch.autograd.grad(t, z, _softmax_grad(t.detach().clone(), labels, g, lse))[0]
+    return torch.autograd.grad(t, z, _softmax_grad(t.detach().clone(), labels, g, lse, h_term))[0]
 
 
-def _softmax_grad(t, labels, g, lse):
-    """In place: logits t -> g * (onehot(labels) - softmax(t)), where lse = logsumexp(t) from the forward."""
-    return t.sub_(lse).exp_().mul_(-g).scatter_add_(1, labels, g)
+def _softmax_grad(t, labels, g, lse, h_term=None):
+    """In place: logits t -> g * (onehot(labels) - p), p = softmax(t), lse = logsumexp(t) from the forward. With
+    `h_term` = (g_H, H) also + g_H * dH/dt = -g_H * p * (log p + H), for H = -sum_v p_v log p_v."""
+    if h_term is None:
+        return t.sub_(lse).exp_().mul_(-g).scatter_add_(1, labels, g)
+    g_h, entropy = h_term
+    p = t.sub_(lse).exp()  # t now holds log p
+    return t.add_(entropy).mul_(-g_h).sub_(g).mul_(p).scatter_add_(1, labels, g)
 
 
 def _logit_transform(config):

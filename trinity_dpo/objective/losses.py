@@ -139,3 +139,26 @@ def orpo_log_odds(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor) -> tor
     """ORPO's log odds ratio [n] of the responses' per-token mean log-probs: log(p_c / (1 - p_c)) - log(p_r / (1 -
     p_r))."""
     return (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+
+
+KL_PENALTIES = ("k1", "k2", "k3", "low_var_kl", "abs", "corrected_k3")
+
+
+def kl_penalty(name: str, logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Trinity's per-token KL estimators of the policy from the reference, elementwise on log-probs [N]; with
+    d = logp - ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (unbiased and >= 0), low_var_kl = k3 with -d clamped
+    to [-20, 20] and the result to [-10, 10], abs = |d|. `corrected_k3` weighs k3 by the policy's ratio to the
+    policy that generated the data, which offline training does not have: Trinity then falls back to k3."""
+    d = logp - ref
+    if name == "k1":
+        return d
+    if name == "k2":
+        return 0.5 * d.square()
+    if name in ("k3", "corrected_k3"):
+        return (-d).exp() - 1 + d  # exp then subtract, as Trinity: expm1 would round differently
+    if name == "low_var_kl":
+        x = torch.clamp(-d, min=-20, max=20)
+        return torch.clamp(x.exp() - x - 1, min=-10, max=10)
+    if name == "abs":
+        return d.abs()
+    raise ValueError(f"unknown KL penalty {name!r}")
