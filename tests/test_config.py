@@ -248,7 +248,7 @@ REFUSED = [
      "gradient_checkpointing_every applies with enable_gradient_checkpointing: true"),
     (None, {"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": True, "gradient_checkpointing_every": 0}}},
      "gradient_checkpointing_every must be a positive integer, got 0"),
-    ({"stages": [{"stage_name": "sft"}]}, None, "stages: several stages in one config are not supported"),
+    ({"stages": [{"stage_name": "sft"}]}, None, "has stages: each stage is a run of its own"),  # config.stages reads it
     ({"algorithm": {"optimizer": {"optimizer_type": "sgd"}}}, None,
      "optimizer_type: 'sgd' is not supported; this tool trains with AdamW"),
     ({"trainer": {"trainer_config": "..."}, }, None,

@@ -1,6 +1,6 @@
 """The `trinity` command.
 
-    trinity run --config examples/dpo_humanlike/dpo.yaml [dotted.key=value ...]
+    trinity run --config examples/dpo_humanlike/dpo.yaml [dotted.key=value ...]   (every stage of a `stages:` config)
     trinity eval --model RUN/global_step_N [--ref BASE] (--config dpo.yaml | --data pairs.jsonl) [--generate 3]
     trinity report RUN_DIR
     trinity models
@@ -58,20 +58,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> str:
+    from .config.stages import Stage, load_stages
     from .engine import distributed
-    from .run import train
-    from .config.loader import load_config
+    from .run.stages import run_stages
     from .sources.local import localize
 
-    # Names become local folders here, once, before any worker starts: a download or a conversion happens in one
-    # process, and a missing path is one line from the command itself (the workers find them done).
-    cfg = localize(load_config(args.config, args.overrides))
-    code = distributed.launch(args.config, args.overrides, cfg)  # several processes: torchrun runs this again
+    # Every stage's config is built and checked before anything runs. Names become local folders here, once, before
+    # any worker starts: a download or a conversion happens in one process, and a missing path is one line from the
+    # command itself (the workers find them done).
+    stages = [Stage(s.name, localize(s.cfg)) for s in load_stages(args.config, args.overrides)]
+    # Several processes: torchrun runs this command again in each worker, which runs every stage; this one waits.
+    code = distributed.launch(args.config, args.overrides, stages[0].cfg)
     if code is not None:  # worker 0 has printed the run folder
         if code:
             raise SystemExit(code)
         return ""
-    run_dir = train.run(cfg)
+    run_dir = run_stages(stages)
     return f"run folder: {run_dir}" if distributed.is_main_process() else ""
 
 

@@ -31,11 +31,13 @@ def validate(cfg: Config) -> None:
                 "cluster.gpu_per_node", "trainer.log_interval"):
         _check(get_field(cfg, key) > 0, f"{key} must be a positive integer, got {get_field(cfg, key)}")
     for key in ("trainer.total_steps", "buffer.total_steps", "model.max_model_len", "model.max_prompt_tokens",
-                "model.max_response_tokens", _ACTOR_MICRO, "trainer.max_checkpoints_to_keep"):
+                "model.max_response_tokens", _ACTOR_MICRO):
         value = get_field(cfg, key)
         _check(value is None or value > 0, f"{key} must be a positive integer, got {value}")
-    for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples", "buffer.tokenize_workers"):
-        _check(get_field(cfg, key) >= 0, f"{key} must be >= 0, got {get_field(cfg, key)}")
+    for key in ("trainer.save_interval", "trainer.eval_interval", "trainer.eval_samples", "buffer.tokenize_workers",
+                "trainer.max_checkpoints_to_keep"):  # max_checkpoints_to_keep 0: keep all, as in Trinity
+        value = get_field(cfg, key)
+        _check(value is None or value >= 0, f"{key} must be >= 0, got {value}")
     _check(cfg.trainer.eval_max_new_tokens > 0,
            f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
     fraction = cfg.buffer.trainer_input.eval_fraction
@@ -102,8 +104,36 @@ def _refuse_unsupported(cfg: Config) -> None:
            "gradient_checkpointing_every applies with enable_gradient_checkpointing: true; set that, or remove it")
     _check(not verl_model.external_lib, "actor_rollout_ref.model.external_lib: importing custom model code is not "
            "supported; use a model folder with model.trust_remote_code: true")
-    _check(not cfg.stages, "stages: several stages in one config are not supported; write one config per stage and "
-           "run them one after the other (model_path: the previous stage's last checkpoint)")
+    _refuse_parallelism(cfg)
+    _check_optimizer_overrides(cfg.algorithm.optimizer.override_optimizer_config)
+
+
+def _refuse_parallelism(cfg: Config) -> None:
+    trainer = cfg.trainer
+    _check(trainer.trainer_strategy != "megatron", "trainer.trainer_strategy (or the trainer file's actor.strategy): "
+           "megatron is not supported; this tool shards with FSDP2 (fsdp and fsdp2 both mean that here)")
+    _check(trainer.ulysses_sequence_parallel_size <= 1, "trainer.ulysses_sequence_parallel_size (or the trainer file's "
+           f"actor's): {trainer.ulysses_sequence_parallel_size}: sequence parallelism is not supported; each sequence "
+           "is computed whole on one process (set 1)")
+
+
+_OPTIMIZER_SWITCHES = ("fused", "foreach")  # torch AdamW's implementation switches: same update, other kernels
+
+
+def _check_optimizer_overrides(extra) -> None:
+    """verl hands `optim.override_optimizer_config` to the optimizer's constructor as keyword arguments; this tool
+    takes the two that choose AdamW's implementation and refuses the rest (they would change the update)."""
+    if extra is None:
+        return
+    key = "actor.optim.override_optimizer_config"
+    _check(isinstance(extra, dict), f"{key}: expected a mapping, got {extra!r}")
+    other = [k for k in extra if k not in _OPTIMIZER_SWITCHES]
+    _check(not other, f"{key}.{other[0] if other else ''}: not supported; AdamW's settings are algorithm.optimizer's, "
+           f"and only {' and '.join(_OPTIMIZER_SWITCHES)} may be given here")
+    for name, value in extra.items():
+        _check(value is None or isinstance(value, bool), f"{key}.{name}: expected true or false, got {value!r}")
+    _check(not (extra.get("fused") and extra.get("foreach")), f"{key}: fused and foreach cannot both be true (torch "
+           "AdamW runs one implementation)")
 
 
 def _validate_paths(cfg: Config) -> None:
@@ -146,6 +176,9 @@ def _check_lora(cfg: Config) -> None:
 
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+# Trinity's other monitors: mlflow's client alone pulls in some twenty packages (a web server among them), and
+# swanlab a service of its own; neither is a dependency here.
+UNSUPPORTED_MONITORS = ("mlflow", "swanlab")
 
 
 def sinks_of(cfg: Config) -> list[str]:
@@ -157,6 +190,9 @@ def sinks_of(cfg: Config) -> list[str]:
 
 
 def check_sinks(cfg: Config) -> None:
+    kind = cfg.monitor.monitor_type
+    _check(kind not in UNSUPPORTED_MONITORS, f"monitor.monitor_type: {kind} is not supported; the monitors are "
+           "tensorboard and wandb (console and metrics.jsonl are always on)")
     for sink in sinks_of(cfg):
         if importlib.util.find_spec(PACKAGES[sink]) is None:
             raise ConfigError(f"monitor '{sink}' needs the package '{PACKAGES[sink]}': pip install {PACKAGES[sink]}")

@@ -26,30 +26,41 @@ _VERL_PREFIX = "trainer.trainer_config."  # verl writes -1 or null for "derive t
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Build the validated `Config` from the Trinity YAML at `path` and dotted `key=value` overrides."""
+    """Build the validated `Config` from the Trinity YAML at `path` and dotted `key=value` overrides. A config with
+    `stages:` is several runs: `config.stages.load_stages` reads it."""
+    path, raw = read_raw(path)
+    if raw.pop("stages", None):
+        raise ConfigError(f"{path} has stages: each stage is a run of its own; give a config without stages")
+    return build_config(raw, path, [parse_override(o) for o in overrides])
+
+
+def read_raw(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The YAML mapping at `path`, nothing resolved yet."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = _read_yaml(path)
-    pairs = [_parse_override(o) for o in overrides]
-    trainer = raw.setdefault("trainer", {}) or {}
+    return path, _read_yaml(path)
+
+
+def build_config(raw: dict, path: Path, pairs: list[tuple[str, Any]]) -> Config:
+    """The validated `Config` of the mapping `raw` (read from `path`) with the overrides `pairs` applied: the
+    trainer file merged in, `${...}` resolved, every spelling folded."""
+    merged = OmegaConf.create(raw)
+    for key, value in pairs:
+        OmegaConf.update(merged, key, value, merge=True, force_add=True)
+    data = _to_plain(merged, path)
+    trainer = data.setdefault("trainer", {}) or {}
     if not isinstance(trainer, dict):
         raise ConfigError(f"{path}: 'trainer' must be a mapping, got {type(trainer).__name__}")
-    raw["trainer"] = trainer
-    file_path = dict(pairs).get("trainer.trainer_config_path", trainer.get("trainer_config_path"))
-    if file_path:
-        file_path = _resolve_scalar(file_path, "trainer.trainer_config_path")
-        verl_path = _find_trainer_file(str(file_path), path)
+    data["trainer"] = trainer
+    if trainer.get("trainer_config_path"):
+        verl_path = _find_trainer_file(str(trainer["trainer_config_path"]), path)
         # The trainer file's own `${trainer.project_name}`-style references point into that file: resolve it alone.
         verl = _to_plain(OmegaConf.create(_read_yaml(verl_path)), verl_path)
         inline = trainer.get("trainer_config") or {}
         if not isinstance(inline, dict):
             _refuse_non_mapping(inline, "trainer.trainer_config")
         trainer["trainer_config"] = OmegaConf.to_container(OmegaConf.merge(verl, inline))
-    merged = OmegaConf.create(raw)
-    for key, value in pairs:
-        OmegaConf.update(merged, key, value, merge=True, force_add=True)
-    data = _to_plain(merged, path)
     provided: set[str] = set()
     ignored: list[str] = []
     cfg = _build(Config, data, "", provided, ignored)
@@ -61,6 +72,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         parts = ([f"config: {', '.join(main)}"] if main else []) + ([f"trainer config: {', '.join(verl)}"] if verl else [])
         log.info("ignored, not used by offline %s: %s", cfg.algorithm.algorithm_type.upper(), "; ".join(parts))
     resolve(cfg, provided, {key for key, _ in pairs})
+    _read_chat_template(cfg, path)
     validate(cfg)
     return cfg
 
@@ -96,7 +108,7 @@ def _find_trainer_file(name: str, config_path: Path) -> Path:
                       f"and beside {config_path})")
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key or key != key.strip():
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
@@ -104,13 +116,6 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key, yaml.safe_load(value) if value else ""
     except yaml.YAMLError:
         return key, value
-
-
-def _resolve_scalar(value: Any, key: str) -> Any:
-    try:
-        return OmegaConf.create({"v": value}).v
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{key}: cannot resolve {one_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- typed filling
@@ -361,6 +366,20 @@ def _fold_regularizers(cfg: Config, dated: list[str]) -> None:
                  algo.loss_agg_mode, ", ".join(dated) or "none")
 
 
+def _read_chat_template(cfg: Config, config_path: Path) -> None:
+    """`model.chat_template_path`: the file's text becomes the chat template unless one is given inline, as
+    Trinity's model check reads it (relative paths: the working directory, else beside the config)."""
+    name = cfg.model.chat_template_path
+    if not name or cfg.model.custom_chat_template is not None:
+        return
+    found = next((p for p in (Path(name), config_path.parent / name) if p.is_file()), Path(name))
+    try:
+        cfg.model.custom_chat_template = found.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(f"model.chat_template_path: cannot read {name}: {reason}") from None
+
+
 def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
     opt = get_field(cfg, section)
     if opt.beta1 is None and opt.beta2 is None:
@@ -375,8 +394,10 @@ def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
 def config_for_eval(config: str | None, data: str | None, ref: str | None, overrides: list[str]) -> Config:
     """The config `trinity eval` runs with: the given file's, or defaults reading `data`; `ref` names the base."""
     model = [f"model.model_path={ref}"] if ref else []
-    if config:
-        return load_config(config, [*overrides, *model])
+    if config:  # a config with stages: the last stage's data, whose result is what is usually evaluated
+        from .stages import load_stages
+
+        return load_stages(config, [*overrides, *model])[-1].cfg
     if not ref:
         raise ConfigError("trinity eval --data needs --ref BASE: the model the checkpoint is compared with")
     if overrides:

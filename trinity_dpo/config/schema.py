@@ -10,7 +10,7 @@ Sections and keys that verl or Trinity accept but that do not apply to offline D
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from .verl import OptimizerConfig, VerlConfig  # noqa: F401  (part of the schema)
 
@@ -110,6 +110,7 @@ class ModelConfig:
 
     model_path: str = ""  # local Hugging Face model folder (required)
     custom_chat_template: Optional[str] = None  # Jinja chat template that replaces the tokenizer's
+    chat_template_path: Optional[str] = None  # a Jinja file read as custom_chat_template when that is not given
     max_prompt_tokens: Optional[int] = None  # longer prompts keep their end; None: no cut (Trinity's DPO reader)
     max_response_tokens: Optional[int] = None  # longer responses are cut at their end; None: no cut
     max_model_len: Optional[int] = None  # cap on prompt + response tokens; the response is cut to fit
@@ -120,7 +121,7 @@ class ModelConfig:
 
     IGNORED: ClassVar[tuple[str, ...]] = ("critic_model_path", "min_response_tokens", "temperature", "top_p", "top_k",
                                           "logprobs", "enable_prompt_truncation",
-                                          "repetition_penalty", "chat_template_path", "fully_sharded_loras",
+                                          "repetition_penalty", "fully_sharded_loras",
                                           "max_cpu_loras", "tinker")
 
 
@@ -156,6 +157,7 @@ class FormatConfig:
     image_key: Optional[str] = None  # multimodal rows: not supported (refused)
     video_key: Optional[str] = None  # multimodal rows: not supported (refused)
 
+    # reply_prefix: Trinity's explorer workflows put it before generation; its SFT/DPO formatters never read it.
     IGNORED: ClassVar[tuple[str, ...]] = ("reward_fn_key", "workflow_key", "reply_prefix")
 
 
@@ -220,7 +222,10 @@ class TrainerConfig:
     actor_grad_clip: Optional[float] = None  # older Trinity spelling of grad_clip (wins over the trainer file's)
     resume_mode: Literal["auto", "disable", "resume_path"] = "auto"  # auto: continue from the newest checkpoint
     resume_from_path: Optional[str] = None  # resume from this checkpoint folder (global_step_<N>)
-    max_checkpoints_to_keep: Optional[int] = None  # keep the newest N checkpoints (never the one resumed from)
+    max_checkpoints_to_keep: Optional[int] = None  # keep the newest N checkpoints (never the one resumed from); 0: all
+    save_hf_checkpoint: Literal["always", "last", "never"] = "always"  # which checkpoints hold the Hugging Face
+    # weights: every one, the run's last (at its final step or when stopped; Trinity's default), or none (resuming
+    # reads trainer_state/ alone)
     max_actor_ckpt_to_keep: Optional[int] = None  # Trinity spelling of max_checkpoints_to_keep
     max_consecutive_skips: int = 5  # abort after this many optimizer steps in a row with a non-finite loss or norm
     seed: int = 42  # seeds shuffling and any random init
@@ -234,10 +239,11 @@ class TrainerConfig:
     use_dynamic_bsz: Optional[bool] = None  # Trinity spelling of the actor's use_dynamic_bsz
     ppo_max_token_len_per_gpu: Optional[int] = None  # Trinity spelling of the actor's token budget
     max_token_len_per_gpu: Optional[int] = None  # newer Trinity spelling of the same budget
+    ulysses_sequence_parallel_size: int = 1  # Ulysses sequence parallelism: only 1 (a sequence stays on one process)
+    trainer_strategy: Literal["fsdp", "fsdp2", "megatron"] = "fsdp2"  # fsdp and fsdp2 are FSDP2 here; megatron refused
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "sft_warmup_steps", "enable_preview", "max_critic_ckpt_to_keep", "save_strategy", "name",
-        "ulysses_sequence_parallel_size", "algorithm_type", "trainer_strategy", "save_hf_checkpoint",
+        "sft_warmup_steps", "enable_preview", "max_critic_ckpt_to_keep", "save_strategy", "name", "algorithm_type",
         "fix_actor_microbatch_loss_scale",
     )
 
@@ -246,7 +252,8 @@ class TrainerConfig:
 class MonitorConfig:
     """`monitor` (Trinity); verl's `trainer.logger` list adds to it."""
 
-    monitor_type: Optional[Literal["console", "tensorboard", "wandb"]] = None  # an extra metrics sink
+    monitor_type: Optional[Literal["console", "tensorboard", "wandb", "mlflow", "swanlab"]] = None  # an extra
+    # metrics sink; mlflow and swanlab (Trinity's other two) are refused
 
     IGNORED: ClassVar[tuple[str, ...]] = ("monitor_args", "enable_ray_timeline", "project", "name")
 
@@ -266,7 +273,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, checkpoints, verl settings
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # where metrics go besides metrics.jsonl
     continue_from_checkpoint: Optional[bool] = None  # Trinity's switch: false is trainer.resume_mode: disable
-    stages: Any = None  # Trinity's multi-stage runs: not supported (refused); run each stage's config
+    # `stages:` (several runs in one config) is read by config/stages.py, never into one Config.
 
     IGNORED: ClassVar[tuple[str, ...]] = ("explorer", "synchronizer", "data_processor", "service", "log",
                                           "ray_namespace", "group")
@@ -277,7 +284,7 @@ class Config:
 _VERL = "trainer.trainer_config."
 _ACTOR = _VERL + "actor_rollout_ref.actor."
 _OPTIM_KEYS = ("lr", "lr_warmup_steps", "lr_warmup_steps_ratio", "min_lr_ratio", "num_cycles", "betas", "eps",
-               "weight_decay")
+               "weight_decay", "override_optimizer_config")
 ALIASES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("buffer.train_batch_size", (("buffer.train_batch_size", "buffer.batch_size"),)),
     ("algorithm.policy_loss_fn_args.gamma", (("algorithm.policy_loss_fn_args.gamma",
@@ -290,9 +297,13 @@ ALIASES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     # grad_clip and fall back to trainer.grad_clip.
     ("trainer.grad_clip", (("trainer.actor_grad_clip",), (_ACTOR + "grad_clip",),
                            ("trainer.grad_clip", "algorithm.optimizer.clip_grad"))),
-    (_ACTOR + "use_dynamic_bsz", ((_ACTOR + "use_dynamic_bsz", "trainer.use_dynamic_bsz"),)),
-    (_ACTOR + "ppo_max_token_len_per_gpu", ((_ACTOR + "ppo_max_token_len_per_gpu", "trainer.ppo_max_token_len_per_gpu",
-                                             "trainer.max_token_len_per_gpu"),)),
+    # Trinity copies these trainer-level settings onto the actor only where the trainer file leaves them unset.
+    (_ACTOR + "use_dynamic_bsz", ((_ACTOR + "use_dynamic_bsz",), ("trainer.use_dynamic_bsz",))),
+    (_ACTOR + "ppo_max_token_len_per_gpu", ((_ACTOR + "ppo_max_token_len_per_gpu",),
+                                            ("trainer.max_token_len_per_gpu", "trainer.ppo_max_token_len_per_gpu"))),
+    ("trainer.ulysses_sequence_parallel_size", ((_ACTOR + "ulysses_sequence_parallel_size",),
+                                                ("trainer.ulysses_sequence_parallel_size",))),
+    ("trainer.trainer_strategy", ((_ACTOR + "strategy",), ("trainer.trainer_strategy",))),
     ("trainer.resume_mode", (("trainer.resume_mode", _VERL + "trainer.resume_mode"),)),
     ("trainer.resume_from_path", (("trainer.resume_from_path", _VERL + "trainer.resume_from_path"),)),
     ("trainer.max_checkpoints_to_keep", (("trainer.max_checkpoints_to_keep", "trainer.max_actor_ckpt_to_keep",

@@ -31,6 +31,7 @@ class OptimizerConfig:
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     total_training_steps: Optional[int] = None  # not applied: Trinity 0.3+ overwrites it with trainer.total_steps
+    override_optimizer_config: Any = None  # verl's extra AdamW arguments: fused and foreach are honoured, nothing else
 
     IGNORED: ClassVar[tuple[str, ...]] = ("lr_warmup_init", "lr_decay_steps", "lr_decay_style", "min_lr")
 
@@ -89,11 +90,13 @@ class VerlActor:
     use_kl_loss: Optional[bool] = None  # verl flag that goes with kl_loss_coef
     kl_loss_coef: Optional[float] = None  # verl spelling of the DPO beta
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)  # verl spelling of algorithm.optimizer
+    ulysses_sequence_parallel_size: Optional[int] = None  # verl spelling of trainer.ulysses_sequence_parallel_size
+    strategy: Optional[Literal["fsdp", "fsdp2", "megatron"]] = None  # verl spelling of trainer.trainer_strategy
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "strategy", "ppo_mini_batch_size", "ppo_micro_batch_size", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
+        "ppo_mini_batch_size", "ppo_micro_batch_size", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
         "clip_ratio_c", "entropy_coeff", "loss_agg_mode",
-        "kl_loss_type", "ppo_epochs", "shuffle", "ulysses_sequence_parallel_size", "checkpoint", "fsdp_config",
+        "kl_loss_type", "ppo_epochs", "shuffle", "checkpoint", "fsdp_config",
         "use_torch_compile", "entropy_from_logits_with_chunking", "entropy_checkpointing", "policy_loss",
         "data_loader_seed", "profiler", "tau", "opmd_baseline", "use_uid", "alg_type",
     )

@@ -189,22 +189,45 @@ def setup(cfg: Config, device: torch.device) -> Dist:
     from torch.distributed.device_mesh import init_device_mesh
 
     timeout = datetime.timedelta(seconds=cfg.trainer.trainer_config.actor_rollout_ref.nccl_timeout)
-    # A process that dies takes the others down through the launcher; one that hangs, through this timeout.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    if not dist.is_initialized():  # else a later run of this process (`kept_group`): the first run's group serves
+        # A process that dies takes the others down through the launcher; one that hangs, through this timeout.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
     if rank != 0:
         logging.getLogger().setLevel(logging.ERROR)  # rank 0 reports for all; the others' failures raise
     return Dist(rank=rank, world=world, device=device, mesh=init_device_mesh(device.type, (world,)))
 
 
 def teardown(d: Dist) -> None:
-    """Leave the process group together, the sharded model freed first. The last collective is a barrier, which
-    holds no tensor: a gloo thread dropping a Python-owned tensor after Python began shutting down aborts the
-    process (seen as SIGABRT/SIGSEGV at exit after an all-reduce)."""
-    if d.world > 1 and dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group together, the sharded model freed first (not yet inside `kept_group`). The last
+    collective is a barrier, which holds no tensor: a gloo thread dropping a Python-owned tensor after Python began
+    shutting down aborts the process (seen as SIGABRT/SIGSEGV at exit after an all-reduce)."""
+    if d.world > 1 and dist.is_initialized() and not _keeping:
+        _leave()
+
+
+def _leave() -> None:
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+_keeping = False
+
+
+@contextlib.contextmanager
+def kept_group():
+    """Several runs in one process (`stages:`) share the process group the first one joins, left after the last:
+    joining again after leaving would meet the launcher's rendezvous keys of the first group. A run that fails
+    leaves at once, as one run does (the launcher stops the others)."""
+    global _keeping
+    _keeping = True
+    try:
+        yield
+    finally:
+        _keeping = False
+    if dist.is_initialized():
+        _leave()
 
 
 def shard(model: torch.nn.Module, d: Dist, bf16: bool) -> None:

@@ -15,8 +15,12 @@ def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # The fused kernel updates each parameter in one pass: no parameter-sized temporaries, a third of the time.
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=True)
+    # The fused kernel updates each parameter in one pass: no parameter-sized temporaries, a third of the time. verl's
+    # override_optimizer_config may choose another implementation (checked: only fused and foreach).
+    switches = opt.override_optimizer_config or {}
+    fused = switches.get("fused", None if switches.get("foreach") else True)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=fused,
+                             foreach=switches.get("foreach"))
 
 
 def warmup_steps(opt: OptimizerConfig, total_steps: int) -> int:

@@ -36,15 +36,17 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, step: int, model, tokenizer, save_dtype: torch.dtype, optimizer, state: dict,
-         d: Dist, merge: bool = False) -> Path:
+         d: Dist, merge: bool = False, hf: bool = True) -> Path:
     """Write `global_step_<step>/` atomically: HF folder (weights in `save_dtype`; with LoRA, the adapter in PEFT's
-    layout, and with `merge` the merged model in `merged/`) plus `trainer_state/`. Every process must call it; a
+    layout, and with `merge` the merged model in `merged/`) plus `trainer_state/`; without `hf`, only
+    `trainer_state/` (`trainer.save_hf_checkpoint`: resuming needs nothing else). Every process must call it; a
     failure anywhere raises CheckpointError everywhere."""
     final = step_dir(run_dir, step)
     tmp = run_dir / f".tmp_global_step_{step}"
+    state = {**state, "hf_weights": hf}
     # Collectives, before anything can fail.
-    weights = distributed.full_state_dict(model, d.main, trainable_only=lora.enabled(model))
-    full = distributed.full_state_dict(model, d.main) if merge else {}  # {} on every rank but 0
+    weights = distributed.full_state_dict(model, d.main, trainable_only=lora.enabled(model)) if hf else {}
+    full = distributed.full_state_dict(model, d.main) if merge and hf else {}  # {} on every rank but 0
     merged = lora.merged_weights(model, full) if full else None
     error = _attempt(lambda: _write(tmp, model, weights, merged, tokenizer, save_dtype, state) if d.main else None)
     error = d.first_error(error)  # the folder exists everywhere before the shards go in
@@ -61,6 +63,12 @@ def save(run_dir: Path, step: int, model, tokenizer, save_dtype: torch.dtype, op
         raise CheckpointError(f"saving checkpoint {step} into {run_dir} failed ({error}); {kept}; free "
                               "space and run the same command again to resume")
     return final
+
+
+def wants_hf(setting: str, last: bool) -> bool:
+    """`trainer.save_hf_checkpoint`: whether this checkpoint holds the Hugging Face weights; `last`: the run's last
+    save (its final step, or where a signal stopped it), as Trinity's save at the end of its loop."""
+    return setting == "always" or (setting == "last" and last)
 
 
 def _attempt(write) -> str | None:
@@ -84,11 +92,12 @@ def _write(tmp: Path, model, weights: dict, merged: dict | None, tokenizer, save
     """Rank 0's part: the HF folder (or adapter) and the small state files, into the fresh temporary folder `tmp`."""
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / STATE).mkdir(parents=True)
-    if lora.enabled(model):
-        lora.save_adapter(model, tmp, weights)  # fp32, as PEFT keeps adapters
-    else:
-        _save_hf(model, tmp, weights, save_dtype)
-    tokenizer.save_pretrained(tmp)
+    if state["hf_weights"]:
+        if lora.enabled(model):
+            lora.save_adapter(model, tmp, weights)  # fp32, as PEFT keeps adapters
+        else:
+            _save_hf(model, tmp, weights, save_dtype)
+        tokenizer.save_pretrained(tmp)
     if merged is not None:
         _save_hf(model, tmp / lora.MERGED, merged, save_dtype)
         tokenizer.save_pretrained(tmp / lora.MERGED)
@@ -131,9 +140,30 @@ def _mark(run_dir: Path, step: int) -> None:
 
 def is_complete(path: Path) -> bool:
     state = path / STATE
-    model = (path / "config.json").is_file() or (path / lora.ADAPTER_CONFIG).is_file()
-    return ((state / "state.json").is_file() and model
-            and ((state / "dcp" / ".metadata").is_file() or (state / "optimizer.pt").is_file()))
+    if not (state / "state.json").is_file():
+        return False
+    if not ((state / "dcp" / ".metadata").is_file() or (state / "optimizer.pt").is_file()):
+        return False
+    return _has_weights(path) or not _saved_state(path).get("hf_weights", True)
+
+
+def _has_weights(path: Path) -> bool:
+    """Whether checkpoint `path` holds Hugging Face weights (a model folder or a PEFT adapter folder)."""
+    return (path / "config.json").is_file() or (path / lora.ADAPTER_CONFIG).is_file()
+
+
+def _saved_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def final_of(run_dir: Path) -> Path | None:
+    """The run's checkpoint at its last step (its loop state's `total`), or None: the run has not finished."""
+    path = latest(run_dir)
+    state = _saved_state(path) if path is not None else {}
+    return path if state and state.get("step") == state.get("total") else None
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -185,7 +215,8 @@ def resume_of(paths: list[str], explicit: bool) -> Resume:
 def verify(path: Path) -> str | None:
     """Why checkpoint `path` cannot be resumed from (incomplete, or not what its manifest records), or None."""
     if not is_complete(path):
-        return f"it is not a complete checkpoint of this tool ({STATE}/state.json, config.json or {STATE}/dcp missing)"
+        return (f"it is not a complete checkpoint of this tool ({STATE}/state.json, {STATE}/dcp or its Hugging Face "
+                "weights missing)")
     return manifest.verify(path, path / STATE / manifest.NAME)
 
 

@@ -176,7 +176,7 @@ def _loop(s: Session, stop: _Stop) -> bool:
             _evaluate(s, done)
         stopping = d.any(stop.asked is not None)  # every process stops after the same step
         if done == total or stopping or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
-            _save(s, done)
+            _save(s, done, last=done == total or stopping)
         if stopping and done < total:
             log.warning("stopped by %s after step %d of %d; run the same command again to resume",
                         stop.asked or "a signal to another process", done, total)
@@ -202,10 +202,11 @@ def _answer(s: Session) -> list[str]:
                     s.cfg.trainer.eval_max_new_tokens, synced=s.d.world > 1)
 
 
-def _save(s: Session, step: int) -> None:
-    total = s.schedule.total
+def _save(s: Session, step: int, last: bool) -> None:
+    total, hf = s.schedule.total, checkpoint.wants_hf(s.cfg.trainer.save_hf_checkpoint, last)
     path = checkpoint.save(s.run_dir, step, s.policy.model, s.tokenizer, s.policy.save_dtype, s.optimizer,
-                           {**s.state, "total": total}, s.d, merge=lora.wants_merged(s.cfg.model.lora, step, total))
+                           {**s.state, "total": total}, s.d, merge=lora.wants_merged(s.cfg.model.lora, step, total),
+                           hf=hf)
     if s.d.main:
         checkpoint.prune(s.run_dir, s.cfg.trainer.max_checkpoints_to_keep, s.resume_from)
     log.info("saved %s", path)

@@ -52,6 +52,9 @@ def model_folder(path: str, key: str, adapter_ok: bool = False) -> str:
         raise ConfigError(f"{key}: {folder} is a LoRA adapter, not a model: give its merged/ folder, or the base model "
                           "here and the adapter as model.lora.path")
     if not (Path(folder) / "config.json").is_file():
+        if (Path(folder) / "trainer_state").is_dir():
+            raise ConfigError(f"{key}: {folder} is a checkpoint saved without its Hugging Face weights "
+                              "(trainer.save_hf_checkpoint); give one that holds them, such as the run's last")
         raise ConfigError(f"{key}: {folder} has no config.json (not a model folder)")
     return folder
 
