@@ -114,7 +114,8 @@ def ours(model: str, data: Path, work: Path, name: str, sft: bool, env: dict, pr
         "algorithm": {"algorithm_type": "sft" if sft else "dpo", "policy_loss_fn": "sft" if sft else "simpo"},
         "model": {"model_path": model},
         "buffer": {"batch_size": 8, "total_epochs": 1, "trainer_input": {"experience_buffer": {
-            "path": str(data), "format": {"prompt_type": "messages" if sft else "plaintext"}}}},
+            "path": str(data), "format": {"prompt_type": "messages", "messages_key": "messages"} if sft else {
+                "prompt_type": "plaintext"}}}},
         "trainer": {"total_steps": 1, "save_interval": 0, "precision": "fp32", "eval_samples": 0,
                     "trainer_config": {"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": 1}}}},
     }
@@ -184,6 +185,72 @@ def micro(n: int, work: Path) -> None:
         print(f"cache builder, {workers} worker(s): {n / (time.perf_counter() - start):.0f} rows/s", flush=True)
 
 
+def _footprint(config: str, barrier, out) -> None:
+    """One process's data memory: what loading the data and planning its first steps adds to its anonymous
+    memory, and its proportional share (Pss) of the token table's mapped pages, read from /proc/self/smaps while
+    every process holds its data (`barrier`)."""
+    from trinity_dpo.config.loader import load_config
+    from trinity_dpo.data.dataset import load_data
+    from trinity_dpo.data.schedule import Schedule
+    from trinity_dpo.engine.modeling import load_tokenizer
+    from trinity_dpo.sources.local import localize
+
+    cfg = localize(load_config(config))
+    tokenizer = load_tokenizer(cfg)
+    before = _smaps()
+    data = load_data(cfg, tokenizer)
+    schedule = Schedule.of(cfg, data, 1)
+    schedule.step(0, 0), schedule.micro_tokens()
+    barrier.wait()
+    after = _smaps()
+    barrier.wait()
+    out.put((after["anon"] - before["anon"], after["table"]))
+
+
+def _smaps() -> dict:
+    """kB of anonymous memory (Pss) and of the token tables' mapped pages (Pss), this process."""
+    totals, table, name = {"anon": 0, "table": 0}, False, ""
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if line[0] in "0123456789abcdef" and "-" in head[0]:
+                name = head[5] if len(head) > 5 else ""
+                table = "/tokens/" in name
+            elif head[0] == "Pss:":
+                kb = int(head[1])
+                totals["table" if table else "anon"] += kb if (table or not name or name.startswith("[heap")) else 0
+    return {k: v * 1024 for k, v in totals.items()}
+
+
+def data_memory(n: int, processes: int, work: Path) -> str:
+    """The data memory of `processes` processes holding the same n-pair data at once (each: anonymous growth +
+    its share of the mapped token table), summed, against one process."""
+    import multiprocessing as mp
+
+    env = {"TRINITY_DPO_CACHE": str(work / "cache")}
+    os.environ.update(env)
+    model = tiny_model(work)
+    data = write_pairs(work / f"pairs_{n}.jsonl", n)
+    config = work / "footprint.yaml"
+    ours(model, data, work, "footprint_build", False, {**os.environ, "PYTHONPATH": str(REPO)})  # builds the table
+    config.write_text((work / "footprint_build.yaml").read_text())
+    results = {}
+    for count in (1, processes):
+        ctx = mp.get_context("spawn")
+        barrier, out = ctx.Barrier(count), ctx.Queue()
+        procs = [ctx.Process(target=_footprint, args=(str(config), barrier, out)) for _ in range(count)]
+        for p in procs:
+            p.start()
+        parts = [out.get() for _ in procs]
+        for p in procs:
+            p.join()
+        results[count] = (sum(a for a, _ in parts), sum(t for _, t in parts))
+    (a1, t1), (an, tn) = results[1], results[processes]
+    return (f"data memory, {n:,} pairs: 1 process {(a1 + t1) / 1e6:.1f} MB (anonymous {a1 / 1e6:.1f}, token table "
+            f"{t1 / 1e6:.1f}); {processes} processes together {(an + tn) / 1e6:.1f} MB (anonymous {an / 1e6:.1f}, "
+            f"token table {tn / 1e6:.1f}): {(an + tn) / (a1 + t1):.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, nargs="*", default=[10000, 100000])
@@ -191,10 +258,16 @@ def main() -> int:
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--processes", type=int, default=1, help="also a cache-hit run with this many CPU processes")
     parser.add_argument("--micro", type=int, metavar="N", help="only tokenize N pairs in this process, three ways")
+    parser.add_argument("--data-memory", type=int, metavar="N", help="only the data memory of N pairs in 1 and "
+                        "--processes processes at once")
+    parser.add_argument("--work", type=Path, help="work in this folder (an earlier run's: its token tables are found)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="data_scale_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="data_scale_"))
     if args.micro:
         micro(args.micro, work)
+        return 0
+    if args.data_memory:
+        print(data_memory(args.data_memory, max(args.processes, 2), work), flush=True)
         return 0
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRINITY_DPO_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf_datasets")}

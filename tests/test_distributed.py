@@ -326,3 +326,17 @@ def test_lora_bf16_base_under_fsdp2_equals_an_fp32_base(config, qwen_dir, tmp_pa
     # Each merged model is stored in its folder's dtype: the fp32 one, rounded to bf16, is the bf16 one.
     wa, wb = (weights(r, 2, "merged/model.safetensors") for r in runs.values())
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k].to(torch.bfloat16)) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_trinitys_kl_and_entropy_terms(config):
+    """k3 KL and an entropy term: each worker writes its pairs' per-token reference log-probs into the one file,
+    and the terms' token means over the step's global token count add up across workers (the short step's second
+    worker runs a padding micro-batch, whose copies have no places in the file)."""
+    terms = ["algorithm.policy_loss_fn=dpo", "algorithm.kl_loss_fn=k3", "algorithm.kl_loss_fn_args.kl_coef=0.5",
+             "algorithm.entropy_loss_fn_args.entropy_coef=0.05", "buffer.total_epochs=1"]
+    one = train.run(load_config(config, ["name=kl1", *terms]))
+    proc = cli(config, "cluster.gpu_per_node=2", "name=kl2", *terms)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_runs(one, one.parent / "kl2", 3)
+    assert all("actor/kl_loss" in r for r in records(one) if "loss" in r)

@@ -43,7 +43,9 @@ def test_sequence_stats_equal_full_logits_per_sequence(qwen_dir):
     - prompt tokens after the first, on the chosen sequences only: [1, 0, 0, 0] (token 6 of pair 0; pair 1's prompt
       is one token, which nothing predicts).
     - entropy, mean_logits, top1 and wpo sum, over response tokens, the next-token entropy, the mean logit, whether
-      the token is the argmax, and log p(token) - log sum_v p_v^2.
+      the token is the argmax, and log p(token) - log sum_v p_v^2; entropy_grad is the entropy's sum.
+    - kl sums k3 of each response token against a reference 0.3 below it: d = 0.3, k3 = e^-0.3 - 1 + 0.3 =
+      0.040818 a token, times the sequence's tokens.
     Each is checked against the model's full logits on each sequence alone, in both layouts."""
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +61,7 @@ def test_sequence_stats_equal_full_logits_per_sequence(qwen_dir):
     seqs = [(pairs[0].prompt_ids, pairs[0].chosen_ids), (pairs[1].prompt_ids, pairs[1].chosen_ids),
             (pairs[0].prompt_ids, pairs[0].rejected_ids), (pairs[1].prompt_ids, pairs[1].rejected_ids)]
     shared = [2, 1, 2, 1]
-    expect = {k: [] for k in STATS}
+    expect, ref_tokens, k3 = {k: [] for k in STATS}, [], math.exp(-0.3) - 1 + 0.3
     with torch.no_grad():
         for s, (prompt, response) in enumerate(seqs):
             ids = torch.tensor([prompt + response])
@@ -76,8 +78,15 @@ def test_sequence_stats_equal_full_logits_per_sequence(qwen_dir):
             expect["mean_logits"].append(logits.mean(-1)[r].sum())
             expect["top1"].append((logits.argmax(-1) == ids[0, 1:]).float()[r].sum())
             expect["wpo"].append((token - torch.logsumexp(2 * logp, -1))[r].sum())
+            expect["entropy_grad"].append(expect["entropy"][-1])
+            expect["kl"].append(torch.tensor(k3 * len(response)))
+            ref_tokens.append(token[r] - 0.3)
+    from trinity_dpo.objective.losses import kl_penalty
+
     for share in (False, True):
-        stats = sequence_stats(model, collate(pairs, 0, share_prompt=share), contextlib.nullcontext(), tuple(STATS))
+        stats = sequence_stats(model, collate(pairs, 0, share_prompt=share), contextlib.nullcontext(),
+                               tuple(k for k in STATS), token_ref=torch.cat(ref_tokens),
+                               kl=lambda logp, ref: kl_penalty("k3", logp, ref))
         assert stats["tokens"].tolist() == [3.0, 1.0, 2.0, 4.0] and stats["prompt_tokens"].tolist() == [1, 0, 0, 0]
         for k in STATS:
             torch.testing.assert_close(stats[k], torch.tensor(expect[k]).float(), atol=2e-5, rtol=1e-5, msg=k)

@@ -104,3 +104,70 @@ def test_template_errors(qwen_dir):
                          "{% if add_generation_prompt %}<|im_start|>{% endif %}")
     with pytest.raises(DataError, match="renders the prompt with its generation header differently"):
         build_pairs([conv()], tok, LOOSE, DataReport("x"))
+
+
+EDGE_TEXTS = ["Sure.", " Sure", "\n\nSure", "  \n x", "", "naïve 東京 😂", "a<|im_end|>b", "<|im_start|>user", "\t",
+              "ends with space ", "ends with newline\n", "x" * 300, "oh wow!! haha", "I\n\n\n\nthink"]
+
+
+def _edge_conversations() -> list[Conversation]:
+    convs = []
+    for i, text in enumerate(EDGE_TEXTS):
+        other = EDGE_TEXTS[(i + 3) % len(EDGE_TEXTS)] + "."
+        prompt = [{"role": "user", "content": EDGE_TEXTS[(i + 5) % len(EDGE_TEXTS)] or "hi"}]
+        if i % 3 == 0:  # a multi-turn prompt, with a system message
+            prompt = [{"role": "system", "content": "be brief "}, {"role": "user", "content": "hello"},
+                      {"role": "assistant", "content": text + "?"}, *prompt]
+        convs.append(Conversation(i + 1, prompt, [{"role": "assistant", "content": text}],
+                                  [{"role": "assistant", "content": other}]))
+    return convs
+
+
+@pytest.mark.parametrize("fixture", ["qwen_dir", "llama3_dir", "space_dir", "smollm2"])
+def test_prompt_encoded_once_gives_the_ids_of_whole_conversations(request, fixture, monkeypatch):
+    """Each conversation encoded from its prompt's last added token on, after the prompt's ids (`encode.py`),
+    gives the ids of encoding the whole conversation: responses that begin with spaces or newlines, special-token
+    text inside the content, unicode, multi-turn prompts, empty responses; for ChatML, Llama 3, a template whose
+    prompt ends in a space (a merge across the boundary) and SmolLM2's real tokenizer."""
+    from trinity_dpo.data import encode, pairs as pairs_module
+
+    if fixture == "smollm2":
+        from trinity_dpo.sources import builtin
+
+        folder = builtin.materialize("builtin:smollm2-135m-instruct")
+    else:
+        folder = request.getfixturevalue(fixture)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert encode.continuation_encoder(tok) is not None
+    convs = _edge_conversations()
+    fast = build_pairs(convs, tok, Limits(), report := DataReport("x"))
+    monkeypatch.setattr(pairs_module, "continuation_encoder", lambda tokenizer: None)
+    whole = build_pairs(convs, tok, Limits(), again := DataReport("x"))
+    assert [vars(p) for p in fast] == [vars(p) for p in whole] and len(fast) == len(convs)
+    assert report.as_dict() == again.as_dict()
+
+
+def test_tokenizers_whose_pieces_are_not_independent_encode_whole_texts(qwen_dir):
+    """A position-dependent pre-tokenizer (Metaspace prepends its marker to the first piece only) or an added token
+    that strips whitespace: no continuation encoding. A normaliser acts on each piece alone: continuations stay,
+    and give the whole texts' ids."""
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+
+    from trinity_dpo.data.encode import continuation_encoder
+
+    variants = []
+    for change in ("metaspace", "rstrip", "normalizer"):
+        tok = AutoTokenizer.from_pretrained(qwen_dir)
+        backend = tok.backend_tokenizer
+        if change == "normalizer":
+            backend.normalizer = normalizers.NFKC()
+        elif change == "metaspace":
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        else:
+            backend.add_special_tokens([AddedToken("<|extra|>", rstrip=True, special=True)])
+        variants.append(continuation_encoder(tok))
+    assert variants[:2] == [None, None] and variants[2] is not None
+    convs = _edge_conversations()
+    with_nfkc = build_pairs(convs, tok, Limits(), DataReport("x"))
+    texts = [render(tok, c.prompt + c.chosen, False) for c in convs]
+    assert [p.prompt_ids + p.chosen_ids for p in with_nfkc] == tok(texts, add_special_tokens=False)["input_ids"]

@@ -104,9 +104,13 @@ def _cached(storage, tokenizer, folder, recipe, tmp_path, workers=1):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cached_examples_equal_the_direct_path(shape, tmp_path, qwen_dir):
+def test_cached_examples_equal_the_direct_path(shape, tmp_path, qwen_dir, monkeypatch):
     """Ids, masks, rows, order and every report count are those of tokenizing in one pass, for each data shape
-    (with bad rows, truncation and, for pairs, trainer-file lengths that only count)."""
+    (with bad rows, truncation and, for pairs, trainer-file lengths that only count). Chunks are cut at 2 kB of
+    source text, so the rows go through several chunks and both worker processes."""
+    from trinity_dpo.sources import files
+
+    monkeypatch.setattr(files, "CHUNK_BYTES", 2000)
     rows, fmt, kind = _rows(shape)
     storage = StorageConfig(path=str(_write(tmp_path, rows)), format=fmt)
     tok = AutoTokenizer.from_pretrained(qwen_dir)
@@ -115,6 +119,8 @@ def test_cached_examples_equal_the_direct_path(shape, tmp_path, qwen_dir):
     assert [vars(e) for e in examples] == [vars(e) for e in expected] and len(expected) > 20
     assert got.as_dict() == want.as_dict()
     assert examples.n_tokens.tolist() == [e.n_tokens for e in expected]
+    chunks = list(files.iter_rows(storage.path, storage.split, storage.subset_name))
+    assert len(chunks) > 1 and sum(map(len, chunks)) == len(rows)
 
 
 def test_second_load_reuses_the_table_and_any_change_makes_a_new_one(tmp_path, qwen_dir, monkeypatch):

@@ -257,7 +257,8 @@ def test_three_adamw_steps_equal_trl(tmp_path, qwen_dir, make_config, reference_
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
     path = make_config(
-        main={"algorithm": {"policy_loss_fn": fn, "policy_loss_fn_args": args},
+        main={"algorithm": {"policy_loss_fn": fn, "policy_loss_fn_args": args,
+                            "kl_loss_fn_args": {"kl_coef": 0}},  # TRL has no Trinity KL term
               "trainer": {"actor_kl_loss_coef": args["beta"]},
               "buffer": {"batch_size": 4, "total_epochs": STEPS, "trainer_input": {"experience_buffer": {
                   "path": str(data), "format": {"prompt_type": "messages"}}}}},

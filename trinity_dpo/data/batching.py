@@ -31,7 +31,8 @@ def step_indices(step: int, n_pairs: int, batch_size: int, seed: int, order=None
 
 def epoch_order(epoch: int, n_pairs: int, seed: int) -> torch.Tensor:
     """The order in which epoch `epoch` visits the examples: a function of (seed, epoch) alone."""
-    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order.to(torch.int32) if n_pairs < 2**31 else order  # held by every process: half the bytes
 
 
 def plan_micro(batch: list[Pair], micro_pairs: int | None, token_budget: int | None = None) -> list[list[Pair]]:

@@ -4,8 +4,23 @@ A fast (Rust) tokenizer's `encode_batch_fast` skips the character offsets that `
 never reads: a quarter of the encoding time of a pair file. The Python wrapper first sets the backend's
 truncation, padding and special-token splitting for the call, so an empty text through the wrapper puts the
 backend in the state a full call would, and the backend's ids are then the wrapper's ids.
+
+A pair's two conversations both begin with its prompt, and `encode_continuations` encodes that beginning once. It
+rests on how a Rust tokenizer encodes: the text is first cut at every added token (`<|im_start|>`, ...), and each
+piece between them is normalised, pre-tokenized and merged on its own. So for a text `A + B` where A ends with an
+added token, the ids are A's ids followed by B's, provided no piece's result depends on where the piece sits or on
+its neighbours: pre-tokenizers that act on each piece alike (byte-level, regex splits; not Metaspace, which marks
+the first piece of a text), no added token that strips whitespace or matches only whole words, and no added token
+inside another (the match at A's end could otherwise be part of a longer one in A + B). A normaliser (Qwen's NFC)
+is applied to each piece on its own, so it changes nothing here. `continuation_encoder` checks exactly that and returns None
+otherwise; the caller then encodes whole texts.
 """
 from __future__ import annotations
+
+import json
+
+_PIECEWISE = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}
+_CHECKED = "_trinity_continuations"  # the answer, kept on the tokenizer object (reading the spec costs ~50 ms)
 
 
 def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -18,3 +33,55 @@ def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[i
     if backend.truncation is not None or backend.padding is not None:
         return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
     return [e.ids for e in fast(texts, add_special_tokens=add_special_tokens)]
+
+
+def continuation_encoder(tokenizer):
+    """The tokenizer's Rust backend when `encode_continuations` is exact for it (see the module docstring)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "split_special_tokens", 0):
+        return None
+    checked = tokenizer.__dict__.get(_CHECKED)
+    if checked is None or checked[0] is not backend:
+        spec = json.loads(backend.to_str())
+        added = spec.get("added_tokens", [])
+        contents = [t["content"] for t in added]
+        ok = (_piecewise(spec.get("pre_tokenizer"))
+              and spec["model"].get("type") == "BPE" and not spec["model"].get("dropout")
+              and not any(t["lstrip"] or t["rstrip"] or t["single_word"] for t in added)
+              and not any(a != b and a in b for a in contents for b in contents))
+        checked = tokenizer.__dict__[_CHECKED] = (backend, ok)
+    return backend if checked[1] else None
+
+
+def _piecewise(pre_tokenizer) -> bool:
+    if pre_tokenizer is None:
+        return True
+    if pre_tokenizer["type"] == "Sequence":
+        return all(_piecewise(p) for p in pre_tokenizer["pretokenizers"])
+    return pre_tokenizer["type"] in _PIECEWISE
+
+
+def encode_continuations(tokenizer, backend, heads: list[str], texts: list[list[str]]
+                         ) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(ids of each head, ids of each of its texts) without a template: texts[i] are texts that may begin with
+    heads[i]. Each text that does is encoded from the head's last added token on, after the head's ids up to it;
+    the others whole. Exact for a `continuation_encoder` backend, as `encode` of the whole texts would give."""
+    tokenizer([""], add_special_tokens=False)  # the backend's state for a plain call (see `encode`)
+    if backend.truncation is not None or backend.padding is not None:
+        return encode(tokenizer, heads, False), [encode(tokenizer, t, False) for t in texts]
+    added = set(backend.get_added_tokens_decoder())
+    head_ids, cuts, rests = [], [], []
+    for head, encoding, group in zip(heads, backend.encode_batch(heads, add_special_tokens=False), texts):
+        ids, last = encoding.ids, max((k for k, t in enumerate(encoding.ids) if t in added), default=-1)
+        cut = encoding.offsets[last][1] if last >= 0 else 0
+        head_ids.append(ids)
+        for text in group:
+            keep = last + 1 if cut and text.startswith(head[:cut]) else 0
+            cuts.append(keep)
+            rests.append(text[cut:] if keep else text)
+    encoded = [e.ids for e in backend.encode_batch_fast(rests, add_special_tokens=False)]
+    out, n = [], 0
+    for ids, group in zip(head_ids, texts):
+        out.append([ids[:cuts[n + j]] + encoded[n + j] for j in range(len(group))])
+        n += len(group)
+    return head_ids, out

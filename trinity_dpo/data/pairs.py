@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 from .conversations import Conversation, DataReport, Turns
-from .encode import encode
+from .encode import continuation_encoder, encode, encode_continuations
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,15 @@ def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits) -> list
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
     texts = [_texts(tokenizer, c) for c in convs]
     ids: list[tuple[list[int], ...]] = [()] * len(convs)
+    backend = continuation_encoder(tokenizer)
     for is_text in (False, True):  # raw text takes the tokenizer's special tokens (BOS); a template writes its own
         group = [i for i, c in enumerate(convs) if c.is_text == is_text]
-        if group:
+        if group and backend is not None and not is_text:  # the prompt's ids once, for both conversations
+            heads, fulls = encode_continuations(tokenizer, backend, [texts[i][0] for i in group],
+                                                [[texts[i][1], texts[i][2]] for i in group])
+            for n, i in enumerate(group):
+                ids[i] = (heads[n], *fulls[n])
+        elif group:
             encoded = [encode(tokenizer, [texts[i][k] for i in group], is_text) for k in range(3)]
             for n, i in enumerate(group):
                 ids[i] = (encoded[0][n], encoded[1][n], encoded[2][n])

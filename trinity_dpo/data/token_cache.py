@@ -82,10 +82,18 @@ def file_digest(path: str | Path) -> str:
     p = Path(path)
     for f in source_files(p):
         h.update(str(f.relative_to(p) if f != p else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+        hash_file(f, h)
     return h.hexdigest()
+
+
+def hash_file(path: Path, h) -> None:
+    """Feed a file's bytes to `h` through one reused buffer: fresh 16 MB blocks would each be a new allocation,
+    which malloc keeps in the process's heap once freed (every process that opens a table would hold them)."""
+    buffer = bytearray(1 << 22)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            h.update(view[:n])
 
 
 def source_files(path: Path) -> list[Path]:
@@ -187,7 +195,5 @@ def _checksum(path: Path) -> str:
     import xxhash
 
     h = xxhash.xxh3_64()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
+    hash_file(path, h)
     return h.hexdigest()

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from . import losses as L
+from .terms import add_terms
 from ..data.batching import by_slot
 from ..config.schema import AlgorithmConfig, LossArgs
 
@@ -38,6 +39,8 @@ STATS = {
     "mean_logits": "summed mean-over-vocabulary logit at the response tokens (no gradient)",
     "top1": "how many response tokens are the model's top-1 prediction (no gradient)",
     "wpo": "summed log p(token) - log sum_v p_v^2 over the response tokens: WPO's weight (no gradient)",
+    "entropy_grad": "the entropy's sum as `entropy`, with gradient (an entropy term in the loss)",
+    "kl": "summed per-token KL estimator `Objective.kl` of the response tokens against the reference's (gradient)",
 }
 _REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                    "logps/rejected", "logits/chosen", "logits/rejected")
@@ -60,6 +63,9 @@ class Objective:
     # The loss is a sum of response-token log-probs times one step-wide factor, so every token's log-prob gets the
     # same gradient and the LM head's backward can run in its forward (`logprobs._HeadLogprobs`).
     uniform_grad: bool = False
+    # Trinity's per-token KL estimator (`terms.py`), f(logp, ref) elementwise; when set, the `kl` statistic needs
+    # the reference's log-prob of every response token, which the reference pass keeps.
+    kl: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
 
 def step_totals(examples) -> dict[str, float]:
@@ -72,8 +78,14 @@ def step_totals(examples) -> dict[str, float]:
             "prompt_tokens": sum(len(ex.prompt_ids) - 1 for ex in examples)}
 
 
-def build(algorithm: AlgorithmConfig) -> Objective:
-    """The objective `algorithm` names, with its hyper-parameters bound."""
+def build(algorithm: AlgorithmConfig, terms: bool = True) -> Objective:
+    """The objective `algorithm` names, with its hyper-parameters bound, and with `terms` the KL and entropy terms
+    it turns on (`terms.py`; held-out figures are the objective's own)."""
+    objective = _objective(algorithm)
+    return add_terms(objective, algorithm, trinity_metrics=algorithm.policy_loss_fn == "dpo") if terms else objective
+
+
+def _objective(algorithm: AlgorithmConfig) -> Objective:
     args = algorithm.policy_loss_fn_args
     if algorithm.policy_loss_fn == "sft":
         return _sft(algorithm.loss_agg_mode)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 
+from .token_ref import TokenStore, checksum, publish, tmp_name
 from ..data.batching import by_slot, collate, is_padding
 from ..data.schedule import Plan
 from ..engine.distributed import Dist
@@ -34,19 +36,23 @@ Tables = dict[str, torch.Tensor]  # statistic -> fp32 [n_rows, sequences]
 
 
 def score(model, groups: Iterable[list[Pair]], n_rows: int, pad_id: int, runtime: Runtime, sequences: int = 2,
-          stats: tuple[str, ...] = ("logps",)) -> Tables:
+          stats: tuple[str, ...] = ("logps",), store: TokenStore | None = None) -> Tables:
     """Per-sequence statistics `stats` (`objectives.STATS`) of each example's sequences (a pair: chosen, rejected)
     under the current weights, one fp32 [n_rows, sequences] table each, in the row of each example's index, one
     no-grad pass per group; rows of examples in no group are NaN, so a use shows at once. Padding groups
-    (`shard_step`) are run and dropped."""
+    (`shard_step`) are run and dropped. With `store`, each response token's log-prob is written there too."""
     tables = {k: torch.full((n_rows, sequences), float("nan"), dtype=torch.float32) for k in stats}
+    wanted = stats + (("token_logps",) if store is not None else ())
     with inference_mode(model):
         for group in groups:
             mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
-            values = sequence_stats(model, mb, runtime.autocast(), stats)
+            values = sequence_stats(model, mb, runtime.autocast(), wanted)
             if not is_padding(group):
                 for k in stats:
                     tables[k][mb.pair_index.cpu()] = by_slot(values[k].float().cpu(), sequences).t()
+                if store is not None:
+                    store.write(mb.pair_index, torch.bincount(mb.target_seq, minlength=mb.n_seqs),
+                                values["token_logps"])
     return tables
 
 
@@ -100,45 +106,71 @@ class Scoring:
     d: Dist
 
 
-def cached_score(scoring: Scoring, plan: Plan, stats: tuple[str, ...] = ("logps",)) -> Tables:
+def cached_score(scoring: Scoring, plan: Plan, stats: tuple[str, ...] = ("logps",),
+                 counts: np.ndarray | None = None) -> tuple[Tables, TokenStore | None]:
     """`score` of `plan` (each process scores its own part; the parts are merged), read from
     `ref_cache/<label>-<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
-    rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one."""
+    rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one. With `counts`
+    (`token_ref.target_counts` of the plan's examples) also every response token's log-prob, in the `.tokens`
+    file beside it (`token_ref.py`)."""
     d, run_dir = scoring.d, scoring.run_dir
     # Rank 0 hashes (every process would read every weight file), looks the tables up and decides for all, in
     # one broadcast.
-    fp, found = d.from_main(_lookup(scoring, plan, stats) if d.main else None)
+    fp, found = d.from_main(_lookup(scoring, plan, stats, counts is not None) if d.main else None)
     name = _cache_name(plan, fp)
+    tokens = run_dir / _tokens_name(name)
     if found is not None:
         saved, source = found
         if d.main and source != run_dir / name:
+            if counts is not None:
+                _copy(source.parent.parent / _tokens_name(name), tokens)
             _save(run_dir / name, saved)
-        return saved["tables"]
+        d.from_main(None)  # the others open the per-token file once it is there
+        return saved["tables"], None if counts is None else TokenStore(tokens, counts)
+    store = None
+    if counts is not None:
+        if d.main:
+            TokenStore.create(tmp_name(tokens), counts)
+        d.from_main(None)
+        store = TokenStore(tmp_name(tokens), counts, "r+")
     policy = scoring.policy
-    tables = score(policy.model, plan.groups(d.rank), plan.n_rows, scoring.pad_id, policy.runtime, stats=stats)
-    tables = {k: d.merge_rows(t) for k, t in tables.items()}
+    tables = score(policy.model, plan.groups(d.rank), plan.n_rows, scoring.pad_id, policy.runtime, stats=stats,
+                   store=store)
+    tables = {k: d.merge_rows(t) for k, t in tables.items()}  # also: every process has written its tokens
     if d.main:
-        _save(run_dir / name, {"fingerprint": fp, "tables": tables})
-    return tables
+        digest = None
+        if store is not None:
+            store.flush()
+            digest = publish(tokens)
+        _save(run_dir / name, {"fingerprint": fp, "tables": tables, "token_digest": digest})
+    d.from_main(None)
+    return tables, None if counts is None else TokenStore(tokens, counts)
 
 
-def _lookup(scoring: Scoring, plan: Plan, stats: tuple[str, ...]) -> tuple[str, tuple[dict, Path] | None]:
+def _lookup(scoring: Scoring, plan: Plan, stats: tuple[str, ...], tokens: bool
+            ) -> tuple[str, tuple[dict, Path] | None]:
     """(the plan's fingerprint, the cached tables and their file, or None)."""
-    extra = f"{plan.label}|{plan.n_rows}|{','.join(stats)}|{scoring.policy.adapter}"
+    extra = f"{plan.label}|{plan.n_rows}|{','.join(stats)}|{scoring.policy.adapter}|{'tokens' if tokens else ''}"
     fp = fingerprint(scoring.model_path, plan, scoring.policy.runtime, extra=extra)
-    return fp, _find(scoring.run_dir, _cache_name(plan, fp), fp, plan.n_rows)
+    return fp, _find(scoring.run_dir, _cache_name(plan, fp), fp, plan.n_rows, tokens)
 
 
 def _cache_name(plan: Plan, fp: str) -> str:
     return f"ref_cache/{plan.label}-{fp}.pt"
 
 
-def _find(run_dir: Path, name: str, fp: str, n_rows: int) -> tuple[dict, Path] | None:
+def _tokens_name(name: str) -> str:
+    return name[:-len(".pt")] + ".tokens"
+
+
+def _find(run_dir: Path, name: str, fp: str, n_rows: int, tokens: bool = False) -> tuple[dict, Path] | None:
     """The cached tables under `name` and the file they came from (this run's, else a sibling run's); a damaged
-    file is passed over with a warning, and this run's copy is then rewritten."""
+    file (or per-token file, with `tokens`) is passed over with a warning, and this run's copy is then rewritten."""
     for path in dict.fromkeys((run_dir / name, *sorted(run_dir.parent.parent.glob(f"*/*/{name}")))):
         if path.is_file():
             saved, problem = _read(path, fp, n_rows)
+            if problem is None and tokens:
+                problem = _tokens_problem(path, saved)
             if problem is None:
                 log.info("reference log-probs reused from %s", path)
                 return saved, path
@@ -160,6 +192,25 @@ def _read(path: Path, fp: str, n_rows: int) -> tuple[dict | None, str | None]:
     if saved.get("digest") not in (None, _digest(tables)):  # None: written before digests were kept
         return None, "does not hold the numbers it was written with"
     return saved, None
+
+
+def _tokens_problem(path: Path, saved: dict) -> str | None:
+    """What is wrong with the per-token file beside the tables at `path`, or None."""
+    tokens = path.parent.parent / _tokens_name(f"{path.parent.name}/{path.name}")
+    if not saved.get("token_digest") or not tokens.is_file():
+        return "has no per-token file"
+    if checksum(tokens) != saved["token_digest"]:
+        return "has a per-token file that does not hold the numbers it was written with"
+    return None
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy a sibling run's per-token file under a temporary name, then rename it into place."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, tmp_name(target))
+    os.replace(tmp_name(target), target)
 
 
 def _digest(tables: Tables) -> str:

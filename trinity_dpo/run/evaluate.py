@@ -99,7 +99,7 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     pad, max_new = tokenizer.pad_token_id, cfg.trainer.eval_max_new_tokens
     groups = Schedule.of(cfg, data, world=1).held_out().per_rank[0]  # one process: `plan_micro` of the held-out set
     tables, answers = [], []
-    objective = build_objective(cfg.algorithm)
+    objective = build_objective(cfg.algorithm, terms=False)  # held-out figures: the objective's own
     stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
     for path in (ref_path, cfg.model.model_path):
         model, _ = load_model(cfg, runtime.device, path)

@@ -19,6 +19,8 @@ CHARTS = [  # file, title, series (key, label) from train records, eval key draw
     ("accuracies.png", "reward accuracy", [("rewards/accuracies", "train")], "eval/rewards/accuracies"),
     ("margins.png", "reward margin", [("rewards/margins", "train")], "eval/rewards/margins"),
     ("rewards.png", "implicit rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")], None),
+    ("kl.png", "KL term (before kl_coef)", [("actor/kl_loss", "KL")], None),
+    ("entropy.png", "entropy of the responses (before entropy_coef)", [("actor/entropy_loss", "entropy")], None),
     ("token_accuracy.png", "top-1 token accuracy", [("mean_token_accuracy", "train")], "eval/mean_token_accuracy"),
     ("lr.png", "learning rate", [("lr", "lr")], None),
 ]

@@ -35,6 +35,7 @@ from ..engine.optim import build_optimizer, lr_factor, set_lr
 from ..engine.policy import Policy, build_policy
 from ..data.pairs import Pair, prompt_text
 from ..objective.reference import Scoring, Tables, cached_score, rows_of, score
+from ..objective.token_ref import TokenStore, target_counts
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class Session:
     policy: Policy
     optimizer: torch.optim.Optimizer
     objective: Objective
+    eval_objective: Objective  # the objective alone: held-out figures leave out the KL and entropy terms
     ref: Tables | None  # reference statistics, each [n_train, sequences] (a pair: chosen, rejected); None: not needed
+    token_ref: TokenStore | None  # the reference's log-prob of every response token (a KL term), else None
     eval_groups: list[list[Pair]]  # this process's held-out micro-batches
     eval_ref: Tables | None  # [n_eval, sequences] each
     state: dict
@@ -83,6 +86,7 @@ class StepContext:
 
     objective: Objective
     ref: Tables | None
+    token_ref: TokenStore | None
     runtime: Runtime
     pad_id: int
     grad_clip: float  # inf: no clipping
@@ -144,9 +148,10 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     log.info("%d %s, batch %d: %s", len(data.train), "rows" if cfg.algorithm.algorithm_type == "sft" else "pairs",
              cfg.buffer.train_batch_size, explain_steps(cfg, len(data.train)))
     # Before the optimizer exists and before any restore: the reference is the initial weights.
-    objective = build_objective(cfg.algorithm)
+    objective, eval_objective = build_objective(cfg.algorithm), build_objective(cfg.algorithm, terms=False)
     scoring = Scoring(policy, cfg.model.model_path, tokenizer.pad_token_id, run_dir, d)
-    ref, eval_groups, eval_ref = _reference_tables(scoring, objective, schedule, cfg.model.lora)
+    ref, token_ref, eval_groups, eval_ref = _reference_tables(scoring, objective, eval_objective, schedule,
+                                                              cfg.model.lora)
     optimizer = build_optimizer(policy.model, cfg.algorithm.optimizer)
     state, resume_from = {"step": 0, "skipped_steps": 0, "consecutive_skips": 0}, None
     if resume is not None:
@@ -156,14 +161,14 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
             run_folder.carry_history(resume_from.parent, run_dir)
             run_folder.truncate_metrics(run_dir, state["step"])
     metrics = MetricsLog(run_dir, cfg, schedule.total, first_step=state["step"]) if d.main else NullLog()
-    return Session(cfg, d, tokenizer, data, schedule, run_dir, resume_from, policy, optimizer, objective, ref,
-                   eval_groups, eval_ref, state, metrics)
+    return Session(cfg, d, tokenizer, data, schedule, run_dir, resume_from, policy, optimizer, objective,
+                   eval_objective, ref, token_ref, eval_groups, eval_ref, state, metrics)
 
 
 def _loop(s: Session, stop: _Stop) -> bool:
     """Optimizer steps from the state's step on, with evals and checkpoints; False when stopped by a signal."""
     cfg, d, total = s.cfg, s.d, s.schedule.total
-    context = StepContext(s.objective, s.ref, s.policy.runtime, s.tokenizer.pad_token_id,
+    context = StepContext(s.objective, s.ref, s.token_ref, s.policy.runtime, s.tokenizer.pad_token_id,
                           cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf"), d)
     for index in range(s.state["step"], total):
         lr = cfg.algorithm.optimizer.lr * lr_factor(index, cfg.algorithm.optimizer, total)
@@ -192,9 +197,9 @@ def _evaluate(s: Session, step: int) -> None:
         policy = s.eval_ref  # before any update the policy is the reference (which holds the policy's statistics too)
     else:
         tables = score(s.policy.model, s.eval_groups, len(s.data.eval), s.tokenizer.pad_token_id, s.policy.runtime,
-                       s.objective.sequences, s.objective.stats)
+                       s.eval_objective.sequences, s.eval_objective.stats)
         policy = {k: s.d.merge_rows(t) for k, t in tables.items()}
-    s.metrics.write_eval(step, eval_metrics(policy, s.eval_ref, s.data.eval, s.objective))
+    s.metrics.write_eval(step, eval_metrics(policy, s.eval_ref, s.data.eval, s.eval_objective))
 
 
 def _answer(s: Session) -> list[str]:
@@ -212,22 +217,25 @@ def _save(s: Session, step: int, last: bool) -> None:
     log.info("saved %s", path)
 
 
-def _reference_tables(scoring: Scoring, objective: Objective, schedule: Schedule,
-                      lora_cfg: LoraConfig) -> tuple[Tables | None, list[list[Pair]], Tables | None]:
-    """(training reference table, this process's held-out micro-batches, held-out reference table), both tables
-    cached in the run folder; each process scores its own share. No reference pass for an objective without one."""
+def _reference_tables(scoring: Scoring, objective: Objective, eval_objective: Objective, schedule: Schedule,
+                      lora_cfg: LoraConfig) -> tuple[Tables | None, TokenStore | None, list[list[Pair]], Tables | None]:
+    """(training reference table, its per-token log-probs where a KL term needs them, this process's held-out
+    micro-batches, held-out reference table), all cached in the run folder; each process scores its own share.
+    No reference pass for an objective without one."""
     held_out = schedule.held_out()
     eval_groups = held_out.per_rank[scoring.d.rank]
     if not objective.needs_reference:
-        return None, eval_groups, None
+        return None, None, eval_groups, None
     t0 = time.perf_counter()
+    counts = target_counts(schedule.train, objective.sequences) if objective.kl else None
     with lora.reference(scoring.policy.model, lora_cfg):
-        ref = cached_score(scoring, schedule.first_epoch(), objective.ref_stats)
+        ref, token_ref = cached_score(scoring, schedule.first_epoch(), objective.ref_stats, counts)
         # The held-out reference pass also gives the untrained policy's statistics (the step-0 evaluation).
-        eval_ref = cached_score(scoring, held_out, tuple(dict.fromkeys(objective.ref_stats + objective.stats)))
+        eval_ref, _ = cached_score(scoring, held_out, tuple(dict.fromkeys(eval_objective.ref_stats +
+                                                                          eval_objective.stats)))
     log.info("reference log-probs of %d pairs in %.1f s", int((~ref["logps"].isnan()).all(1).sum()) + held_out.n_rows,
              time.perf_counter() - t0)
-    return ref, eval_groups, eval_ref
+    return ref, token_ref, eval_groups, eval_ref
 
 
 def _count_skips(state: dict, record: dict, limit: int) -> None:
@@ -275,7 +283,12 @@ def train_step(model, optimizer, step: Step, lr: float, context: StepContext) ->
     for i, group in enumerate(groups):  # every process has as many micro-batches (`shard_step` pads)
         distributed.sync_gradients(model, i == len(groups) - 1)
         mb = collate(group, context.pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
-        stats = sequence_stats(model, mb, runtime.autocast(), objective.stats, objective.uniform_grad)
+        token_ref = None
+        if objective.kl is not None:  # a padding micro-batch's copies have no places: any values do, times 0
+            token_ref = torch.zeros(mb.target_ids.numel()) if is_padding(group) else context.token_ref.read(
+                mb.pair_index, torch.bincount(mb.target_seq, minlength=mb.n_seqs))
+        stats = sequence_stats(model, mb, runtime.autocast(), objective.stats, objective.uniform_grad, token_ref,
+                               objective.kl)
         runtime.release_host_memory()
         if is_padding(group):
             (sum(v.sum() for v in stats.values()) * 0).backward()  # joins the other processes' collectives

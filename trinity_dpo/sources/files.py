@@ -16,6 +16,9 @@ from ..errors import DataError, one_line
 
 _SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 CHUNK_ROWS = 2048  # rows per chunk: large enough to batch the tokenizer, small enough to hold in any process
+# ... and at most about this many bytes of source text: a chunk becomes Python lists of token ids in a tokenizing
+# worker (~40 bytes a token), so 2048 long reasoning traces (5k tokens each) would be 400 MB in every worker.
+CHUNK_BYTES = 8 << 20
 
 
 def _suffix(path: Path) -> str:
@@ -56,6 +59,8 @@ def iter_rows(path: str, split: str = "train", subset: str | None = None,
             dataset = datasets.load_dataset(_SUFFIX_BUILDERS[_suffix(p)], data_files=str(p), split="train")
         except Exception as e:  # datasets raises many types for unreadable files
             raise DataError(f"{path}: cannot read data: {one_line(e)}") from None
+    per_row = dataset.data.nbytes / max(len(dataset), 1)  # Arrow's bytes: the text the rows hold
+    chunk_rows = max(1, min(chunk_rows, int(CHUNK_BYTES / max(per_row, 1.0))))
     for start in range(0, len(dataset), chunk_rows):
         columns = dataset[start:start + chunk_rows]
         names = list(columns)
@@ -99,16 +104,16 @@ def _json_chunks(path: Path, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
         for start in range(0, len(rows), chunk_rows):
             yield rows[start:start + chunk_rows]
         return
-    chunk, rows = [], 0
+    chunk, rows, size = [], 0, 0
     try:
         with opener(path, "rb") as fh:
             for line, raw in enumerate(fh, start=1):
                 row = _json_line(path, raw, line, rows + 1)
-                rows += len(row)
+                rows, size = rows + len(row), size + len(raw)
                 chunk.extend(row)
-                if len(chunk) >= chunk_rows:
+                if len(chunk) >= chunk_rows or (chunk and size >= CHUNK_BYTES):
                     yield chunk
-                    chunk = []
+                    chunk, size = [], 0
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read: {one_line(e)}") from None
     if chunk:
