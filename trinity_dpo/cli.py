@@ -3,6 +3,7 @@
     trinity run --config examples/dpo_humanlike/dpo.yaml [dotted.key=value ...]   (every stage of a `stages:` config)
     trinity eval --model RUN/global_step_N [--ref BASE] (--config dpo.yaml | --data pairs.jsonl) [--generate 3]
     trinity report RUN_DIR
+    trinity chat (--model CHECKPOINT | --run RUN_DIR) [--system TEXT] [--temperature T]
     trinity models
 
 Each subcommand parses, validates before anything heavy loads, and calls one function. Exit codes (the table in
@@ -36,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     report_p = sub.add_parser("report", help="rebuild the charts and report.html of a run folder")
     report_p.add_argument("run_dir")
     sub.add_parser("models", help="list the built-in models and their local folders (converting on first use)")
+    chat_p = sub.add_parser("chat", help="talk to a model in the terminal, through its chat template")
+    which = chat_p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a checkpoint, LoRA adapter folder, model folder, hub id or builtin:NAME")
+    which.add_argument("--run", help="a run folder: its newest checkpoint")
+    chat_p.add_argument("--system", help="a system message to start with")
+    chat_p.add_argument("--max-new-tokens", type=int, default=256)
+    chat_p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy, reproducible")
+    chat_p.add_argument("--top-p", type=float, default=1.0)
+    chat_p.add_argument("--seed", type=int, default=0, help="the sampling seed (with --temperature above 0)")
+    chat_p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return parser
 
 
@@ -95,13 +106,25 @@ def _report(args) -> str:
     return f"wrote {write_report(args.run_dir)}"
 
 
+def _chat(args) -> str:
+    from .run import chat
+
+    logging.getLogger().setLevel(logging.WARNING)  # the terminal is the conversation's
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--max-new-tokens must be at least 1, --temperature at least 0 and --top-p in (0, 1]")
+    model, tokenizer, device = chat.load(chat.checkpoint_of(args.run) if args.run else args.model, args.device)
+    sampling = chat.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    chat.session(model, tokenizer, device, sampling, args.system)
+    return ""
+
+
 def _models(args) -> str:
     from .sources.builtin import BUILTINS, PREFIX, materialize
 
     return "\n".join(f"{PREFIX}{name}\t{materialize(PREFIX + name)}" for name in BUILTINS)
 
 
-COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models}
+COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models, "chat": _chat}
 
 if __name__ == "__main__":
     from .engine.distributed import launched, worker_main
