@@ -2,7 +2,7 @@
 
     trinity run --config examples/dpo_humanlike/dpo.yaml [dotted.key=value ...]   (every stage of a `stages:` config)
     trinity eval --model RUN/global_step_N [--ref BASE] (--config dpo.yaml | --data pairs.jsonl) [--generate 3]
-    trinity report RUN_DIR
+    trinity report RUN_DIR [RUN_DIR ...] [-o page.html]                           (several: side by side)
     trinity chat (--model CHECKPOINT | --run RUN_DIR) [--system TEXT] [--temperature T]
     trinity models
 
@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--data", help="a preference file or folder with prompt/chosen/rejected")
     eval_p.add_argument("--generate", type=int, default=0, metavar="N", help="greedy answers of both models to N prompts")
     eval_p.add_argument("overrides", nargs="*", help="dotted key=value settings (with --config)")
-    report_p = sub.add_parser("report", help="rebuild the charts and report.html of a run folder")
-    report_p.add_argument("run_dir")
+    report_p = sub.add_parser("report", help="rebuild a run's report.html, or compare several runs on one page")
+    report_p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report_p.add_argument("-o", "--out", help="the comparison page to write (several runs; default: runs.html)")
     sub.add_parser("models", help="list the built-in models and their local folders (converting on first use)")
     chat_p = sub.add_parser("chat", help="talk to a model in the terminal, through its chat template")
     which = chat_p.add_mutually_exclusive_group(required=True)
@@ -99,11 +100,15 @@ def _eval(args) -> str:
 def _report(args) -> str:
     from pathlib import Path
 
+    from .run.compare import compare
     from .run.report import write_report
 
-    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
-        raise ConfigError(f"{args.run_dir}: no metrics.jsonl here; give a run folder")
-    return f"wrote {write_report(args.run_dir)}"
+    for run_dir in args.run_dirs:
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise ConfigError(f"{run_dir}: no metrics.jsonl here; give run folders")
+    if len(args.run_dirs) == 1 and not args.out:
+        return f"wrote {write_report(args.run_dirs[0])}"
+    return f"wrote {compare(args.run_dirs, args.out or 'runs.html')}"
 
 
 def _chat(args) -> str:
