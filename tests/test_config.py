@@ -151,7 +151,8 @@ OBJECTIVE_ERRORS = [
      "policy_loss_fn: dpo only"),
     ({"cpo_alpha": 1.0}, "orpo", "cpo_alpha applies to policy_loss_fn cpo/simpo"),
     ({"f_divergence_type": "kl"}, "dpo", "f_divergence_type: 'kl' is not one of 'reverse_kl', 'forward_kl'"),
-    ({}, "kto", "algorithm.policy_loss_fn: 'kto' is not one of 'dpo', 'simpo', 'cpo', 'orpo'"),
+    ({}, "kto", "algorithm.policy_loss_fn: 'kto' does not go with algorithm_type 'dpo'"),
+    ({}, "ipo", "algorithm.policy_loss_fn: 'ipo' is not one of 'dpo', 'simpo', 'cpo', 'orpo'"),
     ({"gamma": 0.3, "simpo_gamma": 0.4}, "simpo", "conflicting values for one setting: "
      "algorithm.policy_loss_fn_args.gamma=0.3, algorithm.policy_loss_fn_args.simpo_gamma=0.4"),
 ]

@@ -276,7 +276,7 @@ def test_objective_without_reference_runs_no_reference_pass(make_config, monkeyp
         return -chosen, {"logps/chosen": chosen.detach()}
 
     objective = Objective("nll", 2, False, ("logps", "tokens"), (), ("logps/chosen",), nll)
-    monkeypatch.setattr(train, "build_objective", lambda algorithm, terms=True: objective)
+    monkeypatch.setattr(train, "build_objective", lambda algorithm, terms=True, held_out=False: objective)
     calls = []
     monkeypatch.setattr(train, "cached_score", lambda *a, **k: calls.append(1))
     run_dir = train.run(load_config(make_config(main={"buffer": {"trainer_input": {"eval_fraction": 0.25}},

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from .kto_checks import check_kto_batch
 from .objective_checks import validate_objective
 from .schema import Config
 
@@ -43,6 +44,7 @@ def validate(cfg: Config) -> None:
     fraction = cfg.buffer.trainer_input.eval_fraction
     _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
     validate_objective(cfg.algorithm)
+    check_kto_batch(cfg)
     _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")
     _check(0 <= opt.lr_warmup_steps_ratio <= 1,
            f"algorithm.optimizer.lr_warmup_steps_ratio must be in [0, 1], got {opt.lr_warmup_steps_ratio}")

@@ -64,7 +64,7 @@ def build_config(raw: dict, path: Path, pairs: list[tuple[str, Any]]) -> Config:
     provided: set[str] = set()
     ignored: list[str] = []
     cfg = _build(Config, data, "", provided, ignored)
-    if cfg.algorithm.algorithm_type == "dpo":  # Trinity's DPO reader never read it: pairs are kept whole
+    if cfg.algorithm.algorithm_type in ("dpo", "kto"):  # Trinity's DPO reader never read it: pairs are kept whole
         ignored += [k for k in provided if k == f"{_VERL_PREFIX}data.truncation"]
     if ignored:
         verl = [k[len(_VERL_PREFIX):] for k in ignored if k.startswith(_VERL_PREFIX)]
@@ -270,6 +270,10 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
     algo = cfg.algorithm
     if algo.algorithm_type == "sft" and "algorithm.policy_loss_fn" not in provided:
         algo.policy_loss_fn = "sft"  # Trinity's default loss for its SFT algorithm
+    if algo.algorithm_type == "kto":  # KTO's own objective, TRL's loss type `kto` unless one is given
+        algo.policy_loss_fn = algo.policy_loss_fn if "algorithm.policy_loss_fn" in provided else "kto"
+        if "algorithm.policy_loss_fn_args.loss_type" not in provided:
+            algo.policy_loss_fn_args.loss_type = "kto"
     if algo.use_token_level_loss is not None:
         mode = "token-mean" if algo.use_token_level_loss else "seq-mean-token-mean"
         if "algorithm.loss_agg_mode" in provided and algo.loss_agg_mode != mode:

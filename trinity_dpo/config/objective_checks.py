@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ConfigError
+from .kto_checks import refuse_kto_weights, validate_kto
 from .schema import AlgorithmConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ def validate_objective(algorithm: AlgorithmConfig) -> None:
            f"algorithm.policy_loss_fn: {fn!r} does not go with algorithm_type {algorithm.algorithm_type!r} (sft trains "
            "with policy_loss_fn sft; dpo with dpo, simpo, cpo or orpo)")
     key = "algorithm.policy_loss_fn_args."
+    if fn == "kto" or algorithm.algorithm_type == "kto":  # KTO's settings: kto_checks.py
+        return validate_kto(algorithm)
+    refuse_kto_weights(algorithm)
     types = [args.loss_type] if isinstance(args.loss_type, str) else args.loss_type
     allowed = DPO_LOSS_TYPES if fn == "dpo" else CPO_LOSS_TYPES if fn == "cpo" else ("sigmoid",)
     _check(args.beta > 0, f"{key}beta must be > 0, got {args.beta}")

@@ -34,6 +34,8 @@ class LossArgs:
     gamma: float = 0.5  # SimPO's target reward margin
     simpo_gamma: Optional[float] = None  # TRL's spelling of gamma
     cpo_alpha: Optional[float] = None  # weight of CPO's chosen-NLL term (default: 1 for cpo, 0 for simpo)
+    desirable_weight: float = 1.0  # KTO: weight of each desirable example's loss
+    undesirable_weight: float = 1.0  # KTO: weight of each undesirable example's loss
 
 
 @dataclass
@@ -56,8 +58,8 @@ class EntropyLossArgs:
 class AlgorithmConfig:
     """`algorithm`."""
 
-    algorithm_type: Literal["dpo", "sft"] = "dpo"  # offline DPO (preference pairs) or SFT (conversations)
-    policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo", "sft"] = "dpo"  # the objective; sft with algorithm_type sft
+    algorithm_type: Literal["dpo", "sft", "kto"] = "dpo"  # DPO (preference pairs), SFT (conversations), KTO (labelled completions)
+    policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo", "sft", "kto"] = "dpo"  # the objective; sft, kto: their type's
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # SFT's NLL, KL, entropy
     use_token_level_loss: Optional[bool] = None  # older Trinity spelling: true is token-mean, false seq-mean-token-mean
     policy_loss_fn_args: LossArgs = field(default_factory=LossArgs)  # loss hyper-parameters
@@ -151,6 +153,8 @@ class FormatConfig:
     chat_template: Optional[str] = None  # Trinity spelling of model.custom_chat_template
     response_key: str = "response"  # SFT plaintext: column with the assistant's answer
     tools_key: str = "tools"  # SFT: column with tool definitions handed to the chat template
+    completion_key: str = "completion"  # KTO: column with the completion (text, a message or messages)
+    label_key: str = "label"  # KTO: column with the completion's label (true: desirable)
     enable_concatenated_multi_turn: bool = False  # SFT: train every assistant turn (off: the last message only)
     enable_thinking: Optional[bool] = None  # SFT: handed to the chat template; default model.enable_thinking
 

@@ -19,6 +19,7 @@ from .examples import Examples
 from .pairs import Limits
 from .prepare import Recipe, load_table
 from .token_cache import TokenTable
+from .unpaired import split_by_rows, unpaired_examples
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def _recipe(cfg: Config) -> Recipe:
     verl = cfg.trainer.trainer_config.data
     if _is_sft(cfg):
         return Recipe("sft", max_len=cfg.model.max_model_len, truncation=verl.truncation)
-    return Recipe("pairs", limits=Limits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens,
+    kind = "unpaired" if cfg.algorithm.algorithm_type == "kto" else "pairs"  # KTO: labelled completions
+    return Recipe(kind, limits=Limits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens,
                                          cfg.model.max_model_len, verl.max_prompt_length, verl.max_response_length))
 
 
@@ -54,13 +56,17 @@ def _table(cfg: Config, tokenizer, storage: StorageConfig, key: str) -> tuple[To
     return load_table(storage, key, tokenizer, cfg.model.model_path, _recipe(cfg), cache, cfg.buffer.tokenize_workers)
 
 
-def _examples(cfg: Config, table: TokenTable, entries: np.ndarray, report: DataReport) -> Examples:
+def _examples(cfg: Config, table: TokenTable, entries: np.ndarray, report: DataReport,
+              held_out: bool = False) -> Examples:
     """The kept examples among `entries` of `table`, with what tokenizing them added counted into `report`."""
     ids, counts = np.unique(np.asarray(table.events)[entries], return_counts=True)
     for k, n in zip(ids.tolist(), counts.tolist()):
         report.add_counts(table.meta["events"][k], n)
     log.info(report.summary())
-    return Examples(table, entries[np.asarray(table.kept)[entries]], "sft" if _is_sft(cfg) else "pairs")
+    kept = entries[np.asarray(table.kept)[entries]]
+    if cfg.algorithm.algorithm_type == "kto":  # in file order; held out, with their KL sequences (unpaired.py)
+        return unpaired_examples(table, kept, held_out and "kto" in cfg.algorithm.policy_loss_fn_args.loss_type)
+    return Examples(table, kept, "sft" if _is_sft(cfg) else "pairs")
 
 
 def load_data(cfg: Config, tokenizer) -> Data:
@@ -81,6 +87,10 @@ def load_data(cfg: Config, tokenizer) -> Data:
         order = torch.randperm(len(table), generator=torch.Generator().manual_seed(cfg.trainer.seed)).numpy()
         n_eval = max(1, round(inputs.eval_fraction * len(table)))
         eval_table, eval_entries, entries = table, np.sort(order[:n_eval]), np.sort(order[n_eval:])
+        if cfg.algorithm.algorithm_type == "kto":  # by source row: a pair's two halves stay on one side
+            rows = torch.randperm(len(np.unique(np.asarray(table.rows))),
+                                  generator=torch.Generator().manual_seed(cfg.trainer.seed)).numpy()
+            entries, eval_entries, n_eval = split_by_rows(table, inputs.eval_fraction, rows)
         eval_report = DataReport(f"{train_report.source} (held-out {inputs.eval_fraction:g})", read=n_eval,
                                  unit=train_report.unit)
         train_report.read -= n_eval
@@ -88,10 +98,11 @@ def load_data(cfg: Config, tokenizer) -> Data:
         _count_shared_prompts(np.asarray(table.prompt_hash)[entries], np.asarray(eval_table.prompt_hash)[eval_entries],
                               eval_report)
     examples = _examples(cfg, table, entries, train_report)
-    what = "SFT rows" if _is_sft(cfg) else "preference pairs"
+    what = "SFT rows" if _is_sft(cfg) else "unpaired examples" if cfg.algorithm.algorithm_type == "kto" else \
+        "preference pairs"
     if not len(examples):
         raise DataError(f"{train_report.source}: no usable {what} ({train_report.summary()})")
-    held_out = _examples(cfg, eval_table, eval_entries, eval_report) if eval_report else []
+    held_out = _examples(cfg, eval_table, eval_entries, eval_report, held_out=True) if eval_report else []
     if eval_report and not len(held_out):
         raise DataError(f"no usable held-out {what} ({eval_report.summary()})")
     samples = [eval_table.prompt(int(e)) for e in held_out.entries[:cfg.trainer.eval_samples]] if len(held_out) else []

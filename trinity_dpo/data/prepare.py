@@ -29,6 +29,7 @@ from . import token_cache
 from .conversations import BadRow, DataReport, to_conversation
 from .pairs import Limits, tokenize_pairs
 from .sft import to_dialogue, tokenize_dialogues
+from .unpaired import label_codes, to_unpaired, tokenize_unpaired
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How rows become examples: `kind` 'pairs' (with `limits`) or 'sft' (with `max_len` and `truncation`)."""
+    """How rows become examples: `kind` 'pairs' or 'unpaired' (KTO's labelled completions; with `limits`) or 'sft'
+    (with `max_len` and `truncation`)."""
 
     kind: str
     limits: Limits | None = None
@@ -199,15 +201,18 @@ def _tokenize_chunk(job: tuple[int, list[dict]]) -> tuple[token_cache.Chunk, int
     first, rows = job
     tokenizer, storage, recipe = _WORKER["tokenizer"], _WORKER["storage"], _WORKER["recipe"]
     report, seen = DataReport(storage.path), Counter()
-    convert = to_conversation if recipe.kind == "pairs" else to_dialogue
+    convert = {"pairs": to_conversation, "sft": to_dialogue, "unpaired": to_unpaired}[recipe.kind]
     items = []
     for number, row in enumerate(rows, start=first):
         try:
-            items.append(convert(row, number, storage.format))
+            item = convert(row, number, storage.format)
+            items += item if recipe.kind == "unpaired" else [item]  # a pair unpaired is two examples
         except BadRow as e:
             report.refuse(storage, number, e, seen)
     if recipe.kind == "pairs":
         results = tokenize_pairs(items, tokenizer, recipe.limits)
+    elif recipe.kind == "unpaired":
+        results = tokenize_unpaired(items, tokenizer, recipe.limits)
     else:
         results = tokenize_dialogues(items, tokenizer, storage.format, recipe.max_len, recipe.truncation,
                                      storage.on_bad_row, storage.path)
@@ -220,10 +225,14 @@ def _chunk_of(items: list, results: list, recipe: Recipe) -> token_cache.Chunk:
         if example is None:
             spans.append([(0, 0)] * recipe.segments)
             continue
-        segments = ([example.prompt_ids, example.chosen_ids, example.rejected_ids] if recipe.kind == "pairs"
-                    else [example.prompt_ids, example.response_ids])
-        masks = ([[1] * len(s) for s in segments] if recipe.kind == "pairs"
-                 else [[0] * len(example.prompt_ids), example.response_mask])
+        if recipe.kind == "unpaired":  # the completion trains
+            segments = [example.prompt_ids, example.completion_ids]
+            masks = [[0] * len(example.prompt_ids), [1] * len(example.completion_ids)]
+        else:
+            segments = ([example.prompt_ids, example.chosen_ids, example.rejected_ids] if recipe.kind == "pairs"
+                        else [example.prompt_ids, example.response_ids])
+            masks = ([[1] * len(s) for s in segments] if recipe.kind == "pairs"
+                     else [[0] * len(example.prompt_ids), example.response_mask])
         row_spans = []
         for ids, m in zip(segments, masks):
             row_spans.append((len(tokens), len(ids)))
@@ -242,7 +251,8 @@ def _chunk_of(items: list, results: list, recipe: Recipe) -> token_cache.Chunk:
         rows=np.array([item.row for item in items], np.int64),
         kept=np.array([example is not None for example, _ in results], np.bool_),
         events=[json.dumps(counts.counts(), sort_keys=True) for _, counts in results],
-        prompt_hash=np.array(hashes, np.uint64), prompts=b"".join(prompts), prompt_offsets=np.array(offsets, np.int64))
+        prompt_hash=np.array(hashes, np.uint64), prompts=b"".join(prompts), prompt_offsets=np.array(offsets, np.int64),
+        labels=label_codes(items) if recipe.kind == "unpaired" else None)
 
 
 def _tokenizer_digest(tokenizer, folder: str) -> str:

@@ -48,6 +48,7 @@ class TokenTable:
     prompt_hash: np.ndarray
     prompt_offsets: np.ndarray
     meta: dict
+    labels: np.ndarray | None = None  # uint8 [n], unpaired tables only (`unpaired.py`): each example's label
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -117,6 +118,7 @@ class Writer:
         self.offsets = open(self.tmp / "prompt_offsets.raw", "wb")
         self.offsets.write(np.zeros(1, np.int64).tobytes())
         self.events: dict[str, int] = {}
+        self.extras: dict = {}  # arrays only some tables have (EXTRAS), opened with their first chunk
 
     def add(self, chunk: "Chunk") -> None:
         spans = chunk.spans.copy()
@@ -126,6 +128,11 @@ class Writer:
             self.files[name].write(np.ascontiguousarray(array).tobytes())
         ids = np.array([self.events.setdefault(e, len(self.events)) for e in chunk.events], np.int32)
         self.files["events"].write(ids.tobytes())
+        for name in EXTRAS:
+            if getattr(chunk, name) is not None:
+                if name not in self.extras:
+                    self.extras[name] = open(self.tmp / f"{name}.raw", "wb")
+                self.extras[name].write(np.ascontiguousarray(getattr(chunk, name), DTYPES[name]).tobytes())
         self.prompts.write(chunk.prompts)
         self.offsets.write((chunk.prompt_offsets[1:] + self.prompt_bytes).astype(np.int64).tobytes())
         self.prompt_bytes += int(chunk.prompt_offsets[-1])
@@ -133,13 +140,14 @@ class Writer:
         self.n_entries += len(chunk.rows)
 
     def finish(self, meta: dict) -> TokenTable:
-        for fh in (*self.files.values(), self.prompts, self.offsets):
+        for fh in (*self.files.values(), *self.extras.values(), self.prompts, self.offsets):
             fh.close()
         shapes = {"tokens": (self.n_tokens,), "mask": (self.n_tokens,), "spans": (self.n_entries, self.segments, 2),
                   "prompt_offsets": (self.n_entries + 1,)}
         meta = {**meta, "events": [json.loads(e) for e in sorted(self.events, key=self.events.get)],
                 "entries": self.n_entries, "n_tokens": self.n_tokens, "segments": self.segments,
-                "checksums": {name: _checksum(self.tmp / f"{name}.raw") for name in ARRAYS}}
+                "checksums": {name: _checksum(self.tmp / f"{name}.raw") for name in (*ARRAYS, *self.extras)},
+                "extras": list(self.extras)}
         (self.tmp / "meta.json").write_text(json.dumps(meta))
         (self.tmp / DONE).write_text(json.dumps({"shapes": {k: list(v) for k, v in shapes.items()}}))
         shutil.rmtree(self.final, ignore_errors=True)
@@ -148,7 +156,7 @@ class Writer:
         return open_table(self.final)
 
     def abort(self) -> None:
-        for fh in (*self.files.values(), self.prompts, self.offsets):
+        for fh in (*self.files.values(), *self.extras.values(), self.prompts, self.offsets):
             fh.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -166,10 +174,12 @@ class Chunk:
     prompt_hash: np.ndarray
     prompts: bytes
     prompt_offsets: np.ndarray
+    labels: np.ndarray | None = None  # see TokenTable
 
 
 DTYPES = {"tokens": np.int32, "mask": np.uint8, "spans": np.int64, "rows": np.int64, "kept": np.bool_,
-          "events": np.int32, "prompt_hash": np.uint64, "prompt_offsets": np.int64}
+          "events": np.int32, "prompt_hash": np.uint64, "prompt_offsets": np.int64, "labels": np.uint8}
+EXTRAS = ("labels",)  # arrays of [n] that a table has only when its chunks carry them (meta["extras"])
 
 
 def open_table(folder: Path, verify: bool = False) -> TokenTable:
@@ -178,7 +188,7 @@ def open_table(folder: Path, verify: bool = False) -> TokenTable:
     done = json.loads((folder / DONE).read_text())
     meta = json.loads((folder / "meta.json").read_text())
     arrays = {}
-    for name in ARRAYS:
+    for name in (*ARRAYS, *meta.get("extras", ())):
         path = folder / f"{name}.raw"
         shape = tuple(done["shapes"].get(name, (meta["entries"],)))
         expected = int(np.prod(shape)) * np.dtype(DTYPES[name]).itemsize

@@ -66,6 +66,13 @@ class Objective:
     # Trinity's per-token KL estimator (`terms.py`), f(logp, ref) elementwise; when set, the `kl` statistic needs
     # the reference's log-prob of every response token, which the reference pass keeps.
     kl: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    # Whole-step hooks (KTO's, `kto.py`): `reference_plan(schedule)`, the Plan the reference pass scores in place of
+    # `Schedule.first_epoch()`; `data_tables(examples)`, per-example tables from the data put beside the
+    # reference's, which `compute` reads with them (labels); `before_step(model, step, context)`, a pass before a
+    # step's micro-batches whose figures join the step's totals (the KL baseline).
+    reference_plan: Optional[Callable] = None
+    data_tables: Optional[Callable] = None
+    before_step: Optional[Callable] = None
 
 
 def step_totals(examples) -> dict[str, float]:
@@ -78,10 +85,16 @@ def step_totals(examples) -> dict[str, float]:
             "prompt_tokens": sum(len(ex.prompt_ids) - 1 for ex in examples)}
 
 
-def build(algorithm: AlgorithmConfig, terms: bool = True) -> Objective:
+def build(algorithm: AlgorithmConfig, terms: bool = True, held_out: bool = False) -> Objective:
     """The objective `algorithm` names, with its hyper-parameters bound, and with `terms` the KL and entropy terms
-    it turns on (`terms.py`; held-out figures are the objective's own)."""
-    objective = _objective(algorithm)
+    it turns on (`terms.py`; held-out figures are the objective's own). `held_out`: the objective of held-out
+    figures, where it differs (KTO's: one batch that holds its own KL sequences)."""
+    if algorithm.policy_loss_fn == "kto":
+        from .kto import kto  # kto.py builds its Objective from this module
+
+        objective = kto(algorithm.policy_loss_fn_args, held_out)
+    else:
+        objective = _objective(algorithm)
     return add_terms(objective, algorithm, trinity_metrics=algorithm.policy_loss_fn == "dpo") if terms else objective
 
 

@@ -107,7 +107,7 @@ class Scoring:
 
 
 def cached_score(scoring: Scoring, plan: Plan, stats: tuple[str, ...] = ("logps",),
-                 counts: np.ndarray | None = None) -> tuple[Tables, TokenStore | None]:
+                 counts: np.ndarray | None = None, sequences: int = 2) -> tuple[Tables, TokenStore | None]:
     """`score` of `plan` (each process scores its own part; the parts are merged), read from
     `ref_cache/<label>-<fingerprint>.pt` of this run or a sibling run when there, else computed and stored there by
     rank 0. The file is written to a temporary name and renamed, so a reader never sees half of one. With `counts`
@@ -134,7 +134,7 @@ def cached_score(scoring: Scoring, plan: Plan, stats: tuple[str, ...] = ("logps"
         d.from_main(None)
         store = TokenStore(tmp_name(tokens), counts, "r+")
     policy = scoring.policy
-    tables = score(policy.model, plan.groups(d.rank), plan.n_rows, scoring.pad_id, policy.runtime, stats=stats,
+    tables = score(policy.model, plan.groups(d.rank), plan.n_rows, scoring.pad_id, policy.runtime, sequences, stats,
                    store=store)
     tables = {k: d.merge_rows(t) for k, t in tables.items()}  # also: every process has written its tokens
     if d.main:

@@ -25,7 +25,7 @@ def eval_metrics(policy: dict[str, torch.Tensor], ref: dict[str, torch.Tensor] |
                                         step_totals(pairs))
     means = {"loss": losses.mean().item(), **{key: values.mean().item() for key, values in metrics.items()}}
     out = {f"eval/{key}": value for key, value in {**means, **objective.derived(means)}.items()}
-    if objective.sequences == 2:
+    if objective.sequences == 2 and objective.name != "kto":  # KTO's second sequence is its KL sequence
         per_token = policy["logps"] / policy["tokens"]
         out["eval/prefers_chosen"] = (per_token[:, 0] > per_token[:, 1]).float().mean().item()
     return out
@@ -99,13 +99,15 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     pad, max_new = tokenizer.pad_token_id, cfg.trainer.eval_max_new_tokens
     groups = Schedule.of(cfg, data, world=1).held_out().per_rank[0]  # one process: `plan_micro` of the held-out set
     tables, answers = [], []
-    objective = build_objective(cfg.algorithm, terms=False)  # held-out figures: the objective's own
+    objective = build_objective(cfg.algorithm, terms=False, held_out=True)  # held-out figures: the objective's own
     stats = tuple(dict.fromkeys(objective.ref_stats + objective.stats))
     for path in (ref_path, cfg.model.model_path):
         model, _ = load_model(cfg, runtime.device, path)
         tables.append(score(model, groups, len(data.eval), pad, runtime, objective.sequences, stats))
         answers.append(generate(model, tokenizer, data.sample_prompts, runtime, max_new))
         del model
+    if objective.data_tables is not None:  # per-example data the loss reads beside the reference (KTO's labels)
+        tables[0].update(objective.data_tables(data.eval))
     figures = [eval_metrics(t, tables[0], data.eval, objective) for t in tables]
     text = comparison(figures[0], figures[1], len(data.eval)).replace("before     after", "  base     model")
     if data.sample_prompts:

@@ -20,6 +20,7 @@ CHARTS = [  # file, title, series (key, label) from train records, eval key draw
     ("margins.png", "reward margin", [("rewards/margins", "train")], "eval/rewards/margins"),
     ("rewards.png", "implicit rewards", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")], None),
     ("kl.png", "KL term (before kl_coef)", [("actor/kl_loss", "KL")], None),
+    ("kto_kl.png", "KTO's KL baseline (clamped at 0)", [("kl", "KL")], "eval/kl"),
     ("entropy.png", "entropy of the responses (before entropy_coef)", [("actor/entropy_loss", "entropy")], None),
     ("token_accuracy.png", "top-1 token accuracy", [("mean_token_accuracy", "train")], "eval/mean_token_accuracy"),
     ("lr.png", "learning rate", [("lr", "lr")], None),

@@ -148,7 +148,8 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     log.info("%d %s, batch %d: %s", len(data.train), "rows" if cfg.algorithm.algorithm_type == "sft" else "pairs",
              cfg.buffer.train_batch_size, explain_steps(cfg, len(data.train)))
     # Before the optimizer exists and before any restore: the reference is the initial weights.
-    objective, eval_objective = build_objective(cfg.algorithm), build_objective(cfg.algorithm, terms=False)
+    objective = build_objective(cfg.algorithm)
+    eval_objective = build_objective(cfg.algorithm, terms=False, held_out=True)
     scoring = Scoring(policy, cfg.model.model_path, tokenizer.pad_token_id, run_dir, d)
     ref, token_ref, eval_groups, eval_ref = _reference_tables(scoring, objective, eval_objective, schedule,
                                                               cfg.model.lora)
@@ -229,10 +230,15 @@ def _reference_tables(scoring: Scoring, objective: Objective, eval_objective: Ob
     t0 = time.perf_counter()
     counts = target_counts(schedule.train, objective.sequences) if objective.kl else None
     with lora.reference(scoring.policy.model, lora_cfg):
-        ref, token_ref = cached_score(scoring, schedule.first_epoch(), objective.ref_stats, counts)
+        plan = schedule.first_epoch() if objective.reference_plan is None else objective.reference_plan(schedule)
+        ref, token_ref = cached_score(scoring, plan, objective.ref_stats, counts, objective.sequences)
         # The held-out reference pass also gives the untrained policy's statistics (the step-0 evaluation).
         eval_ref, _ = cached_score(scoring, held_out, tuple(dict.fromkeys(eval_objective.ref_stats +
-                                                                          eval_objective.stats)))
+                                                                          eval_objective.stats)),
+                                   sequences=eval_objective.sequences)
+    if objective.data_tables is not None:  # per-example data the loss reads beside the reference (KTO's labels)
+        ref.update(objective.data_tables(schedule.train))
+        eval_ref.update(eval_objective.data_tables(schedule.eval))
     log.info("reference log-probs of %d pairs in %.1f s", int((~ref["logps"].isnan()).all(1).sum()) + held_out.n_rows,
              time.perf_counter() - t0)
     return ref, token_ref, eval_groups, eval_ref
@@ -273,6 +279,8 @@ def train_step(model, optimizer, step: Step, lr: float, context: StepContext) ->
     objective, ref, runtime, d = context.objective, context.ref, context.runtime, context.d
     totals = step_totals(step.examples)  # the whole step's counts, which every micro-batch's loss is normalised by
     start = time.perf_counter()
+    if objective.before_step is not None:  # step-wide figures every micro-batch's loss reads (KTO's KL baseline)
+        totals.update(objective.before_step(model, step, context))
     n_pairs = totals["examples"]
     names = ["loss", *objective.metrics]
     # Sums over this process's examples, then the sequences' tokens, the positions computed and the slots
