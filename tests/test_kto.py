@@ -219,6 +219,23 @@ def test_micro_batched_equals_full_batch(make_config, tmp_path):
     # Step 1 at policy = reference: every r is 0 to the bit, so each loss is 0.5 x its weight (1 or 1.4).
     assert min(abs(steps[0]["loss"] - 0.5 * (d + 1.4 * (8 - d)) / 8) for d in range(9)) < 1e-7
     assert any("eval/kl" in r for r in a) and (full / "kto_kl.png").is_file()
+    # `trinity eval` of the last checkpoint gives the run's last held-out figures.
+    from trinity_dpo.run.evaluate import evaluate_checkpoint
+
+    text = evaluate_checkpoint(load_config(full.parent.parent.parent / "dpo.yaml"), str(full / "global_step_4"), 0)
+    last = a[-1]
+    assert f"{last['eval/loss']:>8.3f}" in text.splitlines()[-1] and "examples" in text.splitlines()[0], text
+
+
+def test_lora_kto_starts_at_the_reference(make_config, tmp_path):
+    """A fresh adapter (B = 0) is the reference: at step 1 the KL baseline is exactly 0 and every example's loss
+    is 0.5 x its weight; the adapter trains."""
+    path = kto_config(make_config, tmp_path, "lora", trainer={"total_steps": 2})
+    cfg = load_config(path, ["model.lora.rank=4", "model.lora.alpha=8"])
+    steps = [r for r in _records(train.run(cfg)) if "loss" in r]
+    assert steps[0]["kl"] == 0.0 and steps[0]["rewards/chosen"] == 0.0 and steps[0]["rewards/rejected"] == 0.0
+    assert min(abs(steps[0]["loss"] - 0.5 * (d + 1.4 * (8 - d)) / 8) for d in range(9)) < 1e-7
+    assert steps[1]["rewards/margins"] != 0.0
 
 
 def test_resume_is_bitwise_and_reuses_every_steps_kl_reference(make_config, tmp_path, monkeypatch):

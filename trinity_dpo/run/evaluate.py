@@ -61,6 +61,7 @@ def comparison(before: dict[str, float], after: dict[str, float], n_pairs: int) 
             ("prefers chosen (logp/token)", "eval/prefers_chosen"),
             ("loss", "eval/loss")]
     unit = "pairs" if "eval/rewards/margins" in before else "rows"
+    unit = "examples" if "eval/kl" in before else unit  # KTO: labelled completions, not pairs
     lines = [f"held-out evaluation ({n_pairs} {unit})      before     after"]
     lines += [f"  {label:<32}{before[key]:>8.3f}  {after[key]:>8.3f}" for label, key in rows if key in before]
     return "\n".join(lines)
