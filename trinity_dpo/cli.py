@@ -4,6 +4,7 @@
     trinity eval --model RUN/global_step_N [--ref BASE] (--config dpo.yaml | --data pairs.jsonl) [--generate 3]
     trinity report RUN_DIR [RUN_DIR ...] [-o page.html]                           (several: side by side)
     trinity chat (--model CHECKPOINT | --run RUN_DIR) [--system TEXT] [--temperature T]
+    trinity export (--model CHECKPOINT | --run RUN_DIR) --gguf FILE.gguf [--type f32|f16|bf16|q8_0]
     trinity models
 
 Each subcommand parses, validates before anything heavy loads, and calls one function. Exit codes (the table in
@@ -48,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     chat_p.add_argument("--top-p", type=float, default=1.0)
     chat_p.add_argument("--seed", type=int, default=0, help="the sampling seed (with --temperature above 0)")
     chat_p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    export_p = sub.add_parser("export", help="write a checkpoint as a GGUF file (llama.cpp, Ollama) and a Modelfile")
+    source = export_p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a checkpoint, LoRA adapter folder, model folder, hub id or builtin:NAME")
+    source.add_argument("--run", help="a run folder: its newest checkpoint")
+    export_p.add_argument("--gguf", required=True, help="the file to write (FILE.gguf; FILE.Modelfile beside it)")
+    # checked by export, not by argparse `choices`: a wrong value is one line like every other user error
+    export_p.add_argument("--type", default="f16", help="f32, f16 (the default), bf16 or q8_0")
     return parser
 
 
@@ -123,13 +131,21 @@ def _chat(args) -> str:
     return ""
 
 
+def _export(args) -> str:
+    from .run import chat
+    from .run.export import export
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs each file it opens: the temporary one
+    return export(chat.checkpoint_of(args.run) if args.run else args.model, args.gguf, args.type)
+
+
 def _models(args) -> str:
     from .sources.builtin import BUILTINS, PREFIX, materialize
 
     return "\n".join(f"{PREFIX}{name}\t{materialize(PREFIX + name)}" for name in BUILTINS)
 
 
-COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models, "chat": _chat}
+COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models, "chat": _chat, "export": _export}
 
 if __name__ == "__main__":
     from .engine.distributed import launched, worker_main
