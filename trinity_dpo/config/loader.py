@@ -270,6 +270,9 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
     algo = cfg.algorithm
     if algo.algorithm_type == "sft" and "algorithm.policy_loss_fn" not in provided:
         algo.policy_loss_fn = "sft"  # Trinity's default loss for its SFT algorithm
+    if algo.algorithm_type == "reward_model":  # reward model: its own loss; a score head answers no prompts
+        algo.policy_loss_fn = algo.policy_loss_fn if "algorithm.policy_loss_fn" in provided else "reward_model"
+        cfg.trainer.eval_samples = 0
     if algo.algorithm_type == "kto":  # KTO's own objective, TRL's loss type `kto` unless one is given
         algo.policy_loss_fn = algo.policy_loss_fn if "algorithm.policy_loss_fn" in provided else "kto"
         if "algorithm.policy_loss_fn_args.loss_type" not in provided:

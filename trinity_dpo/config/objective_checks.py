@@ -8,6 +8,7 @@ import logging
 
 from ..errors import ConfigError
 from .kto_checks import refuse_kto_weights, validate_kto
+from .reward_checks import validate_reward_model
 from .schema import AlgorithmConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,14 @@ def validate_objective(algorithm: AlgorithmConfig) -> None:
     _check((fn == "sft") == (algorithm.algorithm_type == "sft"),
            f"algorithm.policy_loss_fn: {fn!r} does not go with algorithm_type {algorithm.algorithm_type!r} (sft trains "
            "with policy_loss_fn sft; dpo with dpo, simpo, cpo or orpo)")
+    _check((fn == "reward_model") == (algorithm.algorithm_type == "reward_model"),
+           f"algorithm.policy_loss_fn: {fn!r} does not go with algorithm_type {algorithm.algorithm_type!r} (a reward "
+           "model trains with policy_loss_fn reward_model, the only loss of algorithm_type reward_model)")
     key = "algorithm.policy_loss_fn_args."
+    if fn == "reward_model":
+        return validate_reward_model(algorithm)
+    _check(args.center_rewards_coefficient is None, f"{key}center_rewards_coefficient applies to algorithm_type "
+           "reward_model only")
     if fn == "kto" or algorithm.algorithm_type == "kto":  # KTO's settings: kto_checks.py
         return validate_kto(algorithm)
     refuse_kto_weights(algorithm)

@@ -36,6 +36,7 @@ class LossArgs:
     cpo_alpha: Optional[float] = None  # weight of CPO's chosen-NLL term (default: 1 for cpo, 0 for simpo)
     desirable_weight: float = 1.0  # KTO: weight of each desirable example's loss
     undesirable_weight: float = 1.0  # KTO: weight of each undesirable example's loss
+    center_rewards_coefficient: Optional[float] = None  # reward_model: weight of mean((r_chosen + r_rejected)^2)
 
 
 @dataclass
@@ -58,8 +59,8 @@ class EntropyLossArgs:
 class AlgorithmConfig:
     """`algorithm`."""
 
-    algorithm_type: Literal["dpo", "sft", "kto"] = "dpo"  # DPO (preference pairs), SFT (conversations), KTO (labelled completions)
-    policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo", "sft", "kto"] = "dpo"  # the objective; sft, kto: their type's
+    algorithm_type: Literal["dpo", "sft", "reward_model", "kto"] = "dpo"  # on pairs, conversations, pairs, completions
+    policy_loss_fn: Literal["dpo", "simpo", "cpo", "orpo", "sft", "reward_model", "kto"] = "dpo"  # the objective
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # SFT's NLL, KL, entropy
     use_token_level_loss: Optional[bool] = None  # older Trinity spelling: true is token-mean, false seq-mean-token-mean
     policy_loss_fn_args: LossArgs = field(default_factory=LossArgs)  # loss hyper-parameters

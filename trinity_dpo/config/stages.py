@@ -142,6 +142,10 @@ def _hand_offs(built: list[Stage]) -> None:
         if lora.rank > 0 and lora.save_merged == "never":
             raise ConfigError(f"model.lora.save_merged: never leaves stage {stage.name} without a whole model for "
                               f"stage {after.name} to start from (its merged/ folder); set it to final")
+        kinds = [s.cfg.algorithm.algorithm_type == "reward_model" for s in (stage, after)]
+        if kinds[0] and not kinds[1]:  # a sequence classifier has no LM head for a policy to start from
+            raise ConfigError(f"stage {stage.name} trains a reward model (a sequence classifier), which stage "
+                              f"{after.name} cannot start from; make the reward model the last stage or a run of its own")
         if lora.path:
             raise ConfigError("model.lora.path continues one adapter, but with stages each stage trains a fresh "
                               "adapter on the previous stage's merged model; remove model.lora.path (or give its "

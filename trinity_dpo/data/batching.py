@@ -125,6 +125,10 @@ class MicroBatch:
     prompt_seq: torch.Tensor | None = None
     prefixes: list[tuple[int, int] | None] | None = None
     seqs_per_example: int = 2  # sequence s is slot s // n of example s % n (a pair: chosen, then rejected)
+    # A reward model's inputs: each example's margin [n_pairs] (0 without the column) and the flat position of
+    # each sequence's last token that is not the pad id [n_seqs], where its score is read (`_last_kept`).
+    margin: torch.Tensor | None = None
+    score_pos: torch.Tensor | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -155,13 +159,13 @@ def collate(examples: list, pad_id: int, pack: bool = True, share_prompt: bool =
     per = [ex.sequences() for ex in examples]
     k = len(per[0])
     if share_prompt and k == 2:
-        return _collate_shared(examples)
+        return _collate_shared(examples, pad_id)
     seqs = [per[j][slot] for slot in range(k) for j in range(len(examples))]  # slot-major
     lengths = [len(prompt) + len(response) for prompt, response, _ in seqs]
     width = sum(lengths) if pack else max(lengths)
     input_ids = torch.full((1 if pack else len(seqs), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros_like(input_ids)
-    bounds, pos, ids, seq = [0], [], [], []
+    bounds, pos, ids, seq, score_pos = [0], [], [], [], []
     prompts = _Targets()
     for s, ((prompt, response, mask), n) in enumerate(zip(seqs, lengths)):
         row, start = (0, bounds[-1]) if pack else (s, 0)
@@ -173,6 +177,7 @@ def collate(examples: list, pad_id: int, pack: bool = True, share_prompt: bool =
         pos.append(torch.tensor([first + i for i in trained], dtype=torch.long))
         ids.extend(response[i] for i in trained)
         seq.extend([s] * len(trained))
+        score_pos.append(row * width + start + _last_kept(prompt, response, pad_id))
         if s < len(examples):
             prompts.add(row * width + start, prompt, s)
         bounds.append(bounds[-1] + n)
@@ -183,16 +188,18 @@ def collate(examples: list, pad_id: int, pack: bool = True, share_prompt: bool =
         target_pos=torch.cat(pos), target_ids=torch.tensor(ids, dtype=torch.long),
         target_seq=torch.tensor(seq, dtype=torch.long),
         pair_index=torch.tensor([ex.index for ex in examples], dtype=torch.long), n_tokens=sum(lengths),
-        n_real=sum(lengths), seqs_per_example=k, **prompts.fields())
+        n_real=sum(lengths), seqs_per_example=k, margin=_margins(examples),
+        score_pos=torch.tensor(score_pos, dtype=torch.long), **prompts.fields())
 
 
-def _collate_shared(pairs: list[Pair]) -> MicroBatch:
+def _collate_shared(pairs: list[Pair], pad_id: int) -> MicroBatch:
     # The prompt's hidden states are the same under both responses (causal attention), so they are computed once;
     # its last position predicts the first token of both responses.
     n = len(pairs)
     tokens, positions, bounds, prefixes = [], [], [0], []
     prompts = _Targets()
     pos, ids, seq = [[] for _ in range(2 * n)], [[] for _ in range(2 * n)], [[] for _ in range(2 * n)]
+    score_pos = [0] * (2 * n)
     for j, p in enumerate(pairs):
         a, lp, lc, lr = bounds[-1], len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         tokens += p.prompt_ids + p.chosen_ids + p.rejected_ids
@@ -204,12 +211,32 @@ def _collate_shared(pairs: list[Pair]) -> MicroBatch:
         ids[j], ids[n + j] = p.chosen_ids, p.rejected_ids
         prompts.add(a, p.prompt_ids, j)
         seq[j], seq[n + j] = [j] * lc, [n + j] * lr
+        score_pos[j] = a + _last_kept(p.prompt_ids, p.chosen_ids, pad_id)
+        last = _last_kept(p.prompt_ids, p.rejected_ids, pad_id)  # the rejected answer lies after the chosen one
+        score_pos[n + j] = a + last + (lc if last >= lp else 0)
     flat = lambda rows: torch.tensor([x for row in rows for x in row], dtype=torch.long)  # noqa: E731
     return MicroBatch(
         input_ids=torch.tensor([tokens], dtype=torch.long), position_ids=torch.tensor([positions], dtype=torch.long),
         seq_bounds=bounds, target_pos=flat(pos), target_ids=flat(ids), target_seq=flat(seq),
         pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long),
-        n_tokens=sum(p.n_tokens for p in pairs), n_real=len(tokens), prefixes=prefixes, **prompts.fields())
+        n_tokens=sum(p.n_tokens for p in pairs), n_real=len(tokens), prefixes=prefixes, margin=_margins(pairs),
+        score_pos=torch.tensor(score_pos, dtype=torch.long), **prompts.fields())
+
+
+def _margins(examples: list) -> torch.Tensor:
+    return torch.tensor([getattr(ex, "margin", 0.0) for ex in examples], dtype=torch.float32)
+
+
+def _last_kept(prompt: list[int], response: list[int], pad_id: int) -> int:
+    """The index in prompt + response of its last token that is not `pad_id` (0 if none): where a
+    sequence-classification model reads a sequence's score. That is transformers' rule (the rightmost non-pad
+    token), which the saved reward model applies too; it is the last token unless the sequence ends in the pad id
+    (a tokenizer whose pad is its EOS)."""
+    for tokens, offset in ((response, len(prompt)), (prompt, 0)):
+        for i in range(len(tokens) - 1, -1, -1):
+            if tokens[i] != pad_id:
+                return offset + i
+    return 0
 
 
 class _Targets:

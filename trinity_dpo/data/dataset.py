@@ -15,6 +15,7 @@ from ..config.schema import Config, StorageConfig
 from ..errors import DataError
 from ..sources.builtin import cache_root
 from .conversations import DataReport, Turns
+from . import margins
 from .examples import Examples
 from .pairs import Limits
 from .prepare import Recipe, load_table
@@ -105,6 +106,11 @@ def load_data(cfg: Config, tokenizer) -> Data:
     held_out = _examples(cfg, eval_table, eval_entries, eval_report, held_out=True) if eval_report else []
     if eval_report and not len(held_out):
         raise DataError(f"no usable held-out {what} ({eval_report.summary()})")
+    if cfg.algorithm.algorithm_type == "reward_model":  # its optional margin column, by the rows' numbers
+        margins.attach(examples, inputs.experience_buffer, TRAIN_KEY)
+        if len(held_out):
+            margins.attach(held_out, *((inputs.eval_buffer, EVAL_KEY) if inputs.eval_buffer.path else
+                                       (inputs.experience_buffer, TRAIN_KEY)))
     samples = [eval_table.prompt(int(e)) for e in held_out.entries[:cfg.trainer.eval_samples]] if len(held_out) else []
     summary = {"train": train_report.as_dict(), "eval": eval_report.as_dict() if eval_report else None}
     return Data(examples, held_out, samples, summary)

@@ -26,6 +26,7 @@ class Examples:
         n_tokens = (2 * lengths[:, 0] + lengths[:, 1:].sum(1)) if kind == "pairs" else lengths.sum(1)
         self.n_tokens = n_tokens.astype(np.int32)
         self._longest = int(lengths.sum(1).max()) if len(self.entries) else 0
+        self.margins: np.ndarray | None = None  # float32 [n]: a reward model's margin column (`margins.attach`)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -36,7 +37,8 @@ class Examples:
         i %= len(self)
         e, t = int(self.entries[i]), self.table
         if self.kind == "pairs":
-            return Pair(i, int(t.rows[e]), t.segment(e, 0), t.segment(e, 1), t.segment(e, 2))
+            margin = 0.0 if self.margins is None else float(self.margins[i])
+            return Pair(i, int(t.rows[e]), t.segment(e, 0), t.segment(e, 1), t.segment(e, 2), margin)
         return SftExample(i, int(t.rows[e]), t.segment(e, 0), t.segment(e, 1), t.segment_mask(e, 1))
 
     def __iter__(self):

@@ -28,6 +28,7 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    margin: float = 0.0  # a reward model's `margin` column (data/margins.py): 0 without one, TRL's loss then
 
     @property
     def n_tokens(self) -> int:

@@ -142,6 +142,11 @@ class Dist:
             dist.all_reduce(tensor)
         return tensor
 
+    def all_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def merge_rows(self, table: torch.Tensor) -> torch.Tensor:
         """Every process's rows of a NaN-initialised table in one table: a row is the mean of the processes that
         filled it (one, or several with the same numbers: (v + v) / 2 == v exactly)."""

@@ -13,6 +13,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import score_head
 from .attention import varlen_kwargs
 from ..data.batching import MicroBatch
 
@@ -40,11 +41,13 @@ _EXTRA_STATS = {"entropy": "entropy", "entropy_grad": "entropy", "mean_logits": 
 def sequence_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextManager,
                    wanted: tuple[str, ...] = ("logps",), uniform_grad: bool = False,
                    token_ref: torch.Tensor | None = None, kl=None) -> dict[str, torch.Tensor]:
-    """The per-sequence statistics `wanted` (names of `objectives.STATS`) of micro-batch `mb`, fp32 [mb.n_seqs]
-    each, on the model's device, from one forward; token counts need none. `logps`, `logps_shared`,
-    `prompt_logps`, `kl` and `entropy_grad` carry gradients. `kl` sums `kl(logp, ref)` over each sequence's
-    response tokens, `token_ref` [N] being the reference's log-prob of each (in `mb.target_ids` order).
-    `token_logps` is per token, [N], not per sequence (what the reference pass keeps for a KL term).
+    """The per-sequence statistics `wanted` (names of `objectives.STATS` or `SCORE_STATS`) of micro-batch `mb`,
+    fp32 [mb.n_seqs] each, on the model's device, from one forward; token counts need none. `logps`, `logps_shared`,
+    `prompt_logps`, `kl`, `entropy_grad` and `score` carry gradients; `score` (a reward model's head at each
+    sequence's last token) runs no LM head, and `margin` is the micro-batch's data, not the model's. `kl` sums
+    `kl(logp, ref)` over each sequence's response tokens, `token_ref` [N] being the reference's log-prob of each
+    (in `mb.target_ids` order). `token_logps` is per token, [N], not per sequence (what the reference pass keeps for
+    a KL term).
     `uniform_grad`: the loss will give every response token's log-prob the same gradient
     (`objectives.Objective.uniform_grad`), so the LM head's backward can be done in its forward."""
     device = mb.input_ids.device
@@ -53,12 +56,16 @@ def sequence_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMa
         out["tokens"] = torch.bincount(mb.target_seq, minlength=mb.n_seqs).float().to(device)
     if "prompt_tokens" in wanted:
         out["prompt_tokens"] = torch.bincount(mb.prompt_seq, minlength=mb.n_seqs).float().to(device)
-    computed = [k for k in wanted if k not in ("tokens", "prompt_tokens")]
+    if "margin" in wanted:  # data, not the model's: the example's margin column, for each of its sequences
+        out["margin"] = mb.margin.to(device).repeat(mb.seqs_per_example)
+    computed = [k for k in wanted if k not in ("tokens", "prompt_tokens", "margin")]
     if not computed:
         return out
     bound = getattr(model, METHOD, None)
     token, prompt = (bound or types.MethodType(_token_stats, model))(mb, autocast, tuple(computed),
                                                                    uniform_grad and "entropy_grad" not in wanted)
+    if "score" in wanted:  # a reward model's score per sequence (its only statistic from the model)
+        out["score"] = token["score"]
     segment = lambda values: _segment_sum(values, mb.target_seq, mb.n_seqs)  # noqa: E731
     if "logps" in wanted:
         out["logps"] = segment(token["logps"])
@@ -103,6 +110,8 @@ def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMana
         hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
                           **varlen_kwargs(mb.seq_bounds, mb.input_ids.device, mb.prefixes)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if "score" in wanted:  # a reward model: the score head at each sequence's last token; the LM head never runs
+        return {"score": score_head.sequence_scores(model, hidden, mb.score_pos)}, None
     if hidden.is_cuda and getattr(autocast, "fast_dtype", None) == torch.bfloat16:
         hidden = hidden.to(torch.bfloat16)  # the head's bf16 products on CUDA (`_bf16_head`); its output stays fp32
     positions, labels = mb.target_pos, mb.target_ids

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora_linear
+from . import lora_linear, score_head
 from ..config.schema import LoraConfig
 from ..errors import ConfigError, one_line
 from ..sources.local import ADAPTER_CONFIG, is_adapter  # noqa: F401  (lora.is_adapter: one definition)
@@ -44,7 +44,9 @@ def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str, seed: int) 
         else:
             config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules,
                                     exclude_modules=lora.exclude_modules, lora_dropout=lora.dropout, bias="none",
-                                    task_type="CAUSAL_LM")
+                                    # A reward model: PEFT then trains (and saves) its score head beside the adapters
+                                    task_type="SEQ_CLS" if score_head.is_classifier(model) else "CAUSAL_LM",
+                                    modules_to_save=[score_head.HEAD] if score_head.is_classifier(model) else None)
         try:
             wrapper = get_peft_model(model, config)
         except ValueError as e:  # target modules that match nothing, or layers PEFT cannot adapt
@@ -56,7 +58,7 @@ def attach(model: torch.nn.Module, lora: LoraConfig, base_path: str, seed: int) 
     elif not empty:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad and ".lora_" in name:  # a reward model's head keeps its value (PEFT copied it)
                     p.copy_(fresh_value(name, p.shape, seed))
     wrapper.peft_config["default"].base_model_name_or_path = base_path
     lora_linear.fuse(model)
@@ -170,6 +172,8 @@ def merged_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dic
             raise ConfigError(f"model.lora.save_merged: cannot merge the adapter of {name} "
                               f"({type(module).__name__}); set save_merged: never")
         merged[key] = full[key].float() + delta * module.scaling["default"]
+    # PEFT's `modules_to_save` (a reward model's head): the trained copy under the module's own name
+    merged = {k.replace(".modules_to_save.default.", "."): v for k, v in merged.items() if ".original_module." not in k}
     return {k.replace(".base_layer.", "."): v for k, v in merged.items()}
 
 

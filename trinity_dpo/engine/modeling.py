@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import lora
+from . import lora, score_head
 from .attention import is_varlen, use_varlen
 from ..config.schema import Config
 from ..errors import ConfigError, one_line
@@ -131,9 +131,8 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real), to be
     sharded and then filled from `weights_reader`. `bf16`: the run computes in bf16, so LoRA's frozen base may be
     read in bf16 (`lora.frozen_in_bf16`). The policy's adapters are attached by `policy.build_policy`."""
-    from transformers import AutoModelForCausalLM
-
     policy, path = path is None, path or cfg.model.model_path
+    auto, extra = score_head.auto_class(cfg)  # a reward model is read as a sequence classifier
     adapter, path = (path, lora.base_of(path)) if lora.is_adapter(path) else (None, path)
     quantized = policy and cfg.model.lora.rank > 0 and cfg.model.lora.load_in_4bit
     stored = stored_dtype(path)
@@ -141,16 +140,17 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     trust = cfg.model.trust_remote_code
     try:
         if empty:
-            model = _skeleton(path, trust)
+            model = _skeleton(path, trust, auto, extra)
         else:
             # A bf16 base is read as stored: no fp32 copy of the whole model on the host, even for a moment.
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 path, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=trust, use_safetensors=True,
-                local_files_only=True, **(_four_bit(device) if quantized else {}))
+                local_files_only=True, **extra, **(_four_bit(device) if quantized else {}))
+            score_head.settle(model, path, cfg.trainer.seed)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the model from {path}: {one_line(e)}") from None
     if bf16_base and not empty:
-        _fp32_buffers(model, path, trust)
+        _fp32_buffers(model, path, trust, auto, extra)
     if adapter is not None:  # `trinity eval` of a LoRA checkpoint: score the merged model
         model = lora.merge_into(model, adapter)
     _disable_dropout(model)
@@ -166,12 +166,12 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     return (model if quantized or empty else model.to(device)).train(), stored
 
 
-def _fp32_buffers(model: torch.nn.Module, path: str, trust: bool) -> None:
+def _fp32_buffers(model: torch.nn.Module, path: str, trust: bool, auto=None, extra=None) -> None:
     """The float buffers of a model read in bf16, as an fp32 read gives them. A model built under bf16 computes its
     non-persistent buffers (Gemma's embedding scale sqrt(hidden), rotary tables) in bf16, which no cast back
     restores: they are taken from an fp32 build on the meta device (parameters empty, buffers real). Buffers
     read from the checkpoint are bf16 values there: cast to fp32, exactly."""
-    fresh = dict(_skeleton(path, trust).named_buffers())
+    fresh = dict(_skeleton(path, trust, auto, extra).named_buffers())
     computed = {f"{prefix}.{b}" if prefix else b
                 for prefix, module in model.named_modules() for b in module._non_persistent_buffers_set}
     for name, buffer in model.named_buffers():
@@ -179,15 +179,15 @@ def _fp32_buffers(model: torch.nn.Module, path: str, trust: bool) -> None:
             buffer.data = (fresh[name] if name in computed and name in fresh else buffer).float()
 
 
-def _skeleton(path: str, trust: bool) -> torch.nn.Module:
+def _skeleton(path: str, trust: bool, auto=None, extra=None) -> torch.nn.Module:
     """The model at `path` built in fp32 with its parameters on the meta device (no memory, no weights read) and
     its buffers real (rotary tables and other buffers computed as an fp32 read computes them)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust, local_files_only=True)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
+    with init_empty_weights(include_buffers=False):  # `auto`, `extra`: the class and its arguments (a reward model)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust, local_files_only=True, **(extra or {}))
+        model = (auto or AutoModelForCausalLM).from_config(config, dtype=torch.float32, trust_remote_code=trust)
     model.tie_weights()  # accelerate's context re-registers parameters, which unties them
     return model
 
@@ -219,14 +219,19 @@ def weights_reader(cfg: Config, model: torch.nn.Module) -> Callable[[str, tuple[
     for name, p in model.named_parameters():
         key = lora.adapter_file_key(name) if ".lora_" in name and cfg.model.lora.path else name.replace(
             ".base_layer.", ".")
+        key = next((k for k in score_head.file_keys(key) if k in files), key)  # a reward model's head (PEFT's copies)
         if key in files and files[key][1] == list(p.shape):
             sources[name] = (files[key][0], key)
+        elif score_head.is_head(score_head.file_keys(key)[-1]):
+            sources[name] = None  # a new score head: `score_head.fresh_head`
         elif ".lora_" not in name or cfg.model.lora.path:
             log.info("loading %s whole in every process: %s has no stored %s of shape %s", cfg.model.model_path,
                      name, key, list(p.shape))
             return None
 
     def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        if sources.get(name, False) is None:
+            return score_head.fresh_head(model, cfg.trainer.seed)[index]
         if name not in sources:
             return lora.fresh_value(name, model.get_parameter(name).shape, cfg.trainer.seed)[index]
         file, key = sources[name]
@@ -297,7 +302,8 @@ def round_to_bf16(model: torch.nn.Module) -> int:
     (no update to amplify). Returns how many values this process changed."""
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer (addmm)
 
-    fp32 = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    heads = (model.get_input_embeddings(), model.get_output_embeddings(), getattr(model, score_head.HEAD, None))
+    fp32 = [m for m in heads if m is not None]  # a reward model's score head too: it scores in fp32
     seen = {id(p) for m in fp32 for p in m.parameters()}
     changed = ties = total = 0
     with torch.no_grad():

@@ -7,7 +7,8 @@ into per-example losses and metrics:
 - `needs_reference`: whether reference statistics are computed at all (no reference pass otherwise);
   `ref_stats`: which.
 - `stats`: the per-sequence statistics it reads from the policy (`STATS`), each an fp32 tensor [k * n].
-- `metrics`: the names (TRL's) of the per-example metrics it returns; the loop logs their means over the step.
+- `metrics`: the names (TRL's) of the per-example metrics it returns; the loop logs their means over the step
+  (those in `extrema`: their minimum or maximum).
 - `compute(policy, reference, totals)`: per-example losses [n] and metrics {name: [n]}; `reference` is None when
   not needed; `totals` (`step_totals`) holds the step's global counts, so that a term TRL averages over tokens
   (an NLL, a token-weighted metric) is each example's share of that average. The loop divides the summed losses by
@@ -18,7 +19,7 @@ The math of each loss is a plain function in `losses.py` with its hand-worked te
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -41,6 +42,11 @@ STATS = {
     "wpo": "summed log p(token) - log sum_v p_v^2 over the response tokens: WPO's weight (no gradient)",
     "entropy_grad": "the entropy's sum as `entropy`, with gradient (an entropy term in the loss)",
     "kl": "summed per-token KL estimator `Objective.kl` of the response tokens against the reference's (gradient)",
+}
+# A reward model's statistics: a sequence-classification model has no LM head, so none of the above (`reward.py`).
+SCORE_STATS = {
+    "score": "the score head's output at the sequence's last token (gradient; the LM head never runs)",
+    "margin": "the example's `margin` column (data, not the model's; 0 without it), the same for each sequence",
 }
 _REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                    "logps/rejected", "logits/chosen", "logits/rejected")
@@ -66,6 +72,9 @@ class Objective:
     # Trinity's per-token KL estimator (`terms.py`), f(logp, ref) elementwise; when set, the `kl` statistic needs
     # the reference's log-prob of every response token, which the reference pass keeps.
     kl: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    # Metrics whose step figure is their extreme over the step's examples, not their mean: {name: 'min' or 'max'}
+    # (`extrema.py`; the reward model's min_reward and max_reward, as TRL logs them).
+    extrema: dict[str, str] = field(default_factory=dict)
     # Whole-step hooks (KTO's, `kto.py`): `reference_plan(schedule)`, the Plan the reference pass scores in place of
     # `Schedule.first_epoch()`; `data_tables(examples)`, per-example tables from the data put beside the
     # reference's, which `compute` reads with them (labels); `before_step(model, step, context)`, a pass before a
@@ -106,6 +115,10 @@ def _objective(algorithm: AlgorithmConfig) -> Objective:
         return _dpo(args)
     if algorithm.policy_loss_fn == "orpo":
         return _orpo(args)
+    if algorithm.policy_loss_fn == "reward_model":
+        from .reward import reward_model  # reward.py builds its Objective from this module
+
+        return reward_model(args)
     return _cpo(args, algorithm.policy_loss_fn)
 
 

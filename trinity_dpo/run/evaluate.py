@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import distributed
+from ..objective.extrema import reduce
 from ..objective.objectives import Objective, step_totals
 from ..engine.modeling import Runtime, inference_mode
 from ..data.pairs import Pair, Turns, prompt_ids, prompt_text
@@ -23,9 +24,11 @@ def eval_metrics(policy: dict[str, torch.Tensor], ref: dict[str, torch.Tensor] |
     flat = lambda tables: {k: t.t().reshape(-1) for k, t in tables.items()}  # noqa: E731
     losses, metrics = objective.compute(flat(policy), flat(ref) if objective.needs_reference else None,
                                         step_totals(pairs))
-    means = {"loss": losses.mean().item(), **{key: values.mean().item() for key, values in metrics.items()}}
+    means = {"loss": losses.mean().item(),
+             **{key: reduce(values, objective.extrema.get(key)) for key, values in metrics.items()}}
     out = {f"eval/{key}": value for key, value in {**means, **objective.derived(means)}.items()}
-    if objective.sequences == 2 and objective.name != "kto":  # KTO's second sequence is its KL sequence
+    if objective.sequences == 2 and "logps" in policy and objective.name != "kto":  # a reward model has no
+        # log-probs; KTO's second sequence is its KL sequence, not a rejected answer
         per_token = policy["logps"] / policy["tokens"]
         out["eval/prefers_chosen"] = (per_token[:, 0] > per_token[:, 1]).float().mean().item()
     return out
@@ -59,8 +62,9 @@ def comparison(before: dict[str, float], after: dict[str, float], n_pairs: int) 
             ("preference accuracy (reward)", "eval/rewards/accuracies"),
             ("mean reward margin", "eval/rewards/margins"),
             ("prefers chosen (logp/token)", "eval/prefers_chosen"),
+            ("reward accuracy (score)", "eval/accuracy"), ("mean score margin", "eval/margin"),
             ("loss", "eval/loss")]
-    unit = "pairs" if "eval/rewards/margins" in before else "rows"
+    unit = "pairs" if "eval/rewards/margins" in before or "eval/margin" in before else "rows"
     unit = "examples" if "eval/kl" in before else unit  # KTO: labelled completions, not pairs
     lines = [f"held-out evaluation ({n_pairs} {unit})      before     after"]
     lines += [f"  {label:<32}{before[key]:>8.3f}  {after[key]:>8.3f}" for label, key in rows if key in before]
@@ -95,6 +99,7 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     ref_path = cfg.model.model_path
     cfg.trainer.eval_samples = generate_n
     cfg.model.model_path = model_folder(model_path, "trinity eval --model", adapter_ok=True)
+    reward_model_eval(cfg, generate_n)
     tokenizer = load_tokenizer(cfg)  # the checkpoint's own template and tokens
     data = load_data(cfg, tokenizer)
     pad, max_new = tokenizer.pad_token_id, cfg.trainer.eval_max_new_tokens
@@ -115,3 +120,19 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
         prompts = [prompt_text(m) for m in data.sample_prompts]
         text += "\n\n" + side_by_side(prompts, answers[0], answers[1]).replace("trained:", "model:  ")
     return text
+
+
+def reward_model_eval(cfg, generate_n: int) -> None:
+    """A reward model checkpoint (a sequence-classification folder, or an adapter of one) is evaluated as one,
+    whatever objective the config names: its held-out accuracy, margin and loss on the config's or `--data`'s
+    pairs."""
+    from ..config.schema import AlgorithmConfig
+    from ..engine import score_head
+    from ..errors import ConfigError
+
+    if score_head.folder_is_reward_model(cfg.model.model_path) and not score_head.wanted(cfg):
+        cfg.algorithm = AlgorithmConfig(algorithm_type="reward_model", policy_loss_fn="reward_model",
+                                        kl_loss_fn="none")
+    if score_head.wanted(cfg) and generate_n:
+        raise ConfigError("trinity eval --generate: a reward model scores answers and writes none; leave --generate "
+                          "out")

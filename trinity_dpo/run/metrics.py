@@ -21,8 +21,9 @@ from ..errors import RunFolderError
 
 log = logging.getLogger(__name__)
 
-SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "ppl", "lr")  # those the objective logs
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "margin", "ppl", "lr")  # those logged
 EVAL_SHOWN = (("loss", "eval/loss"), ("accuracy", "eval/rewards/accuracies"), ("margin", "eval/rewards/margins"),
+              ("accuracy", "eval/accuracy"), ("margin", "eval/margin"),  # a reward model's
               ("prefers chosen", "eval/prefers_chosen"), ("ppl", "eval/ppl"),
               ("token accuracy", "eval/mean_token_accuracy"))
 def load_lines(path: Path) -> list[tuple[str, dict]]:

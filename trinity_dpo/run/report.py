@@ -23,6 +23,10 @@ CHARTS = [  # file, title, series (key, label) from train records, eval key draw
     ("kto_kl.png", "KTO's KL baseline (clamped at 0)", [("kl", "KL")], "eval/kl"),
     ("entropy.png", "entropy of the responses (before entropy_coef)", [("actor/entropy_loss", "entropy")], None),
     ("token_accuracy.png", "top-1 token accuracy", [("mean_token_accuracy", "train")], "eval/mean_token_accuracy"),
+    # a reward model's (TRL's RewardTrainer names)
+    ("rm_accuracy.png", "reward model accuracy", [("accuracy", "train")], "eval/accuracy"),
+    ("rm_margin.png", "score margin (chosen - rejected)", [("margin", "train")], "eval/margin"),
+    ("rm_rewards.png", "scores", [("min_reward", "min"), ("mean_reward", "mean"), ("max_reward", "max")], None),
     ("lr.png", "learning rate", [("lr", "lr")], None),
 ]
 

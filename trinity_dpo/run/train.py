@@ -18,7 +18,7 @@ import torch
 from ..sources.local import localize
 from . import checkpoint, report, folder as run_folder, lock as run_lock
 from ..data import dataset
-from ..engine import distributed, lora, memory
+from ..engine import distributed, lora, memory, score_head
 from ..data.batching import collate, is_padding
 from ..data.schedule import Schedule, Step, explain_steps
 from ..config.schema import Config, LoraConfig
@@ -27,6 +27,7 @@ from ..data.dataset import Data
 from ..engine.distributed import Dist
 from .evaluate import comparison, eval_metrics, generate, side_by_side
 from ..engine.logprobs import sequence_stats
+from ..objective.extrema import Extremes
 from ..objective.objectives import Objective, step_totals
 from ..objective.objectives import build as build_objective
 from .metrics import MetricsLog, NullLog
@@ -143,6 +144,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     if d.main:
         run_folder.write_json(run_dir / "data_summary.json", data.summary)
     policy = build_policy(cfg, runtime, d)
+    score_head.match_pad(policy.model, tokenizer.pad_token_id)  # a reward model's checkpoints find last tokens by it
     log.info("model %s on %s x %d, %s compute, %.1fM parameters", cfg.model.model_path, runtime.device, d.world,
              "bf16" if runtime.bf16 else "fp32", sum(p.numel() for p in policy.model.parameters()) / 1e6)
     log.info("%d %s, batch %d: %s", len(data.train), "rows" if cfg.algorithm.algorithm_type == "sft" else "pairs",
@@ -282,7 +284,8 @@ def train_step(model, optimizer, step: Step, lr: float, context: StepContext) ->
     if objective.before_step is not None:  # step-wide figures every micro-batch's loss reads (KTO's KL baseline)
         totals.update(objective.before_step(model, step, context))
     n_pairs = totals["examples"]
-    names = ["loss", *objective.metrics]
+    names = ["loss", *(m for m in objective.metrics if m not in objective.extrema)]
+    extremes = Extremes(objective.extrema, runtime.device)  # metrics reduced by min or max (a reward model's)
     # Sums over this process's examples, then the sequences' tokens, the positions computed and the slots
     # (positions and pads); summed over processes in one collective.
     sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=runtime.device)
@@ -307,12 +310,14 @@ def train_step(model, optimizer, step: Step, lr: float, context: StepContext) ->
         # micro-batches and processes) equal those of one full-batch step.
         (losses.sum() / n_pairs).backward()
         sums[:len(names)] += torch.stack([losses.detach().sum(), *(metrics[k].sum() for k in names[1:])])
+        extremes.add(metrics)
         tokens, real, slots = tokens + mb.n_tokens, real + mb.n_real, slots + mb.input_ids.numel()
     sums[len(names):] = torch.tensor([tokens, real, slots], dtype=torch.float64)
     runtime.release_host_memory()
     grad_norm = distributed.clip_grad_norm(model, context.grad_clip)
     summed = d.all_sum(sums).tolist()  # one host sync per step
     record = {name: total / n_pairs for name, total in zip(names, summed)}
+    record.update(extremes.result(d))
     record.update(objective.derived(record))
     record["pairs" if objective.sequences == 2 else "rows"] = n_pairs
     tokens, real, slots = summed[len(names):]
