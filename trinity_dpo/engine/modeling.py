@@ -222,7 +222,7 @@ def weights_reader(cfg: Config, model: torch.nn.Module) -> Callable[[str, tuple[
         key = next((k for k in score_head.file_keys(key) if k in files), key)  # a reward model's head (PEFT's copies)
         if key in files and files[key][1] == list(p.shape):
             sources[name] = (files[key][0], key)
-        elif score_head.is_head(score_head.file_keys(key)[-1]):
+        elif key not in files and score_head.is_head(score_head.file_keys(key)[-1]):
             sources[name] = None  # a new score head: `score_head.fresh_head`
         elif ".lora_" not in name or cfg.model.lora.path:
             log.info("loading %s whole in every process: %s has no stored %s of shape %s", cfg.model.model_path,
