@@ -146,7 +146,7 @@ class Writer:
                   "prompt_offsets": (self.n_entries + 1,)}
         meta = {**meta, "events": [json.loads(e) for e in sorted(self.events, key=self.events.get)],
                 "entries": self.n_entries, "n_tokens": self.n_tokens, "segments": self.segments,
-                "checksums": {name: _checksum(self.tmp / f"{name}.raw") for name in (*ARRAYS, *self.extras)},
+                "checksums": {name: checksum(self.tmp / f"{name}.raw") for name in (*ARRAYS, *self.extras)},
                 "extras": list(self.extras)}
         (self.tmp / "meta.json").write_text(json.dumps(meta))
         (self.tmp / DONE).write_text(json.dumps({"shapes": {k: list(v) for k, v in shapes.items()}}))
@@ -194,14 +194,14 @@ def open_table(folder: Path, verify: bool = False) -> TokenTable:
         expected = int(np.prod(shape)) * np.dtype(DTYPES[name]).itemsize
         if path.stat().st_size != expected:
             raise ValueError(f"{path.name} has {path.stat().st_size} bytes where {expected} were written")
-        if verify and _checksum(path) != meta["checksums"][name]:
+        if verify and checksum(path) != meta["checksums"][name]:
             raise ValueError(f"{path.name} does not hold the bytes it was written with")
         arrays[name] = (np.memmap(path, DTYPES[name], "r", shape=shape) if expected else
                         np.zeros(shape, DTYPES[name]))
     return TokenTable(folder=folder, meta=meta, **arrays)
 
 
-def _checksum(path: Path) -> str:
+def checksum(path: Path) -> str:
     import xxhash
 
     h = xxhash.xxh3_64()
