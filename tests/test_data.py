@@ -273,3 +273,22 @@ def test_rows_are_read_a_chunk_at_a_time_with_file_row_numbers(tmp_path):
     assert [r["i"] for r in next(chunks)] == [0, 1]  # rows before the bad line come while it is still unread
     with pytest.raises(DataError, match=r"rows.jsonl: line 6: malformed JSON"):
         list(chunks)
+
+
+def test_line_blocks_number_rows_as_one_reading_does(tmp_path):
+    """The reading process only splits a JSON lines file into blocks of lines; a tokenizing worker parses them. A
+    block's first row number is counted from the lines alone, so a blank line and one of Unicode whitespace only
+    (no-break space, U+2028: no row when parsed) must count as no row there too, or every later row is misnamed."""
+    from trinity_dpo.sources.files import LineBlock, iter_blocks
+
+    lines = []
+    for i in range(7):
+        lines += [json.dumps({"i": i})] + {1: [""], 2: ["\u00a0 "], 4: ["\u2028"]}.get(i, [])
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines + ["[1]"]) + "\n", encoding="utf-8")
+    blocks = list(iter_blocks(str(path), chunk_rows=2))
+    assert all(isinstance(b, LineBlock) for b in blocks)
+    assert [(b.first_line, b.first_row, b.n_rows) for b in blocks] == [(1, 1, 2), (3, 3, 2), (7, 5, 2), (10, 7, 2)]
+    assert [r["i"] for b in blocks[:3] for r in b.rows()] == list(range(6))
+    with pytest.raises(DataError, match=r"rows.jsonl: row 8: expected an object with keys, got list"):
+        blocks[3].rows()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..errors import DataError
 from .conversations import Conversation, DataReport, Turns
 from .encode import continuation_encoder, encode, encode_continuations
+from .render import render
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ class Limits:
     max_total: int | None = None
     count_prompt: int | None = None
     count_response: int | None = None
-
-
-def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def prompt_ids(tokenizer, prompt: Turns) -> list[int]:

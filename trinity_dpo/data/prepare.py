@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config.schema import FormatConfig, StorageConfig
-from ..sources.files import iter_rows
+from ..sources.files import iter_blocks
 from . import token_cache
 from .conversations import BadRow, DataReport, to_conversation
 from .pairs import Limits, tokenize_pairs
@@ -158,10 +158,11 @@ def _build(storage: StorageConfig, key: str, tokenizer, recipe: Recipe, folder: 
 
 
 def _jobs(storage: StorageConfig, key: str):
+    """(first row number, rows or a `LineBlock` the worker parses) for each chunk of the source."""
     first = 1
-    for rows in iter_rows(storage.path, storage.split, storage.subset_name, key):
+    for rows in iter_blocks(storage.path, storage.split, storage.subset_name, key):
         yield first, rows
-        first += len(rows)
+        first += len(rows) if isinstance(rows, list) else rows.n_rows
 
 
 @contextmanager
@@ -199,6 +200,7 @@ def _count_rows(path: str) -> int | None:
 def _tokenize_chunk(job: tuple[int, list[dict]]) -> tuple[token_cache.Chunk, int, Counter]:
     """One chunk of rows: converted (bad rows counted, or the run stopped at their row) and tokenized."""
     first, rows = job
+    rows = rows if isinstance(rows, list) else rows.rows()
     tokenizer, storage, recipe = _WORKER["tokenizer"], _WORKER["storage"], _WORKER["recipe"]
     report, seen = DataReport(storage.path), Counter()
     convert = {"pairs": to_conversation, "sft": to_dialogue, "unpaired": to_unpaired}[recipe.kind]

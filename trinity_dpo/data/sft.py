@@ -30,6 +30,7 @@ from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
 from .conversations import BadRow, DataReport, _get, _lookup, _system, _text, convert_rows
 from .encode import encode
+from .render import render as render_chat
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,7 @@ def tokenize_dialogues(dialogues: list[Dialogue], tokenizer, fmt: FormatConfig, 
     kwargs = {} if fmt.enable_thinking is None else {"enable_thinking": fmt.enable_thinking}
     out, seen = [], Counter()
     for d in dialogues:
-        render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
-            msgs, tools=d.tools, tokenize=False, add_generation_prompt=gen, **kwargs)
+        render = lambda msgs, gen: render_chat(tokenizer, msgs, gen, tools=d.tools, **kwargs)  # noqa: E731
         counts = DataReport("")
         try:
             ids, mask = _masked_ids(tokenizer, d, render, fmt.enable_concatenated_multi_turn)

@@ -29,7 +29,8 @@ from ..errors import DataError
 from .conversations import BadRow, DataReport, Turns, _lookup, _messages, _response, _system, _text, to_conversation
 from .encode import continuation_encoder, encode, encode_continuations
 from .examples import Examples
-from .pairs import Limits, _response_ids, render
+from .pairs import Limits, _response_ids
+from .render import render
 from .token_cache import TokenTable
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ JSON value).
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -41,6 +42,14 @@ def iter_rows(path: str, split: str = "train", subset: str | None = None,
     JSON files are parsed here rather than by `datasets`: Arrow would fill a missing key with null and refuse a
     column that mixes text and numbers, hiding exactly the rows a user needs named.
     """
+    for block in iter_blocks(path, split, subset, key, chunk_rows):
+        yield block if isinstance(block, list) else block.rows()
+
+
+def iter_blocks(path: str, split: str = "train", subset: str | None = None,
+                key: str = "buffer.trainer_input.experience_buffer", chunk_rows: int = CHUNK_ROWS
+                ) -> Iterator[list[dict[str, Any]] | LineBlock]:
+    """`iter_rows`'s chunks, where a JSON lines file gives `LineBlock`s, parsed by whoever calls `rows()`."""
     p = Path(path)
     if _suffix(p) in (".json", ".jsonl") and p.is_file():
         yield from _json_chunks(p, chunk_rows)
@@ -91,8 +100,8 @@ def _open_folder(p: Path, split: str, subset: str | None, key: str):
         raise DataError(f"{key}.path: {p}: cannot read data: {one_line(e)}") from None
 
 
-def _json_chunks(path: Path, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
-    """A JSON array file parsed whole; JSON lines (also a .json file of one object per line) a line at a time."""
+def _json_chunks(path: Path, chunk_rows: int) -> Iterator[list[dict[str, Any]] | LineBlock]:
+    """A JSON array file parsed whole; JSON lines (also a .json file of one object per line) as blocks of lines."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
@@ -104,20 +113,57 @@ def _json_chunks(path: Path, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
         for start in range(0, len(rows), chunk_rows):
             yield rows[start:start + chunk_rows]
         return
-    chunk, rows, size = [], 0, 0
+    yield from json_line_blocks(path, chunk_rows)
+
+
+@dataclasses.dataclass
+class LineBlock:
+    """Lines of a JSON lines file, not yet parsed: `rows()` parses them where the rows are used (in a tokenizing
+    worker, so that the process reading the file only splits it into lines)."""
+
+    path: Path
+    first_line: int
+    first_row: int
+    lines: list[bytes]
+    n_rows: int  # the lines that are not blank
+
+    def rows(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for line, raw in enumerate(self.lines, start=self.first_line):
+            out.extend(_json_line(self.path, raw, line, self.first_row + len(out)))
+        return out
+
+
+def json_line_blocks(path: Path, chunk_rows: int = 2048) -> Iterator[LineBlock]:
+    """A JSON lines file as blocks of `chunk_rows` rows (or `CHUNK_BYTES` of text), in file order."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    lines, first_line, first_row, rows, size = [], 1, 1, 0, 0
     try:
         with opener(path, "rb") as fh:
             for line, raw in enumerate(fh, start=1):
-                row = _json_line(path, raw, line, rows + 1)
-                rows, size = rows + len(row), size + len(raw)
-                chunk.extend(row)
-                if len(chunk) >= chunk_rows or (chunk and size >= CHUNK_BYTES):
-                    yield chunk
-                    chunk, size = [], 0
+                lines.append(raw)
+                rows += not _blank(raw)
+                size += len(raw)
+                if rows >= chunk_rows or (rows and size >= CHUNK_BYTES):
+                    yield LineBlock(path, first_line, first_row, lines, rows)
+                    lines, first_line, first_row, rows, size = [], line + 1, first_row + rows, 0, 0
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read: {one_line(e)}") from None
-    if chunk:
-        yield chunk
+    if rows:
+        yield LineBlock(path, first_line, first_row, lines, rows)
+
+
+def _blank(raw: bytes) -> bool:
+    """Whether `_json_line` reads no row from this line (only whitespace, Unicode's too)."""
+    stripped = raw.strip()
+    if not stripped:
+        return True
+    if stripped[:1] in b"{[\"0123456789-tfn":  # the first byte of any JSON value
+        return False
+    try:
+        return not raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
 
 
 def _json_array(path: Path, opener) -> list[dict[str, Any]]:

@@ -1,0 +1,70 @@
+"""Chat templates rendered to text as `tokenizer.apply_chat_template(messages, tokenize=False, ...)` renders them,
+with a third of the work per call.
+
+Tokenizing a pair renders three conversations; through `apply_chat_template` two thirds of that time is the
+wrapper, not the template: each call copies the messages twice (normalising message objects, rebuilding plain
+JSON data for the sandbox), rebuilds the special-token map and looks the compiled template up. For messages that
+are plain dicts of strings with only `role`, `content` and `name` those copies are the messages themselves, so
+rendering the compiled template with the same variables (`messages`, `tools=None`, `documents=None`,
+`add_generation_prompt`, the special tokens, then the caller's keyword arguments) gives the same text. Anything
+else (tools, tool calls, reasoning fields, content blocks, another object type) goes through `apply_chat_template`.
+The first fast rendering of each template in a process is compared with `apply_chat_template`'s; a difference (a
+transformers version that passes the template something more) turns the fast path off for that tokenizer.
+"""
+from __future__ import annotations
+
+_STATE = "_trinity_renderer"  # kept on the tokenizer object: (chat_template object, compiled or None, special tokens)
+_PLAIN_KEYS = frozenset({"role", "content", "name"})
+
+
+def render(tokenizer, messages: list[dict], generation_prompt: bool, tools=None, **kwargs) -> str:
+    """`tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...,
+    **kwargs)`."""
+    fast = None if tools is not None or not _plain(messages) else _renderer(tokenizer)
+    if fast is None:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt, **kwargs)
+    compiled, special, state = fast
+    text = compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt,
+                           **{**special, **kwargs})
+    if not state["checked"]:
+        state["checked"] = True
+        slow = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **kwargs)
+        if slow != text:
+            state["off"] = True
+            return slow
+    return text
+
+
+def _plain(messages) -> bool:
+    return type(messages) is list and all(
+        type(m) is dict and m.keys() <= _PLAIN_KEYS and all(type(v) is str for v in m.values()) for m in messages)
+
+
+def _renderer(tokenizer):
+    """(compiled template, special tokens, state) for the tokenizer's current template; None where the fast path
+    cannot be taken."""
+    template = getattr(tokenizer, "chat_template", None)
+    cached = tokenizer.__dict__.get(_STATE)
+    if cached is None or cached[0] is not template:
+        cached = (template, *_compile(tokenizer), {"checked": False, "off": False})
+        tokenizer.__dict__[_STATE] = cached
+    _, compiled, special, state = cached
+    if compiled is None or state["off"]:
+        return None
+    return compiled, special, state
+
+
+def _compile(tokenizer) -> tuple:
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = tokenizer.get_chat_template(None, None)
+        special = {k: list(v) if type(v) is list else v for k, v in tokenizer.special_tokens_map.items()}
+        if not isinstance(template, str) or not all(type(v) is str or (type(v) is list and all(
+                type(x) is str for x in v)) for v in special.values()):
+            return None, None
+        return _compile_jinja_template(template), special
+    except Exception:  # noqa: BLE001 - any transformers without these internals renders through its own wrapper
+        return None, None
