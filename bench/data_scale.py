@@ -256,6 +256,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, nargs="*", default=[10000, 100000])
     parser.add_argument("--sft", type=int, nargs="*", default=[])
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--trl-only", action="store_true", help="only TRL's run on each pairs file (its rows/s)")
     parser.add_argument("--processes", type=int, default=1, help="also a cache-hit run with this many CPU processes")
     parser.add_argument("--micro", type=int, metavar="N", help="only tokenize N pairs in this process, three ways")
     parser.add_argument("--data-memory", type=int, metavar="N", help="only the data memory of N pairs in 1 and "
@@ -282,6 +283,11 @@ def main() -> int:
               f"{args.processes}", flush=True)
     for n, sft in [(n, False) for n in args.pairs] + [(n, True) for n in args.sft]:
         data = (write_sft if sft else write_pairs)(work / f"{'sft' if sft else 'pairs'}_{n}.jsonl", n)
+        if args.trl_only:
+            t = trl(model, data, work, env)
+            print(f"| {n:,} pairs | TRL {t['wall_s']:.0f} s, {t['peak_gb']:.2f} GB (DPOTrainer's tokenizing: "
+                  f"{t['prepare_s']:.1f} s, {n / t['prepare_s']:.0f} rows/s) |", flush=True)
+            continue
         first = ours(model, data, work, f"first_{n}_{sft}", sft, env)
         again = ours(model, data, work, f"again_{n}_{sft}", sft, env)
         row = {"rows": n, "kind": "SFT" if sft else "pairs", "first": first, "again": again}

@@ -13,7 +13,7 @@ transformers version that passes the template something more) turns the fast pat
 """
 from __future__ import annotations
 
-_STATE = "_trinity_renderer"  # kept on the tokenizer object: (chat_template object, compiled or None, special tokens)
+_STATE = "_trinity_renderer"  # kept on the tokenizer: (chat_template object, compiled or None, variables, state)
 _PLAIN_KEYS = frozenset({"role", "content", "name"})
 
 
@@ -24,9 +24,14 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool, tools=None,
     if fast is None:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt, **kwargs)
-    compiled, special, state = fast
-    text = compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt,
-                           **{**special, **kwargs})
+    compiled, variables, state = fast
+    try:  # Template.render less its copy of the template's globals into every context: `variables` holds them
+        context = compiled.new_context({**variables, "messages": messages, "add_generation_prompt": generation_prompt,
+                                        **kwargs}, shared=True)
+        text = compiled.environment.concat(compiled.root_render_func(context))
+    except Exception:  # noqa: BLE001 - the wrapper raises the template's error with jinja's traceback
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **kwargs)
     if not state["checked"]:
         state["checked"] = True
         slow = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
@@ -43,7 +48,7 @@ def _plain(messages) -> bool:
 
 
 def _renderer(tokenizer):
-    """(compiled template, special tokens, state) for the tokenizer's current template; None where the fast path
+    """(compiled template, its globals and the wrapper's fixed variables, state) for the tokenizer's current template; None where the fast path
     cannot be taken."""
     template = getattr(tokenizer, "chat_template", None)
     cached = tokenizer.__dict__.get(_STATE)
@@ -65,6 +70,7 @@ def _compile(tokenizer) -> tuple:
         if not isinstance(template, str) or not all(type(v) is str or (type(v) is list and all(
                 type(x) is str for x in v)) for v in special.values()):
             return None, None
-        return _compile_jinja_template(template), special
+        compiled = _compile_jinja_template(template)
+        return compiled, {**compiled.globals, "tools": None, "documents": None, **special}
     except Exception:  # noqa: BLE001 - any transformers without these internals renders through its own wrapper
         return None, None
