@@ -18,6 +18,7 @@ otherwise; the caller then encodes whole texts.
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 _PIECEWISE = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}
 _CHECKED = "_trinity_continuations"  # the answer, kept on the tokenizer object (reading the spec costs ~50 ms)
@@ -62,13 +63,15 @@ def _piecewise(pre_tokenizer) -> bool:
 
 
 def encode_continuations(tokenizer, backend, heads: list[str], texts: list[list[str]]
-                         ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """(ids of each head, ids of each of its texts) without a template: texts[i] are texts that may begin with
-    heads[i]. Each text that does is encoded from the head's last added token on, after the head's ids up to it;
-    the others whole. Exact for a `continuation_encoder` backend, as `encode` of the whole texts would give."""
+                         ) -> tuple[list[list[int]], list[list["Continuation"]]]:
+    """(ids of each head, ids of each of its texts as a `Continuation` of the head's) without a template: texts[i]
+    are texts that may begin with heads[i]. Each text that does is encoded from the head's last added token on,
+    after the head's ids up to it; the others whole (keep 0). Exact for a `continuation_encoder` backend, as
+    `encode` of the whole texts would give."""
     tokenizer([""], add_special_tokens=False)  # the backend's state for a plain call (see `encode`)
     if backend.truncation is not None or backend.padding is not None:
-        return encode(tokenizer, heads, False), [encode(tokenizer, t, False) for t in texts]
+        return encode(tokenizer, heads, False), [[Continuation(0, ids) for ids in encode(tokenizer, t, False)]
+                                                 for t in texts]
     added = set(backend.get_added_tokens_decoder())
     head_ids, cuts, rests = [], [], []
     for head, encoding, group in zip(heads, backend.encode_batch(heads, add_special_tokens=False), texts):
@@ -81,7 +84,18 @@ def encode_continuations(tokenizer, backend, heads: list[str], texts: list[list[
             rests.append(text[cut:] if keep else text)
     encoded = [e.ids for e in backend.encode_batch_fast(rests, add_special_tokens=False)]
     out, n = [], 0
-    for ids, group in zip(head_ids, texts):
-        out.append([ids[:cuts[n + j]] + encoded[n + j] for j in range(len(group))])
+    for group in texts:
+        out.append([Continuation(cuts[n + j], encoded[n + j]) for j in range(len(group))])
         n += len(group)
     return head_ids, out
+
+
+class Continuation(NamedTuple):
+    """A text's ids as its head's first `keep` ids followed by `rest`, not joined: a caller after the ids that
+    follow the whole head slices `rest` (`pairs._response_ids`) instead of copying both."""
+
+    keep: int
+    rest: list[int]
+
+    def ids(self, head_ids: list[int]) -> list[int]:
+        return head_ids[:self.keep] + self.rest

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 from .conversations import Conversation, DataReport, Turns
-from .encode import continuation_encoder, encode, encode_continuations
+from .encode import Continuation, continuation_encoder, encode, encode_continuations
 from .render import render
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits) -> list
     return out
 
 
-def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], full: str, full_ids: list[int],
+def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], full: str, full_ids: list[int] | Continuation,
                   conv: Conversation, report: DataReport) -> list[int]:
     if not full.startswith(prompt):
         raise DataError(
@@ -129,6 +129,10 @@ def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], full: str, full
             "start of the whole conversation, so prompt and response cannot be split; set "
             "model.custom_chat_template to a template that renders both alike")
     n = len(prompt_ids)
+    if isinstance(full_ids, Continuation):  # the prompt's ids are the head's: slice what follows them in the rest
+        if full_ids.rest[:n - full_ids.keep] == prompt_ids[full_ids.keep:]:
+            return full_ids.rest[n - full_ids.keep:]
+        full_ids = full_ids.ids(prompt_ids)
     if full_ids[:n] == prompt_ids:
         return full_ids[n:]
     # A merge across the boundary: the response on its own is what inference would continue the prompt with.
