@@ -129,7 +129,6 @@ def _build(storage: StorageConfig, key: str, tokenizer, recipe: Recipe, folder: 
            ) -> token_cache.TokenTable:
     from tqdm import tqdm
 
-    _widen_word_cache(tokenizer)
     _WORKER.update(tokenizer=tokenizer, storage=storage, recipe=recipe)
     writer = token_cache.Writer(folder, recipe.segments)
     read, dropped = 0, Counter()
@@ -156,20 +155,6 @@ def _build(storage: StorageConfig, key: str, tokenizer, recipe: Recipe, folder: 
     log.info("tokenized %d rows of %s in %.1f s (%.0f rows/s, %d processes): %d tokens in %s", read, storage.path,
              elapsed, read / max(elapsed, 1e-9), workers, table.meta["n_tokens"], folder)
     return table
-
-
-_BPE_CACHE_WORDS = 200_000
-
-
-def _widen_word_cache(tokenizer) -> None:
-    """A Rust BPE model keeps the ids of each pre-tokenized word it meets, but only of the first 10,000 distinct
-    words, and merges every later word again: over a corpus's vocabulary that is most of its words. 200,000 words
-    (some 30 MB) made the encoder 20% faster on the benchmark's pairs (docs/benchmarks.md). Only a cache: the
-    ids are the same (tests/test_token_cache.py)."""
-    model = getattr(getattr(tokenizer, "_tokenizer", None), "model", None)
-    resize = getattr(model, "_resize_cache", None)
-    if resize is not None:
-        resize(_BPE_CACHE_WORDS)
 
 
 def _jobs(storage: StorageConfig, key: str):

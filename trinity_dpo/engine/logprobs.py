@@ -13,7 +13,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from . import score_head
+from . import bf16_head, score_head
 from .attention import varlen_kwargs
 from ..data.batching import MicroBatch
 
@@ -112,8 +112,8 @@ def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMana
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if "score" in wanted:  # a reward model: the score head at each sequence's last token; the LM head never runs
         return {"score": score_head.sequence_scores(model, hidden, mb.score_pos)}, None
-    if hidden.is_cuda and getattr(autocast, "fast_dtype", None) == torch.bfloat16:
-        hidden = hidden.to(torch.bfloat16)  # the head's bf16 products on CUDA (`_bf16_head`); its output stays fp32
+    if getattr(autocast, "fast_dtype", None) == torch.bfloat16 and bf16_head.available(hidden.device):
+        hidden = hidden.to(torch.bfloat16)  # the head's bf16 products (`bf16_head.py`); its logits stay fp32
     positions, labels = mb.target_pos, mb.target_ids
     with_prompt = "prompt_logps" in wanted
     if with_prompt:
@@ -195,13 +195,15 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, transform, chunk, extras, ahead, entropy_grad=False):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        unit = _HeadGrads(hidden, weight, bias, ahead) if ahead else None
+        fast = bf16_head.Products(weight, bias) if bf16_head.wanted(hidden) else None
+        unit = _HeadGrads(hidden, weight, bias, ahead, fast) if ahead else None
         lse = torch.empty_like(out)
         table = torch.empty(hidden.shape[0], len(extras), dtype=torch.float32, device=hidden.device)
         buffer = _logits_buffer(hidden, weight, chunk)
         scratch = _logits_buffer(hidden, weight, chunk) if "entropy" in extras else None
         for s in range(0, hidden.shape[0], chunk):
-            logits, rows = _chunk_logits(hidden[s:s + chunk], weight, bias, buffer), slice(s, s + chunk)
+            rows = slice(s, s + chunk)
+            logits = _chunk_logits(hidden[rows], weight, bias, buffer, fast, labels[rows])
             if transform is not None:
                 logits = transform(logits)
             out[rows] = logits.gather(-1, labels[rows, None]).squeeze(-1)
@@ -226,13 +228,14 @@ class _HeadLogprobs(torch.autograd.Function):
         g_h = None if grad_table is None or ctx.entropy_col is None else grad_table[:, ctx.entropy_col]
         if ctx.unit is not None and (ctx.unit.rowwise or grad.numel() and bool((grad == grad[0]).all())):
             return (*ctx.unit.result(grad), *(None,) * 6)
-        grads, n = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3]), ctx.chunk
+        fast = bf16_head.Products(weight, bias) if bf16_head.wanted(hidden) else None
+        grads, n = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3], fast), ctx.chunk
         buffer = _logits_buffer(hidden, weight, n)
         for s in range(0, hidden.shape[0], n):
             rows = slice(s, s + n)
             h_term = None if g_h is None else (g_h[rows, None], entropy[rows, None])
             grads.add(s, _logits_grad(grads.rows(s, n), grads.w, bias, labels[rows, None], grad[rows, None],
-                                      lse[rows, None], ctx.transform, buffer, h_term))
+                                      lse[rows, None], ctx.transform, buffer, h_term, fast))
         return (*grads.result(), *(None,) * 6)
 
 
@@ -240,9 +243,9 @@ class _HeadGrads:
     """The head's input gradients, summed chunk by chunk from each chunk's logits gradient: in backward from the
     rebuilt logits, or in forward for a unit gradient on every row (`ahead`), to be scaled in backward."""
 
-    def __init__(self, hidden, weight, bias, wants):
-        self.fast = _bf16_head(hidden)  # the forward's products, so rebuilt logits match its logsumexp
-        self.w = weight.to(torch.bfloat16) if self.fast else weight.float()
+    def __init__(self, hidden, weight, bias, wants, fast: bf16_head.Products | None):
+        self.fast = fast  # the forward's products, so rebuilt logits match its logsumexp
+        self.w = fast.w if fast else weight.float()
         self.hidden, self.weight_dtype = hidden, weight.dtype
         self.rowwise = not (wants[1] or wants[2])  # only d hidden: any gradient applies, row by row
         self.d_hidden = torch.empty_like(hidden, dtype=torch.float32) if wants[0] else None
@@ -257,9 +260,9 @@ class _HeadGrads:
         """The gradient [n, V] of the logits of rows s..s+n."""
         h, rows = self.rows(s, len(d_logits)), slice(s, s + len(d_logits))
         if self.d_hidden is not None:
-            self.d_hidden[rows] = _mm_fp32_out(d_logits, self.w) if self.fast else d_logits @ self.w
+            self.d_hidden[rows] = self.fast.mm(d_logits, self.w) if self.fast else d_logits @ self.w
         if self.d_weight is not None:
-            self.d_weight.add_(_mm_fp32_out(d_logits.t(), h)) if self.fast else self.d_weight.addmm_(d_logits.t(), h)
+            self.d_weight.add_(self.fast.mm(d_logits.t(), h)) if self.fast else self.d_weight.addmm_(d_logits.t(), h)
         if self.d_bias is not None:
             self.d_bias += d_logits.sum(0)
 
@@ -301,11 +304,11 @@ def _head_extra(name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return (logits.argmax(-1) == labels).float()  # top1: argmax takes the first of equal maxima
 
 
-def _chunk_logits(hidden, weight, bias, buffer=None):
+def _chunk_logits(hidden, weight, bias, buffer=None, fast=None, labels=None):
     # fp32 logits even under bf16 autocast: log-softmax over ~1e5 classes loses the differences DPO trains on.
     with torch.autocast(hidden.device.type, enabled=False):
-        if _bf16_head(hidden):
-            return _mm_fp32_out(hidden, weight.t(), bias)
+        if fast is not None:
+            return fast.logits(hidden, labels, buffer[:hidden.shape[0]] if buffer is not None else None)
         if buffer is None:
             return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
         out = buffer[:hidden.shape[0]]
@@ -318,26 +321,15 @@ def _logits_buffer(hidden, weight, chunk):
     """One fp32 [chunk, V] block that every chunk's logits reuse (None where the bf16 head allocates its own). On
     CPU a fresh 32 MiB block per chunk is a fresh mapping whose pages fault in one by one as the product writes
     them (the head's timings before and after: docs/benchmarks.md, History)."""
-    if _bf16_head(hidden):
+    if hidden.is_cuda and bf16_head.wanted(hidden):
         return None
     return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=torch.float32, device=hidden.device)
 
 
-def _bf16_head(hidden: torch.Tensor) -> bool:
-    """On CUDA under bf16 compute the head's products run in bf16 with fp32 accumulation and output (the logits
-    and their logsumexp stay fp32); CPU and fp32 runs keep fp32 products, their numbers unchanged."""
-    return hidden.is_cuda and hidden.dtype == torch.bfloat16
-
-
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor, bias=None) -> torch.Tensor:
-    out = torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16), out_dtype=torch.float32)
-    return out if bias is None else out + bias.float()
-
-
-def _logits_grad(h, w, bias, labels, g, lse, transform, buffer=None, h_term=None):
+def _logits_grad(h, w, bias, labels, g, lse, transform, buffer=None, h_term=None, fast=None):
     """g * d log softmax(t)[label] / d z (+ g_H * d H / d z with `h_term` = (g_H, H), the entropy H of softmax(t))
     for one chunk: z = h w^T + b, t = transform(z); all [n, V] but labels, g, lse, g_H, H [n, 1]."""
-    z = _chunk_logits(h, w, bias, buffer)
+    z = _chunk_logits(h, w, bias, buffer, fast, labels[:, 0])
     if transform is None:
         return _softmax_grad(z, labels, g, lse, h_term)
     with torch.enable_grad():
