@@ -106,13 +106,15 @@ def _token_stats(model, mb: MicroBatch, autocast: contextlib.AbstractContextMana
     """({"logps": [N] and the head extras `wanted` asks for}, the prompt targets' log-probs [P] or None): one
     backbone pass; response and prompt targets go through the head together."""
     backbone = getattr(model, model.base_model_prefix)
+    device = mb.input_ids.device.type
     with autocast:
         hidden = backbone(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
                           **varlen_kwargs(mb.seq_bounds, mb.input_ids.device, mb.prefixes)).last_hidden_state
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if "score" in wanted:  # a reward model: the score head at each sequence's last token; the LM head never runs
         return {"score": score_head.sequence_scores(model, hidden, mb.score_pos)}, None
-    if getattr(autocast, "fast_dtype", None) == torch.bfloat16 and bf16_head.available(hidden.device):
+    if bf16 and bf16_head.available(hidden.device):
         hidden = hidden.to(torch.bfloat16)  # the head's bf16 products (`bf16_head.py`); its logits stay fp32
     positions, labels = mb.target_pos, mb.target_ids
     with_prompt = "prompt_logps" in wanted
