@@ -123,12 +123,15 @@ def _edge_conversations() -> list[Conversation]:
     return convs
 
 
+@pytest.mark.parametrize("pieces", [True, False])
 @pytest.mark.parametrize("fixture", ["qwen_dir", "llama3_dir", "space_dir", "smollm2"])
-def test_prompt_encoded_once_gives_the_ids_of_whole_conversations(request, fixture, monkeypatch):
+def test_prompt_encoded_once_gives_the_ids_of_whole_conversations(request, fixture, pieces, monkeypatch):
     """Each conversation encoded from its prompt's last added token on, after the prompt's ids (`encode.py`),
     gives the ids of encoding the whole conversation: responses that begin with spaces or newlines, special-token
     text inside the content, unicode, multi-turn prompts, empty responses; for ChatML, Llama 3, a template whose
-    prompt ends in a space (a merge across the boundary) and SmolLM2's real tokenizer."""
+    prompt ends in a space (a merge across the boundary) and SmolLM2's real tokenizer. Prompts are cut at their
+    added tokens with each piece encoded once per process (`pieces`, run twice so the second run reads the memo)
+    or encoded whole with offsets."""
     from trinity_dpo.data import encode, pairs as pairs_module
 
     if fixture == "smollm2":
@@ -139,7 +142,15 @@ def test_prompt_encoded_once_gives_the_ids_of_whole_conversations(request, fixtu
         folder = request.getfixturevalue(fixture)
     tok = AutoTokenizer.from_pretrained(folder)
     assert encode.continuation_encoder(tok) is not None
+    if not pieces:
+        monkeypatch.setattr(encode, "_pieces", lambda tokenizer, backend: None)
+    else:
+        assert encode._pieces(tok, tok.backend_tokenizer) is not None
     convs = _edge_conversations()
+    if pieces:
+        build_pairs(convs, tok, Limits(), DataReport("x"))
+        assert len(tok.__dict__[encode._PIECES][1][2]) > 0  # pieces memoized, read by the next build
+        monkeypatch.setattr(encode, "_MEMO_PIECES", 5)  # and the memo full: emptied, then this batch's pieces
     fast = build_pairs(convs, tok, Limits(), report := DataReport("x"))
     monkeypatch.setattr(pairs_module, "continuation_encoder", lambda tokenizer: None)
     whole = build_pairs(convs, tok, Limits(), again := DataReport("x"))

@@ -18,10 +18,12 @@ otherwise; the caller then encodes whole texts.
 from __future__ import annotations
 
 import json
+import re
 from typing import NamedTuple
 
 _PIECEWISE = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}
 _CHECKED = "_trinity_continuations"  # the answer, kept on the tokenizer object (reading the spec costs ~50 ms)
+_PIECES = "_trinity_head_pieces"
 
 
 def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -72,11 +74,8 @@ def encode_continuations(tokenizer, backend, heads: list[str], texts: list[list[
     if backend.truncation is not None or backend.padding is not None:
         return encode(tokenizer, heads, False), [[Continuation(0, ids) for ids in encode(tokenizer, t, False)]
                                                  for t in texts]
-    added = set(backend.get_added_tokens_decoder())
     head_ids, cuts, rests = [], [], []
-    for head, encoding, group in zip(heads, backend.encode_batch(heads, add_special_tokens=False), texts):
-        ids, last = encoding.ids, max((k for k, t in enumerate(encoding.ids) if t in added), default=-1)
-        cut = encoding.offsets[last][1] if last >= 0 else 0
+    for head, (ids, last, cut), group in zip(heads, _encode_heads(tokenizer, backend, heads), texts):
         head_ids.append(ids)
         for text in group:
             keep = last + 1 if cut and text.startswith(head[:cut]) else 0
@@ -88,6 +87,58 @@ def encode_continuations(tokenizer, backend, heads: list[str], texts: list[list[
         out.append([Continuation(cuts[n + j], encoded[n + j]) for j in range(len(group))])
         n += len(group)
     return head_ids, out
+
+
+def _encode_heads(tokenizer, backend, heads: list[str]) -> list[tuple[list[int], int, int]]:
+    """(ids, index of the last added token in them or -1, the character where the text after it starts) of each
+    head. Where added tokens are matched on the raw text (no normaliser, or none of them normalised), a head is cut
+    at them here as the backend cuts it, and each piece between them is encoded once per process: a template's
+    fixed parts (a default system message, role headers) recur in every prompt. Otherwise the backend's offsets."""
+    pieces = _pieces(tokenizer, backend)
+    if pieces is None:
+        added, out = set(backend.get_added_tokens_decoder()), []
+        for encoding in backend.encode_batch(heads, add_special_tokens=False):
+            last = max((k for k, t in enumerate(encoding.ids) if t in added), default=-1)
+            out.append((encoding.ids, last, encoding.offsets[last][1] if last >= 0 else 0))
+        return out
+    split, token_ids, memo = pieces
+    parts = [split(head) for head in heads]  # text, token, text, ..., text
+    new = list(dict.fromkeys(p for ps in parts for p in ps[::2] if p and p not in memo))
+    if len(memo) + len(new) > _MEMO_PIECES:  # start again from this batch's pieces
+        memo.clear()
+        new = list(dict.fromkeys(p for ps in parts for p in ps[::2] if p))
+    memo.update(zip(new, (e.ids for e in backend.encode_batch_fast(new, add_special_tokens=False))))
+    out = []
+    for head, ps in zip(heads, parts):
+        ids = []
+        for k, p in enumerate(ps):
+            if k % 2:
+                ids.append(token_ids[p])
+                last = len(ids) - 1
+            elif p:
+                ids += memo[p]
+        out.append((ids, last, len(head) - len(ps[-1])) if len(ps) > 1 else (ids, -1, 0))
+    return out
+
+
+_MEMO_PIECES = 10_000  # distinct head pieces kept per process (a prompt's own text is one, met once)
+
+
+def _pieces(tokenizer, backend):
+    """(a splitter at the added tokens, their ids by text, the memo of pieces' ids) when heads may be cut at added
+    tokens found in the raw text; None otherwise. Kept on the tokenizer object, as `continuation_encoder`'s answer."""
+    cached = tokenizer.__dict__.get(_PIECES)
+    if cached is not None and cached[0] is backend:
+        return cached[1]
+    spec = json.loads(backend.to_str())
+    added = spec.get("added_tokens", [])
+    raw = spec.get("normalizer") is None or not any(t["normalized"] for t in added)
+    value = None
+    if added and raw:
+        split = re.compile("(" + "|".join(re.escape(t["content"]) for t in added) + ")").split
+        value = (split, {t["content"]: t["id"] for t in added}, {})
+    tokenizer.__dict__[_PIECES] = (backend, value)
+    return value
 
 
 class Continuation(NamedTuple):
