@@ -1,6 +1,7 @@
 """trinity-dpo's training step under torch.profiler, on compare_trl.py's job: where a step's time goes.
 
-    python bench/profile_step.py [--lora-rank 16] [--no-checkpointing] [--steps 4] [--batch 4] [--max-length 512]
+    python bench/profile_step.py [--precision bf16] [--lora-rank 16] [--no-checkpointing] [--steps 4] [--batch 4]
+                                 [--max-length 512]
 
 Runs our side of `bench/compare_trl.py` (same model, pairs, config) and profiles every optimizer step after the
 first. Prints the operators by self CPU time, with the FLOPs the profiler counts for matrix products, and the share
@@ -43,7 +44,7 @@ def profiled(steps: list, shapes: bool):
     return step
 
 
-def report(steps: list, peak: float, rows: int) -> str:
+def report(steps: list, peak: float, rows: int, precision: str = "fp32") -> str:
     total = sum(t for t, _ in steps)
     merged: dict[str, list[float]] = {}
     for _, averages in steps:
@@ -55,7 +56,8 @@ def report(steps: list, peak: float, rows: int) -> str:
             row[0] += e.self_cpu_time_total / 1e6
             row[1] += e.flops or 0
             row[2] += e.count
-    lines = [f"{len(steps)} profiled steps, {total:.2f} s in all; fp32 matrix-product peak {peak / 1e9:.0f} GFLOP/s",
+    lines = [f"{len(steps)} profiled steps, {total:.2f} s in all; {precision} matrix-product peak {peak / 1e9:.0f} "
+             "GFLOP/s",
              f"{'operator':40s} {'self s':>8s} {'share':>6s} {'calls':>7s} {'GFLOP/s':>8s}"]
     for key, (secs, flops, count) in sorted(merged.items(), key=lambda kv: -kv[1][0])[:rows]:
         rate = f"{flops / secs / 1e9:8.0f}" if flops and secs else " " * 8
@@ -78,8 +80,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
-    args.precision, args.device, args.objective = "fp32", "cpu", "dpo"
+    args.device, args.objective = "cpu", "dpo"
     steps: list = []
     train.train_step = profiled(steps, args.shapes)
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
@@ -87,7 +90,8 @@ def main() -> int:
         model = compare_trl.build_model(args.model, work, args.layers)
         data, _ = compare_trl.pairs_file(work, args.steps * args.batch)
         compare_trl.run_ours(model, data, args, work)
-    print(report(steps, compare_trl.matmul_peak(torch.float32), args.rows))
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    print(report(steps, compare_trl.matmul_peak(dtype), args.rows, args.precision))
     return 0
 
 

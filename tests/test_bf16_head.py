@@ -50,20 +50,27 @@ def test_log_probs_within_the_stated_tolerance_of_the_exact_product():
     assert float((plain - want).abs()[likely].max()) > 4 * float(err[likely].max())
 
 
-def test_gradients_within_bf16_rounding_of_the_exact_ones():
-    """d hidden and d weight of sum(g * logp) against autograd through the exact fp32 product of the same bf16
-    operands: relative error (norm of the difference over norm) under 1e-2, bf16 rounding of each chunk's
-    product; over several chunks, the last one short."""
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_within_bf16_rounding_of_the_exact_ones(monkeypatch, bias):
+    """d hidden, d weight (and d bias) of sum(g * logp) against autograd through the exact fp32 product of the same
+    bf16 operands: relative error (norm of the difference over norm) under 1e-2, bf16 rounding of each chunk's
+    product; over 4 chunks, the last one short, so the reused bf16 blocks carry no chunk into the next."""
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 3000 * 60)
+    monkeypatch.setattr(lp, "_MIN_ROWS", 1)
     h, w, labels, _ = _case(n=203)
     g = torch.randn(len(labels), generator=torch.Generator().manual_seed(1))
-    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias)
     head.weight.data = w.float()
+    b = torch.randn(w.shape[0]) if bias else torch.zeros(w.shape[0])
+    if bias:
+        head.bias.data = b.clone()
     hb = h.clone().requires_grad_(True)
     (lp.head_logprobs(hb, head, labels)[0] * g).sum().backward()
-    hf, wf = h.float().requires_grad_(True), w.float().requires_grad_(True)
-    (F.log_softmax(hf @ wf.t(), -1).gather(-1, labels[:, None]).squeeze(-1) * g).sum().backward()
+    hf, wf, bf = h.float().requires_grad_(True), w.float().requires_grad_(True), b.requires_grad_(True)
+    (F.log_softmax(hf @ wf.t() + bf, -1).gather(-1, labels[:, None]).squeeze(-1) * g).sum().backward()
     assert hb.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.float32
-    for got, want in ((hb.grad.float(), hf.grad), (head.weight.grad, wf.grad)):
+    pairs = [(hb.grad.float(), hf.grad), (head.weight.grad, wf.grad)] + ([(head.bias.grad, bf.grad)] if bias else [])
+    for got, want in pairs:
         assert float((got - want).norm() / want.norm()) < 1e-2
 
 

@@ -35,18 +35,29 @@ def cpu_has_bf16() -> bool:
 
 
 class Products:
-    """The bf16 copies of one head weight [V, K], made once per head call (forward, backward)."""
+    """The bf16 copies of one head weight [V, K], made once per head call (forward, backward), and on CPU the
+    bf16 blocks every chunk's products reuse: a fresh block per chunk is a fresh mapping whose pages fault in one by
+    one (the fp32 head's `_logits_buffer` for the same reason)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.w = weight.detach().to(torch.bfloat16)
         self.bias = None if bias is None else bias.detach().float()
         self.cuda = weight.is_cuda
+        self._blocks: dict[str, torch.Tensor] = {}
         if not self.cuda:
             v, k = self.w.shape
             self.k = k
-            self.w_aug = torch.zeros(v, k + 1 + (-(k + 1)) % _ALIGN, dtype=torch.bfloat16)
+            self.w_aug = torch.empty(v, k + 1 + (-(k + 1)) % _ALIGN, dtype=torch.bfloat16)
             self.w_aug[:, :k] = self.w
             self.w_aug[:, k] = 1
+            self.w_aug[:, k + 1:] = 0
+
+    def _block(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A reused bf16 [rows, cols] block (grown when a chunk is larger)."""
+        block = self._blocks.get(name)
+        if block is None or block.shape[0] < rows or block.shape[1] != cols:
+            block = self._blocks[name] = torch.empty(rows, cols, dtype=torch.bfloat16)
+        return block[:rows]
 
     def logits(self, h: torch.Tensor, labels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [n, V] of bf16 hidden rows `h` [n, K] (`labels` [n] centre them on CPU), into `out` if
@@ -56,15 +67,31 @@ class Products:
             return z if self.bias is None else z.add_(self.bias)
         # The label logit in fp32 from the same bf16 operands, then rounded: subtracted inside the product and added
         # back after, it cancels exactly.
+        n = h.shape[0]
         c = torch.einsum("nk,nk->n", h.float(), self.w[labels].float()).to(torch.bfloat16)
-        h_aug = h.new_zeros(h.shape[0], self.w_aug.shape[1])
+        h_aug = self._block("h", n, self.w_aug.shape[1])
         h_aug[:, :self.k] = h
         h_aug[:, self.k] = -c
-        z = torch.mm(h_aug, self.w_aug.t())
-        out = torch.add(z, c.float()[:, None], out=out) if out is not None else z.float().add_(c.float()[:, None])
+        h_aug[:, self.k + 1:] = 0
+        z = torch.mm(h_aug, self.w_aug.t(), out=self._block("z", n, self.w.shape[0]))
+        out = torch.empty(z.shape, dtype=torch.float32) if out is None else out
+        torch.add(z, c.float()[:, None], out=out)
         return out if self.bias is None else out.add_(self.bias)
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a @ b with bf16 operands, as fp32 (CPU: the bf16-rounded product, as autocast's linear layers give)."""
-        a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
-        return torch.mm(a, b, out_dtype=torch.float32) if self.cuda else torch.mm(a, b).float()
+    def add_grads(self, d_logits: torch.Tensor, h: torch.Tensor, d_hidden: torch.Tensor | None,
+                  d_weight: torch.Tensor | None) -> None:
+        """d_hidden [n, K] (fp32, this chunk's rows) = d_logits @ w and d_weight [V, K] (fp32) += d_logits^T @ h,
+        from bf16 operands, d_logits [n, V] cast once for both. On CPU each product is rounded to bf16, as autocast's
+        linear layers round theirs, and d_weight sums them in fp32."""
+        if self.cuda:
+            a = d_logits.to(torch.bfloat16)
+            if d_hidden is not None:
+                d_hidden.copy_(torch.mm(a, self.w, out_dtype=torch.float32))
+            if d_weight is not None:
+                d_weight.add_(torch.mm(a.t(), h.to(torch.bfloat16), out_dtype=torch.float32))
+            return
+        a = self._block("da", *d_logits.shape).copy_(d_logits)
+        if d_hidden is not None:
+            d_hidden.copy_(torch.mm(a, self.w))
+        if d_weight is not None:
+            d_weight.add_(torch.mm(a.t(), h.to(torch.bfloat16), out=self._block("dw", *d_weight.shape)))

@@ -261,10 +261,13 @@ class _HeadGrads:
     def add(self, s: int, d_logits: torch.Tensor) -> None:
         """The gradient [n, V] of the logits of rows s..s+n."""
         h, rows = self.rows(s, len(d_logits)), slice(s, s + len(d_logits))
-        if self.d_hidden is not None:
-            self.d_hidden[rows] = self.fast.mm(d_logits, self.w) if self.fast else d_logits @ self.w
-        if self.d_weight is not None:
-            self.d_weight.add_(self.fast.mm(d_logits.t(), h)) if self.fast else self.d_weight.addmm_(d_logits.t(), h)
+        if self.fast:
+            self.fast.add_grads(d_logits, h, None if self.d_hidden is None else self.d_hidden[rows], self.d_weight)
+        else:
+            if self.d_hidden is not None:
+                self.d_hidden[rows] = d_logits @ self.w
+            if self.d_weight is not None:
+                self.d_weight.addmm_(d_logits.t(), h)
         if self.d_bias is not None:
             self.d_bias += d_logits.sum(0)
 
