@@ -231,6 +231,8 @@ def main() -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--ours-checkpointing", default="off", choices=["on", "off"],
                         help="trinity-dpo's enable_gradient_checkpointing (off: faster, more memory)")
+    parser.add_argument("--trl-from", type=Path, help="TRL's figures from this earlier run's output (its lines "
+                        "'<trainer> trl <precision> {...}') instead of running TRL again: same job, same machine")
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     for hidden in ("--side", "--precision", "--data", "--model-path"):  # set for the side processes
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -246,9 +248,22 @@ def compare(args) -> None:
         pairs, source, skipped = fitting_pairs(Path(tmp), args)
         for trainer in (("kto", "reward") if args.trainer == "both" else (args.trainer,)):
             data = write_rows(trainer, pairs, Path(tmp))
-            table = {(p, who): run_side(args, trainer, who, p, data)
+            earlier = _earlier_trl(args.trl_from, trainer) if args.trl_from else {}
+            table = {(p, who): earlier[p] if who == "trl" and p in earlier else run_side(args, trainer, who, p, data)
                      for p in args.precisions.split(",") for who in ("trl", "ours")}
-            replace_section(Path(args.out), f"cpu-smollm2-{trainer}", _section(args, trainer, table, source, skipped))
+            key = f"cpu-smollm2-{trainer}" + ("-no-checkpointing" if args.ours_checkpointing == "off" else "")
+            replace_section(Path(args.out), key, _section(args, trainer, table, source, skipped))
+
+
+def _earlier_trl(log: Path, trainer: str) -> dict:
+    """{precision: TRL's figures} from the lines an earlier run of this script printed."""
+    found = {}
+    for line in log.read_text().splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) == 4 and parts[0] == trainer and parts[1] == "trl":
+            found[parts[2]] = json.loads(parts[3])
+            print(line + "  (from " + str(log) + ")", flush=True)
+    return found
 
 
 def _machine() -> str:
@@ -309,10 +324,14 @@ def _section(args, trainer: str, table: dict, source: str, skipped: int) -> list
     flags = (f"--trainer {args.trainer} --steps {args.steps} --batch {args.batch} --max-length {args.max_length} "
              f"--precisions {args.precisions} --ours-checkpointing {args.ours_checkpointing}")
     flags += "" if Path(args.out).resolve() == (REPO / "docs/benchmarks.md").resolve() else f" --out {args.out}"
+    flags += f" --trl-from {args.trl_from.name}" if args.trl_from else ""
     lines = [f"## trinity-dpo {TITLES[trainer]} on CPU, SmolLM2-135M-Instruct", "",
              "Command (repository root, after the README's test install):", "", "```shell",
              f"python bench/compare_trl_kto.py {flags}", "```", "", f"Machine: {_machine()}.", "",
              _job(args, trainer, source, skipped), ""]
+    if args.trl_from:
+        lines += [f"TRL's columns come from an earlier run of this script on the same machine and job (its output, "
+                  f"`{args.trl_from.name}`): TRL was not run again for these trinity-dpo figures.", ""]
     precisions = args.precisions.split(",")
     for p in precisions:
         lines += [f"### {p}", "", *_table(table[(p, "trl")], table[(p, "ours")])]

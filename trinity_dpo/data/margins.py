@@ -52,10 +52,12 @@ def _by_row(table_folder: Path, storage: StorageConfig, key: str) -> np.ndarray 
     if memo.is_file():
         found = np.load(memo)
         return found if len(found) else None
-    values = []
+    chunks, n = [], 0  # a float64 array per chunk of rows: no Python float per row held for the whole source
     for rows in iter_rows(storage.path, storage.split, storage.subset_name, key):
-        values.extend(_value(row, len(values) + 1, storage.path) for row in rows)
-    found = np.array(values, np.float64)
+        chunks.append(np.fromiter((_value(row, n + k, storage.path) for k, row in enumerate(rows, 1)), np.float64,
+                                  count=len(rows)))
+        n += len(rows)
+    found = np.concatenate(chunks) if chunks else np.zeros(0)
     if np.isnan(found).all():
         found = found[:0]
     memo.parent.mkdir(parents=True, exist_ok=True)
