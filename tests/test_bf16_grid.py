@@ -104,6 +104,7 @@ def _tie_folders(qwen_dir, tmp_path):
     return tied, rounded
 
 
+@pytest.mark.slow
 def test_a_bf16_run_from_ties_is_the_run_from_the_bf16_checkpoint(make_config, qwen_dir, tmp_path, monkeypatch):
     """Two steps of 4 pairs at lr 1e-7: Adam moves each weight by about 1e-7, far below half a bf16 step at these
     weights (|w| ~ 0.02: 6e-5). Under bf16 the run from the fp32 ties equals the run from their bf16 rounding to the

@@ -120,6 +120,7 @@ def test_kl_runs_micro_batched_equal_full_batch_and_log_trinitys_names(make_conf
     assert (full / "kl.png").is_file() and (full / "entropy.png").is_file()
 
 
+@pytest.mark.slow
 def test_kl_resume_is_bitwise_and_a_damaged_token_cache_is_scored_again(make_config, monkeypatch, caplog):
     """Killed in step 3 and run again: the per-token reference file is reused (not scored again) and the run
     ends as the uninterrupted one did, to the bit. A per-token file with one value changed is noticed by its

@@ -64,6 +64,7 @@ def six_steps(make_config):
     return make
 
 
+@pytest.mark.slow
 def test_crash_mid_run_then_resume_equals_uninterrupted(six_steps, monkeypatch):
     whole = train.run(load_config(six_steps("whole")))
     # dies inside step 4: the newest checkpoint is step 2, metrics has steps 1-3
@@ -146,6 +147,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(six_steps, monkeypatch):
     assert not list(folder.glob(".tmp_*")) and checkpoint.latest(folder).name == "global_step_6"
 
 
+@pytest.mark.slow
 def test_keep_newest_checkpoints_but_never_the_resumed_one(six_steps):
     run_dir = train.run(load_config(six_steps("keep", total_steps=4, max_actor_ckpt_to_keep=1)))
     assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_4"]
@@ -153,6 +155,7 @@ def test_keep_newest_checkpoints_but_never_the_resumed_one(six_steps):
     assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_4", "global_step_6"]
 
 
+@pytest.mark.slow
 def test_resume_from_path_and_errors(six_steps):
     first = train.run(load_config(six_steps("src", total_steps=2)))
     path = first / "global_step_2"
@@ -208,6 +211,7 @@ def test_security_defaults():
     assert Config().model.trust_remote_code is False
 
 
+@pytest.mark.slow
 def test_resume_is_exact_when_checkpoints_store_bf16(make_config, qwen_dir, tmp_path, monkeypatch):
     """A model folder that declares bf16 gets bf16 HF checkpoints under bf16 compute, its config.json saying bf16,
     the tied LM head stored once (as the embedding) through the cast; resuming must use the fp32 master copy."""
@@ -260,6 +264,7 @@ def test_fp32_run_of_a_bf16_folder_writes_its_fp32_weights(make_config, qwen_dir
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_the_earlier_single_file_layout_still_resumes(six_steps):
     """Checkpoints from before `trainer_state/dcp/` (fp32 weights in the HF copy, the optimizer's own
     optimizer.pt) resume exactly: a run cut back to such a step 2 finishes as it first did."""

@@ -75,6 +75,7 @@ def test_sft_then_dpo_in_one_command(staged, tmp_path, qwen_dir):
     assert any(not torch.equal(trained[k], base[k]) for k in base)
 
 
+@pytest.mark.slow
 def test_killed_in_the_dpo_stage_resumes_it_and_never_redoes_the_sft_stage(staged, monkeypatch, tmp_path):
     """Killed inside the DPO stage's second step (its first checkpoint written), the same command skips the
     finished SFT stage (its folder untouched, no step of it taken again) and resumes the DPO stage, which then

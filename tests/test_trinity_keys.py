@@ -32,6 +32,7 @@ def _has_weights(run_dir, step):
 
 @pytest.mark.parametrize("setting,expected", [("always", [True, True, True]), ("last", [False, False, True]),
                                               ("never", [False, False, False])])
+@pytest.mark.slow
 def test_save_hf_checkpoint_chooses_which_checkpoints_hold_the_weights_and_every_one_resumes(
         make_config, monkeypatch, setting, expected):
     """Trinity's periodic saves hold the HF weights only with `always`, its last save unless `never`. A checkpoint
