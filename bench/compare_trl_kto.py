@@ -112,7 +112,8 @@ def run_ours(args, work: Path) -> dict:
            "cluster": {"device": "cpu"},
            "trainer": {"precision": args.precision, "save_interval": 0, "eval_samples": 0, "seed": SEED,
                        "grad_clip": 1.0, "trainer_config": {"actor_rollout_ref": {"model": {
-                           "enable_gradient_checkpointing": args.ours_checkpointing == "on"}}}}}
+                           "enable_gradient_checkpointing": args.ours_checkpointing != "off",
+                           **({"gradient_checkpointing_every": 2} if args.ours_checkpointing == "every2" else {})}}}}}
     (work / "ours.yaml").write_text(yaml.safe_dump(cfg))
     start = time.perf_counter()
     run_dir = train.run(load_config(work / "ours.yaml"))
@@ -229,8 +230,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4, help="pairs a step (KTO: the 2 x batch examples they make)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--ours-checkpointing", default="off", choices=["on", "off"],
-                        help="trinity-dpo's enable_gradient_checkpointing (off: faster, more memory)")
+    parser.add_argument("--ours-checkpointing", default="off", choices=["on", "off", "every2"],
+                        help="trinity-dpo's enable_gradient_checkpointing (off: faster, more memory; every2: every "
+                        "second layer, gradient_checkpointing_every: 2)")
     parser.add_argument("--trl-from", type=Path, help="TRL's figures from this earlier run's output (its lines "
                         "'<trainer> trl <precision> {...}') instead of running TRL again: same job, same machine")
     parser.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
@@ -251,7 +253,8 @@ def compare(args) -> None:
             earlier = _earlier_trl(args.trl_from, trainer) if args.trl_from else {}
             table = {(p, who): earlier[p] if who == "trl" and p in earlier else run_side(args, trainer, who, p, data)
                      for p in args.precisions.split(",") for who in ("trl", "ours")}
-            key = f"cpu-smollm2-{trainer}" + ("-no-checkpointing" if args.ours_checkpointing == "off" else "")
+            key = f"cpu-smollm2-{trainer}" + {"on": "", "off": "-no-checkpointing", "every2": "-checkpointing-every-2"}[
+                args.ours_checkpointing]
             replace_section(Path(args.out), key, _section(args, trainer, table, source, skipped))
 
 
