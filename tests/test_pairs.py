@@ -149,7 +149,7 @@ def test_prompt_encoded_once_gives_the_ids_of_whole_conversations(request, fixtu
     convs = _edge_conversations()
     if pieces:
         build_pairs(convs, tok, Limits(), DataReport("x"))
-        assert len(tok.__dict__[encode._PIECES][1][2]) > 0  # pieces memoized, read by the next build
+        assert len(encode._pieces(tok, tok.backend_tokenizer)[2]) > 0  # pieces memoized, read by the next build
         monkeypatch.setattr(encode, "_MEMO_PIECES", 5)  # and the memo full: emptied, then this batch's pieces
     fast = build_pairs(convs, tok, Limits(), report := DataReport("x"))
     monkeypatch.setattr(pairs_module, "continuation_encoder", lambda tokenizer: None)

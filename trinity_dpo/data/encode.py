@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 _PIECEWISE = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}
 _CHECKED = "_trinity_continuations"  # the answer, kept on the tokenizer object (reading the spec costs ~50 ms)
-_PIECES = "_trinity_head_pieces"
 
 
 def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -52,7 +51,7 @@ def continuation_encoder(tokenizer):
               and spec["model"].get("type") == "BPE" and not spec["model"].get("dropout")
               and not any(t["lstrip"] or t["rstrip"] or t["single_word"] for t in added)
               and not any(a != b and a in b for a in contents for b in contents))
-        checked = tokenizer.__dict__[_CHECKED] = (backend, ok)
+        checked = tokenizer.__dict__[_CHECKED] = (backend, ok, _pieces_of(spec) if ok else None)
     return backend if checked[1] else None
 
 
@@ -126,19 +125,17 @@ _MEMO_PIECES = 10_000  # distinct head pieces kept per process (a prompt's own t
 
 def _pieces(tokenizer, backend):
     """(a splitter at the added tokens, their ids by text, the memo of pieces' ids) when heads may be cut at added
-    tokens found in the raw text; None otherwise. Kept on the tokenizer object, as `continuation_encoder`'s answer."""
-    cached = tokenizer.__dict__.get(_PIECES)
-    if cached is not None and cached[0] is backend:
-        return cached[1]
-    spec = json.loads(backend.to_str())
+    tokens found in the raw text; None otherwise. Read from the spec `continuation_encoder` parsed and kept."""
+    checked = tokenizer.__dict__.get(_CHECKED)
+    return checked[2] if checked is not None and checked[0] is backend else None
+
+
+def _pieces_of(spec: dict):
     added = spec.get("added_tokens", [])
-    raw = spec.get("normalizer") is None or not any(t["normalized"] for t in added)
-    value = None
-    if added and raw:
-        split = re.compile("(" + "|".join(re.escape(t["content"]) for t in added) + ")").split
-        value = (split, {t["content"]: t["id"] for t in added}, {})
-    tokenizer.__dict__[_PIECES] = (backend, value)
-    return value
+    if not added or (spec.get("normalizer") is not None and any(t["normalized"] for t in added)):
+        return None
+    split = re.compile("(" + "|".join(re.escape(t["content"]) for t in added) + ")").split
+    return split, {t["content"]: t["id"] for t in added}, {}
 
 
 class Continuation(NamedTuple):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config.schema import FormatConfig, StorageConfig
-from ..sources.files import iter_blocks
+from ..sources.files import LineBlock, iter_blocks
 from . import token_cache
 from .conversations import BadRow, DataReport, to_conversation
 from .pairs import Limits, tokenize_pairs
@@ -197,8 +197,8 @@ def _count_rows(path: str) -> int | None:
         return sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 24), b""))
 
 
-def _tokenize_chunk(job: tuple[int, list[dict]]) -> tuple[token_cache.Chunk, int, Counter]:
-    """One chunk of rows: converted (bad rows counted, or the run stopped at their row) and tokenized."""
+def _tokenize_chunk(job: tuple[int, list[dict] | LineBlock]) -> tuple[token_cache.Chunk, int, Counter]:
+    """One chunk of rows (parsed here from a `LineBlock`): converted (bad rows counted, or the run stopped at their row) and tokenized."""
     first, rows = job
     rows = rows if isinstance(rows, list) else rows.rows()
     tokenizer, storage, recipe = _WORKER["tokenizer"], _WORKER["storage"], _WORKER["recipe"]

@@ -48,17 +48,17 @@ def _plain(messages) -> bool:
 
 
 def _renderer(tokenizer):
-    """(compiled template, its globals and the wrapper's fixed variables, state) for the tokenizer's current template; None where the fast path
-    cannot be taken."""
+    """(compiled template, its globals and the wrapper's fixed variables, state) for the tokenizer's current
+    template; None where the fast path cannot be taken."""
     template = getattr(tokenizer, "chat_template", None)
     cached = tokenizer.__dict__.get(_STATE)
     if cached is None or cached[0] is not template:
         cached = (template, *_compile(tokenizer), {"checked": False, "off": False})
         tokenizer.__dict__[_STATE] = cached
-    _, compiled, special, state = cached
+    _, compiled, variables, state = cached
     if compiled is None or state["off"]:
         return None
-    return compiled, special, state
+    return compiled, variables, state
 
 
 def _compile(tokenizer) -> tuple:
