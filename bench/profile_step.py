@@ -1,10 +1,10 @@
 """trinity-dpo's training step under torch.profiler, on compare_trl.py's job: where a step's time goes.
 
     python bench/profile_step.py [--precision bf16] [--lora-rank 16] [--no-checkpointing] [--steps 4] [--batch 4]
-                                 [--max-length 512]
+                                 [--max-length 512] [--trainer dpo|reward|kto]
 
-Runs our side of `bench/compare_trl.py` (same model, pairs, config) and profiles every optimizer step after the
-first. Prints the operators by self CPU time, with the FLOPs the profiler counts for matrix products, and the share
+Runs our side of `bench/compare_trl.py` (same model, pairs, config), or with `--trainer reward|kto` our side of
+`bench/compare_trl_kto.py`, and profiles every optimizer step after the first. Prints the operators by self CPU time, with the FLOPs the profiler counts for matrix products, and the share
 of the steps' time in matrix products against the matrix-product peak measured in the same process.
 """
 from __future__ import annotations
@@ -81,6 +81,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--trainer", default="dpo", choices=["dpo", "reward", "kto"])
     args = parser.parse_args()
     args.device, args.objective = "cpu", "dpo"
     steps: list = []
@@ -88,8 +89,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
         work = Path(tmp)
         model = compare_trl.build_model(args.model, work, args.layers)
-        data, _ = compare_trl.pairs_file(work, args.steps * args.batch)
-        compare_trl.run_ours(model, data, args, work)
+        if args.trainer == "dpo":
+            data, _ = compare_trl.pairs_file(work, args.steps * args.batch)
+            compare_trl.run_ours(model, data, args, work)
+        else:  # compare_trl_kto.py's job: pairs that fit --max-length, KTO's as TRL's unpaired rows
+            import compare_trl_kto
+
+            args.model_path, args.ours_checkpointing = model, "on" if args.checkpointing else "off"
+            pairs, _, _ = compare_trl_kto.fitting_pairs(work, args)
+            args.data = str(compare_trl_kto.write_rows(args.trainer, pairs, work))
+            compare_trl_kto.run_ours(args, work)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     print(report(steps, compare_trl.matmul_peak(dtype), args.rows, args.precision))
     return 0

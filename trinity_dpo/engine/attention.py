@@ -2,7 +2,8 @@
 
 Registered with transformers as the attention implementation `trinity_varlen`. Given the sequences' bounds it
 runs causal scaled-dot-product attention on each sequence's slice (the fast causal kernel, no mask, no pad slot),
-which is exactly what each sequence would get alone; without bounds (generation, padded rows) it is plain SDPA.
+which is exactly what each sequence would get alone (on CPU all of a row's slices in one autograd node, in fp32:
+`packed_attention.py`); without bounds (generation, padded rows) it is plain SDPA.
 The same keyword arguments (`cu_seq_lens_q`, ...) drive flash-attention's varlen kernel where that is installed.
 On CUDA in half precision one call of torch's `varlen_attn` replaces the per-sequence calls, for both layouts.
 With shared prompts (`batching.MicroBatch.prefixes`) a rejected segment attends to its pair's prompt, computed once
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
+
+from .packed_attention import additive_mask, packed_attention
 
 try:  # torch's own FlashAttention varlen entry point (CUDA, half precision)
     from torch.nn.attention.varlen import varlen_attn
@@ -35,15 +38,19 @@ def varlen_kwargs(bounds: list[int] | None, device: torch.device,
     flash = _flash_plan(bounds, prefixes, device) if device.type == "cuda" and varlen_attn is not None else {}
     if prefixes is not None:
         # Per prompt-sharing segment: its prompt span, and the [L, P + L] mask "all of the prompt, causal within
-        # the segment", built once here rather than in every layer.
-        spans = [None if pre is None else (pre, torch.ones(b - a, pre[1] - pre[0] + b - a, dtype=torch.bool,
-                                                             device=device).tril(diagonal=pre[1] - pre[0]))
+        # the segment", built once here rather than in every layer (CPU: the additive fp32 mask its kernel takes).
+        mask = _bool_mask if device.type != "cpu" else additive_mask
+        spans = [None if pre is None else (pre, mask(pre[1] - pre[0], b - a, device))
                  for (a, b), pre in zip(zip(bounds, bounds[1:]), prefixes)]
         return {"seq_bounds": bounds, "seq_prefixes": spans, **flash}
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
             "seq_bounds": bounds, **flash}
+
+
+def _bool_mask(prompt: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(length, prompt + length, dtype=torch.bool, device=device).tril(diagonal=prompt)
 
 
 def _flash_plan(bounds: list[int], prefixes, device: torch.device) -> dict:
@@ -83,6 +90,8 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     prefixes = kwargs.pop("seq_prefixes", None) or [None] * (len(bounds) - 1)
+    if query.device.type == "cpu" and not dropout:
+        return packed_attention(query, key, value, bounds, prefixes, scaling), None
     sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling,
                              enable_gqa=query.shape[1] != key.shape[1])
     pieces = []
