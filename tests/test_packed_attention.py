@@ -82,3 +82,16 @@ def test_varlen_sdpa_takes_it_on_cpu():
     out, _ = varlen_sdpa(None, q, k, v, None, scaling=None, **kwargs)
     assert type(out.grad_fn).__name__ == "_PackedBackward"
     torch.testing.assert_close(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_rounds_inputs_as_sdpa_and_keeps_bf16():
+    """Under bf16 autocast, fp32 query and key (rotary embeddings leave them in fp32) are rounded to bf16 first, as
+    autocast rounds SDPA's inputs: the output is the packed node's on the rounded inputs, in bf16, and everything
+    kept for backward is bf16."""
+    q, k, v = _qkv(torch.float32)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _packed(q, k, v)
+    assert out.dtype == torch.bfloat16 and set(kept) == {torch.bfloat16}
+    assert torch.equal(out, _packed(*(t.detach().bfloat16() for t in (q, k, v))))

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import lora, score_head
+from . import fused_ops, lora, score_head
 from .attention import is_varlen, use_varlen
 from ..config.schema import Config
 from ..errors import ConfigError, one_line
@@ -155,6 +155,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
         model = lora.merge_into(model, adapter)
     _disable_dropout(model)
     use_varlen(model)
+    fused_ops.apply(model)
     if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; 4.x has only the old one

@@ -5,9 +5,11 @@ one) through torch's CPU flash kernels. This module calls the same kernels direc
 for three reasons measured on SmolLM2's shapes (docs/benchmarks.md, History):
 - In bf16 the kernels run slower than in fp32 on CPUs without AMX (a 300-token segment's forward and backward:
   9.9 ms in bf16, 8.2 ms in fp32; a prompt-sharing segment: 6.1 against 3.7 ms), and fp32 is the more exact of
-  the two. Under autocast the inputs are cast up per segment and the output cast back down.
+  the two. Under autocast the inputs are rounded to bf16 as autocast rounds them for SDPA, then cast up per
+  segment; the output is rounded back once.
 - Only the bf16 inputs and output are kept for backward, which casts them up again: keeping fp32 copies would
-  double what attention holds per token and layer for as long as the activations live.
+  double what attention holds per token and layer for as long as the activations live, and the bf16 output is
+  the very tensor o_proj keeps.
 - Each segment's gradients are written into one row-sized gradient per input, where autograd's per-slice nodes
   would allocate and zero a whole row-sized gradient for every segment and then add them all.
 Numerics in fp32 are the kernels' own; in bf16 the softmax and its products are fp32, rounded once on output.
@@ -34,6 +36,12 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     p0:p1, with `additive_mask`'s mask."""
     plan = [(a, b, None if pre is None else pre[0], None if pre is None else pre[1])
             for (a, b), pre in zip(zip(bounds, bounds[1:]), prefixes or [None] * (len(bounds) - 1)) if a < b]
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast's own rule for attention: inputs in the autocast dtype (rotary embeddings leave query and key
+        # in fp32), so they are rounded as with SDPA, kept at half the size, and the output is what o_proj reads.
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     return _Packed.apply(query, key, value, plan, scale)
 
 

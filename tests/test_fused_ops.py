@@ -1,0 +1,126 @@
+"""The fused RMSNorm and SwiGLU nodes (`engine/fused_ops.py`): transformers' numbers, less kept for backward."""
+import copy
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from trinity_dpo.engine import fused_ops
+
+
+def _llama(layers=2, seed=0):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():  # norms start at 1: make them random so a wrong weight gradient shows
+        p.data.normal_(0, 0.5)
+    return model
+
+
+def _grads(module_or_fn, *inputs, weight_of=None, seed=3):
+    out = module_or_fn(*inputs)
+    torch.manual_seed(seed)
+    out.backward(torch.randn(out.shape).to(out.dtype))
+    found = [out.detach(), *(t.grad.clone() for t in inputs)]
+    if weight_of is not None:
+        found.append(weight_of.weight.grad.clone())
+    return found
+
+
+def test_norm_fp32_equals_transformers():
+    """fp32: the output is transformers' bit for bit (same ops, same order); the input and weight gradients, from
+    the closed form rstd * (g w - x_hat mean(g w x_hat)) and sum_t g x_hat, equal autograd's within fp32 rounding."""
+    norm = LlamaRMSNorm(8, eps=1e-5)
+    norm.weight.data = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    fused = copy.deepcopy(norm)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2)) * 3
+    want = _grads(norm, x.clone().requires_grad_(), weight_of=norm)
+    got = _grads(lambda t: fused_ops._RMSNorm.apply(t, fused.weight, 1e-5), x.clone().requires_grad_(),
+                 weight_of=fused)
+    assert torch.equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_under_autocast_is_the_projections_cast():
+    """Under bf16 autocast the output is transformers' fp32 output rounded once to bf16: exactly the value each
+    projection's autocast cast would have made of it, so q, k and v read the same numbers and share one tensor."""
+    norm = LlamaRMSNorm(8, eps=1e-5)
+    norm.weight.data = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_ops._RMSNorm.apply(x, norm.weight, 1e-5)
+        want = norm(x)
+    assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+    assert torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_silu_mul_is_autograds_own_arithmetic():
+    """bf16 gate and up: forward and both gradients are bit for bit what autograd gives for silu(gate) * up (the
+    backward runs the same ops in the same dtype, silu(gate) being computed again rather than kept)."""
+    g0 = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(3, 7, 16, generator=g0).bfloat16() * 3 for _ in range(2))
+    want = _grads(lambda a, b: F.silu(a) * b, gate.clone().requires_grad_(), up.clone().requires_grad_())
+    got = _grads(fused_ops._SiluMul.apply, gate.clone().requires_grad_(), up.clone().requires_grad_())
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_model_routed_equals_unrouted_and_keeps_less():
+    """A Llama's 2 layers get 3 routed modules each; the model's loss and every gradient equal the unrouted
+    model's (fp32, rounding only), and under bf16 autocast a forward keeps fewer bytes for backward: per token and
+    layer, the two norms' fp32 normalised values (2 x 4 x 32 bytes), the five projections' separate bf16 casts of
+    the norms' outputs (3 + 2 casts become 1 + 1: 3 x 2 x 32 bytes) and silu(gate) (2 x 64 bytes) are not kept:
+    256 + 192 + 128 = 576 bytes per token and layer."""
+    plain = _llama()
+    routed = copy.deepcopy(plain)
+    assert fused_ops.apply(routed) == 6
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    losses = []
+    for model in (plain, routed):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), routed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    kept = [_saved_bytes(m, ids) for m in (plain, routed)]
+    assert kept[0] - kept[1] == 576 * 12 * 2
+
+
+def _saved_bytes(model, ids) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.model(input_ids=ids)
+    return sum(storages.values())
+
+
+def test_a_norm_with_other_arithmetic_is_left_alone():
+    """A norm of the same shape whose forward differs (Gemma's (1 + w) scale) fails the bit-for-bit probe and
+    keeps its own forward; the MLP, which passes, is still routed; a layer class outside `LAYERS` is not touched."""
+    class OnePlusNorm(LlamaRMSNorm):
+        def forward(self, x):
+            xf = x.float()
+            return (1 + self.weight) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    model = _llama(layers=1)
+    layer = model.model.layers[0]
+    layer.input_layernorm = OnePlusNorm(32)
+    assert fused_ops.apply(model) == 2
+    assert "forward" not in vars(layer.input_layernorm) and "forward" in vars(layer.post_attention_layernorm)
+
+    class OtherLayer(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.input_layernorm, self.post_attention_layernorm, self.mlp = (
+                inner.input_layernorm, inner.post_attention_layernorm, inner.mlp)
+
+    other = torch.nn.Sequential(OtherLayer(_llama(layers=1).model.layers[0]))
+    assert fused_ops.apply(other) == 0
