@@ -70,10 +70,12 @@ def test_silu_mul_is_autograds_own_arithmetic():
 
 def test_model_routed_equals_unrouted_and_keeps_less():
     """A Llama's 2 layers get 3 routed modules each; the model's loss and every gradient equal the unrouted
-    model's (fp32, rounding only), and under bf16 autocast a forward keeps fewer bytes for backward: per token and
-    layer, the two norms' fp32 normalised values (2 x 4 x 32 bytes), the five projections' separate bf16 casts of
-    the norms' outputs (3 + 2 casts become 1 + 1: 3 x 2 x 32 bytes) and silu(gate) (2 x 64 bytes) are not kept:
-    256 + 192 + 128 = 576 bytes per token and layer."""
+    model's (fp32, rounding only), and under bf16 autocast a forward keeps fewer bytes for backward (parameters
+    themselves not counted). Per token and layer: the two norms' fp32 normalised values (2 x 4 x 32 bytes), the
+    five projections' separate bf16 casts of the norms' outputs (3 + 2 casts become 1 + 1: 3 x 2 x 32 bytes),
+    silu(gate) and the product silu(gate) * up (2 x 2 x 64 bytes): 256 + 192 + 256 = 704 bytes, for 12 tokens and
+    2 layers. Per layer: autocast's bf16 copies of the gate, up and down weights (3 x 32 x 64 x 2 bytes = 12288),
+    which the MLP node makes again in backward instead of keeping."""
     plain = _llama()
     routed = copy.deepcopy(plain)
     assert fused_ops.apply(routed) == 6
@@ -87,18 +89,41 @@ def test_model_routed_equals_unrouted_and_keeps_less():
     for (name, p), q in zip(plain.named_parameters(), routed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     kept = [_saved_bytes(m, ids) for m in (plain, routed)]
-    assert kept[0] - kept[1] == 576 * 12 * 2
+    assert kept[0] - kept[1] == 704 * 12 * 2 + 12288 * 2
+
+
+def test_bf16_mlp_near_autocast():
+    """Under bf16 autocast the routed MLP's output is autocast's bit for bit (the same bf16 products of the same
+    casts), and its gradients are autocast's up to bf16 rounding (the input's two gradients are summed with one
+    rounding instead of two)."""
+    mlp = _llama(layers=1).model.layers[0].mlp
+    routed = copy.deepcopy(mlp)
+    routed.forward = fused_ops._mlp_forward.__get__(routed)
+    x = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
+    results = []
+    for m in (mlp, routed):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xi)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach().float(), xi.grad.float(), *(p.grad.clone() for p in m.parameters())])
+    assert torch.equal(results[0][0], results[1][0])
+    for got, want in zip(results[1][1:], results[0][1:]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
 def _saved_bytes(model, ids) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        model.model(input_ids=ids)
+        out = model.model(input_ids=ids)
+    del out
     return sum(storages.values())
 
 

@@ -41,3 +41,34 @@ def test_decay_only_on_matrices():
     groups = build_optimizer(model, OptimizerConfig(weight_decay=0.1)).param_groups
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+
+
+def test_moments_allocated_up_front_step_as_lazy_ones():
+    """`build_optimizer` allocates AdamW's moments before the first step (for the heap's sake); three steps from
+    them give bit for bit the weights and state of torch's own lazily initialised AdamW, fused and foreach, and the
+    state dict has the same keys and values, so checkpoints and resumes do not change."""
+    for switches in ({}, {"foreach": True}):
+        opt = OptimizerConfig(lr=1e-2, weight_decay=0.1, override_optimizer_config=switches)
+        torch.manual_seed(0)
+        models = [torch.nn.Linear(4, 3)]
+        models.append(torch.nn.Linear(4, 3))
+        models[1].load_state_dict(models[0].state_dict())
+        ours = build_optimizer(models[0], opt)
+        assert all(len(s) == 3 for s in ours.state.values())
+        lazy = torch.optim.AdamW([{"params": [models[1].weight], "weight_decay": 0.1},
+                                  {"params": [models[1].bias], "weight_decay": 0.0}], lr=1e-2, **(
+                                      switches or {"fused": True}))
+        for step in range(3):
+            x = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+            for model, optimizer in zip(models, (ours, lazy)):
+                model(x).pow(2).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(a, b)
+        got, want = ours.state_dict()["state"], lazy.state_dict()["state"]
+        assert got.keys() == want.keys()
+        for i in got:
+            assert got[i].keys() == want[i].keys()
+            for key in got[i]:
+                assert torch.equal(got[i][key], want[i][key]) and got[i][key].dtype == want[i][key].dtype
