@@ -69,16 +69,17 @@ def test_silu_mul_is_autograds_own_arithmetic():
 
 
 def test_model_routed_equals_unrouted_and_keeps_less():
-    """A Llama's 2 layers get 3 routed modules each; the model's loss and every gradient equal the unrouted
+    """A Llama's 2 layers get 7 routed modules each (2 norms, the MLP, 4 attention projections); the model's loss and every gradient equal the unrouted
     model's (fp32, rounding only), and under bf16 autocast a forward keeps fewer bytes for backward (parameters
     themselves not counted). Per token and layer: the two norms' fp32 normalised values (2 x 4 x 32 bytes), the
     five projections' separate bf16 casts of the norms' outputs (3 + 2 casts become 1 + 1: 3 x 2 x 32 bytes),
     silu(gate) and the product silu(gate) * up (2 x 2 x 64 bytes): 256 + 192 + 256 = 704 bytes, for 12 tokens and
-    2 layers. Per layer: autocast's bf16 copies of the gate, up and down weights (3 x 32 x 64 x 2 bytes = 12288),
-    which the MLP node makes again in backward instead of keeping."""
+    2 layers. Per layer: autocast's bf16 copies of the gate, up and down weights (3 x 32 x 64 x 2 bytes = 12288)
+    and of q, k, v and o (32 x 32, 16 x 32, 16 x 32, 32 x 32: 3072 x 2 bytes = 6144), which the nodes make again
+    in backward instead of keeping."""
     plain = _llama()
     routed = copy.deepcopy(plain)
-    assert fused_ops.apply(routed) == 6
+    assert fused_ops.apply(routed) == 14
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
     losses = []
     for model in (plain, routed):
@@ -89,7 +90,7 @@ def test_model_routed_equals_unrouted_and_keeps_less():
     for (name, p), q in zip(plain.named_parameters(), routed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     kept = [_saved_bytes(m, ids) for m in (plain, routed)]
-    assert kept[0] - kept[1] == 704 * 12 * 2 + 12288 * 2
+    assert kept[0] - kept[1] == 704 * 12 * 2 + (12288 + 6144) * 2
 
 
 def test_bf16_mlp_near_autocast():
@@ -138,7 +139,7 @@ def test_a_norm_with_other_arithmetic_is_left_alone():
     model = _llama(layers=1)
     layer = model.model.layers[0]
     layer.input_layernorm = OnePlusNorm(32)
-    assert fused_ops.apply(model) == 2
+    assert fused_ops.apply(model) == 6
     assert "forward" not in vars(layer.input_layernorm) and "forward" in vars(layer.post_attention_layernorm)
 
     class OtherLayer(torch.nn.Module):
@@ -149,3 +150,25 @@ def test_a_norm_with_other_arithmetic_is_left_alone():
 
     other = torch.nn.Sequential(OtherLayer(_llama(layers=1).model.layers[0]))
     assert fused_ops.apply(other) == 0
+
+
+def test_projection_is_autocasts_linear():
+    """A routed attention projection (with a bias, as Qwen2's) under bf16 autocast: output and the input, weight and
+    bias gradients bit for bit autocast's; outside autocast or without gradients it is nn.Linear itself."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(16, 8)
+    routed = copy.deepcopy(plain)
+    routed.forward = fused_ops._projection_forward.__get__(routed)
+    x = torch.randn(2, 5, 16).bfloat16()
+    results = []
+    for m in (plain, routed):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xi)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach(), xi.grad, m.weight.grad, m.bias.grad])
+    assert type(out.grad_fn).__name__ == "_CastLinearBackward"
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert routed(x).grad_fn is None and torch.equal(routed(x), plain(x))

@@ -11,12 +11,15 @@ output per projection that reads it (q, k and v; gate and up), and in the MLP th
   backward, and so are the three weights' bf16 copies, which autocast would keep from forward to backward.
 - `_SiluMul`, where the projections are LoRA-wrapped or biased, computes silu(gate) * up as transformers does and
   keeps gate and up only; its backward is autograd's for that code, with silu(gate) computed again.
+- `_CastLinear`, for the attention's plain projections, is autocast's linear keeping the parameter rather than
+  its bf16 copy, which backward makes again.
 Per token and layer of SmolLM2 (hidden 576, MLP 1536) under bf16 autocast, a layer keeps 16 KB instead of 30 KB
-(what autograd's saved-tensor hooks count), and no bf16 copy of its MLP weights (5.3 MB a layer).
+(what autograd's saved-tensor hooks count), and no bf16 copy of its weights (7 MB a layer).
 
-They replace the forward of the two norms and the MLP inside decoder layers whose norms feed only projections
-(`LAYERS`), and each module only if the replacement gives the module's own output on a random input, bit for bit
-in fp32; anything else keeps transformers' code.
+They replace the forward of the two norms, the MLP and the four attention projections inside decoder layers whose
+norms feed only projections (`LAYERS`); a norm or MLP class only if the replacement gives the module's own output
+on a random input, bit for bit in fp32, and a projection only if it is a plain `nn.Linear`. Anything else keeps
+transformers' code.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 # adds its output to the residual stream, where a rounded output would not do).
 LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 NORMS = ("input_layernorm", "post_attention_layernorm")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -98,6 +102,34 @@ class _SwiGLU(torch.autograd.Function):
                 (d_up.T @ x).to(params[1].dtype), d_down.to(params[2].dtype))
 
 
+class _CastLinear(torch.autograd.Function):
+    """x W^T + b under autocast with autocast's casts, keeping the parameter W rather than its bf16 copy, which
+    backward makes again; its products are autocast's own, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x, w = x.to(torch.get_autocast_dtype(x.device.type)), weight
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad.to(x.dtype).reshape(-1, grad.shape[-1])
+        dx = (g @ weight.to(x.dtype)).view(x.shape) if need[0] else None
+        dw = (g.T @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if need[1] else None
+        db = g.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
+        return dx, dw, db
+
+
+def _projection_forward(self, x):
+    if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
+        return _CastLinear.apply(x, self.weight, self.bias)
+    return torch.nn.Linear.forward(self, x)
+
+
 def _compute_weights(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -152,6 +184,11 @@ def apply(model: torch.nn.Module) -> int:
             norm = getattr(layer, name)
             if hasattr(norm, "variance_epsilon"):
                 count += route(norm, _norm_forward, width)
+        for name in PROJECTIONS:  # plain nn.Linear: its own forward wherever autocast is off
+            projection = getattr(getattr(layer, "self_attn", None), name, None)
+            if type(projection) is torch.nn.Linear:
+                projection.forward = types.MethodType(_projection_forward, projection)
+                count += 1
         mlp = layer.mlp
         act = type(getattr(mlp, "act_fn", None)).__name__
         if act in ("SiLU", "SiLUActivation") and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
