@@ -54,7 +54,7 @@ def test_moments_allocated_up_front_step_as_lazy_ones():
         models.append(torch.nn.Linear(4, 3))
         models[1].load_state_dict(models[0].state_dict())
         ours = build_optimizer(models[0], opt)
-        assert all(len(s) == 3 for s in ours.state.values())
+        assert len(ours.state) == 2 and all(len(s) == 3 for s in ours.state.values())  # weight and bias, before any step
         lazy = torch.optim.AdamW([{"params": [models[1].weight], "weight_decay": 0.1},
                                   {"params": [models[1].bias], "weight_decay": 0.0}], lr=1e-2, **(
                                       switches or {"fused": True}))
