@@ -108,10 +108,10 @@ class _CastLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x, w = x.to(torch.get_autocast_dtype(x.device.type)), weight
+        x = x.to(torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -148,9 +148,20 @@ def _mlp_forward(self, x):
     return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def _small_mlp(mlp: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """(`mlp`'s code over projections 8 -> 16 -> 8, its input width): what `_same` tries, instead of a copy of
+    weights that reach gigabytes in fp32 for a large model, made in every process at every load."""
+    probe = copy.copy(mlp)
+    probe._modules = dict(mlp._modules)  # its own table of submodules; `mlp`'s stays as it is
+    for name, shape in (("gate_proj", (8, 16)), ("up_proj", (8, 16)), ("down_proj", (16, 8))):
+        # On the meta device: no memory, and no draw from the run's random generator (`_same` fills them).
+        probe._modules[name] = torch.nn.Linear(*shape, bias=getattr(mlp, name).bias is not None, device="meta")
+    return probe, 8
+
+
 def _same(module, forward, width: int) -> bool:
-    """Whether `forward` gives `module`'s own output, bit for bit, on a random fp32 input: tried on an fp32 copy on
-    the CPU with random weights (the module may be on the meta device, or in bf16)."""
+    """Whether `forward` gives `module`'s own output, bit for bit, on a random fp32 input of `width` features: tried
+    on an fp32 copy on the CPU with random weights (the module may be on the meta device, or in bf16)."""
     probe = copy.deepcopy(module)
     if any(p.device.type == "meta" for p in probe.parameters()):
         probe = probe.to_empty(device="cpu")
@@ -160,7 +171,10 @@ def _same(module, forward, width: int) -> bool:
         for param in probe.parameters():
             param.copy_(torch.randn(param.shape, generator=g))
         x = torch.randn(2, 3, width, generator=g)
-        return torch.equal(forward(probe, x), probe.forward(x))
+        try:
+            return torch.equal(forward(probe, x), probe.forward(x))
+        except RuntimeError:  # code that reads sizes other than its weights' (the small MLP probe): not routed
+            return False
 
 
 def apply(model: torch.nn.Module) -> int:
@@ -168,10 +182,10 @@ def apply(model: torch.nn.Module) -> int:
     once it passes `_same`; returns how many modules were routed."""
     count, passed = 0, {}
 
-    def route(module, forward, width) -> int:
+    def route(module, forward, probe, width) -> int:
         kind = type(module)
         if kind not in passed:
-            passed[kind] = _same(module, forward, width)
+            passed[kind] = _same(probe, forward, width)
         if passed[kind]:
             module.forward = types.MethodType(forward, module)
         return int(passed[kind])
@@ -183,7 +197,7 @@ def apply(model: torch.nn.Module) -> int:
         for name in NORMS:
             norm = getattr(layer, name)
             if hasattr(norm, "variance_epsilon"):
-                count += route(norm, _norm_forward, width)
+                count += route(norm, _norm_forward, norm, width)
         for name in PROJECTIONS:  # plain nn.Linear: its own forward wherever autocast is off
             projection = getattr(getattr(layer, "self_attn", None), name, None)
             if type(projection) is torch.nn.Linear:
@@ -192,5 +206,5 @@ def apply(model: torch.nn.Module) -> int:
         mlp = layer.mlp
         act = type(getattr(mlp, "act_fn", None)).__name__
         if act in ("SiLU", "SiLUActivation") and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            count += route(mlp, _mlp_forward, width)
+            count += route(mlp, _mlp_forward, *_small_mlp(mlp))
     return count
