@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from .packed_attention import additive_mask, packed_attention
+from .packed_attention import additive_mask, bool_mask, packed_attention
 
 try:  # torch's own FlashAttention varlen entry point (CUDA, half precision)
     from torch.nn.attention.varlen import varlen_attn
@@ -39,7 +39,7 @@ def varlen_kwargs(bounds: list[int] | None, device: torch.device,
     if prefixes is not None:
         # Per prompt-sharing segment: its prompt span, and the [L, P + L] mask "all of the prompt, causal within
         # the segment", built once here rather than in every layer (CPU: the additive fp32 mask its kernel takes).
-        mask = _bool_mask if device.type != "cpu" else additive_mask
+        mask = bool_mask if device.type != "cpu" else additive_mask
         spans = [None if pre is None else (pre, mask(pre[1] - pre[0], b - a, device))
                  for (a, b), pre in zip(zip(bounds, bounds[1:]), prefixes)]
         return {"seq_bounds": bounds, "seq_prefixes": spans, **flash}
@@ -47,10 +47,6 @@ def varlen_kwargs(bounds: list[int] | None, device: torch.device,
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
             "seq_bounds": bounds, **flash}
-
-
-def _bool_mask(prompt: int, length: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(length, prompt + length, dtype=torch.bool, device=device).tril(diagonal=prompt)
 
 
 def _flash_plan(bounds: list[int], prefixes, device: torch.device) -> dict:

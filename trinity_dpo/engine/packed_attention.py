@@ -22,10 +22,15 @@ _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def bool_mask(prompt: int, length: int, device: torch.device) -> torch.Tensor:
+    """[length, prompt + length]: True where a segment's query sees the key (all of its shared prompt, itself
+    causally)."""
+    return torch.ones(length, prompt + length, dtype=torch.bool, device=device).tril(diagonal=prompt)
+
+
 def additive_mask(prompt: int, length: int, device: torch.device) -> torch.Tensor:
-    """[length, prompt + length] fp32: 0 where a segment's query sees the key (all of its shared prompt, itself
-    causally), -inf elsewhere."""
-    allowed = torch.ones(length, prompt + length, dtype=torch.bool, device=device).tril(diagonal=prompt)
+    """`bool_mask` as the CPU kernel takes it: fp32, 0 where seen, -inf elsewhere."""
+    allowed = bool_mask(prompt, length, device)
     return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
 
