@@ -6,7 +6,8 @@ bf16 product's output to bf16 (8 significant bits): a logit near 30 would move b
 with it. So on CPU each row's logits are computed relative to the row's label logit c: the product
 [h, -c] . [w, 1] accumulates in fp32 and rounds z - c, which is small where the softmax has its mass when the label
 is likely, and c (itself rounded to bf16, so that it is subtracted and added back exactly) is added back in fp32.
-A logit's error is then at most 2^-9 |z - c| instead of 2^-9 |z|; tests/test_bf16_head.py states and checks the
+A logit's error is then at most 2^-9 |z - c| instead of 2^-9 |z|, z and c without the bias of a biased head, which
+is added after, exactly, in fp32; tests/test_bf16_head.py states and checks the
 log-probs' tolerance against the fp32 head. Gradients through the head (d hidden, d weight) are bf16 products
 too, rounded to bf16 per chunk as autocast's own linear layers round theirs.
 """
@@ -35,22 +36,29 @@ def cpu_has_bf16() -> bool:
 
 
 class Products:
-    """The bf16 copies of one head weight [V, K], made once per head call (forward, backward), and on CPU the
+    """The bf16 copy of one head weight [V, K], made once per step's forward and kept for its backward (the weight
+    does not change in between; autograd's version check on the saved weight would say if it did), and on CPU the
     bf16 blocks every chunk's products reuse: a fresh block per chunk is a fresh mapping whose pages fault in one by
     one (the fp32 head's `_logits_buffer` for the same reason)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.w = weight.detach().to(torch.bfloat16)
         self.bias = None if bias is None else bias.detach().float()
         self.cuda = weight.is_cuda
         self._blocks: dict[str, torch.Tensor] = {}
-        if not self.cuda:
-            v, k = self.w.shape
-            self.k = k
-            self.w_aug = torch.empty(v, k + 1 + (-(k + 1)) % _ALIGN, dtype=torch.bfloat16)
-            self.w_aug[:, :k] = self.w
-            self.w_aug[:, k] = 1
-            self.w_aug[:, k + 1:] = 0
+        if self.cuda:
+            self.w = weight.detach().to(torch.bfloat16)
+            return
+        v, k = weight.shape
+        self.k = k
+        self.w_aug = torch.empty(v, k + 1 + (-(k + 1)) % _ALIGN, dtype=torch.bfloat16)
+        self.w_aug[:, :k] = weight.detach()  # rounded to bf16 as it is copied, as `.to(torch.bfloat16)` rounds
+        self.w_aug[:, k] = 1
+        self.w_aug[:, k + 1:] = 0
+        self.w = self.w_aug[:, :k]  # the products read the bf16 weight from the augmented copy: one copy, not two
+
+    def release_blocks(self) -> None:
+        """Drop the chunk blocks (kept: the weight copies), between a forward and its backward."""
+        self._blocks.clear()
 
     def _block(self, name: str, rows: int, cols: int) -> torch.Tensor:
         """A reused bf16 [rows, cols] block (grown when a chunk is larger)."""

@@ -218,6 +218,10 @@ class _HeadLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.transform, ctx.chunk, ctx.unit, ctx.entropy_col = transform, chunk, unit, \
             extras.index("entropy") if entropy_grad else None
+        # A rebuilding backward reuses the weight's bf16 copy; where the gradients are done ahead it needs none.
+        ctx.fast = fast if fast is not None and unit is None and any(ctx.needs_input_grad[:3]) else None
+        if ctx.fast is not None:
+            ctx.fast.release_blocks()
         if not entropy_grad:
             ctx.mark_non_differentiable(table)
         ctx.set_materialize_grads(False)
@@ -230,7 +234,8 @@ class _HeadLogprobs(torch.autograd.Function):
         g_h = None if grad_table is None or ctx.entropy_col is None else grad_table[:, ctx.entropy_col]
         if ctx.unit is not None and (ctx.unit.rowwise or grad.numel() and bool((grad == grad[0]).all())):
             return (*ctx.unit.result(grad), *(None,) * 6)
-        fast = bf16_head.Products(weight, bias) if bf16_head.wanted(hidden) else None
+        fast = ctx.fast or (bf16_head.Products(weight, bias) if bf16_head.wanted(hidden) else None)
+        ctx.fast = None
         grads, n = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3], fast), ctx.chunk
         buffer = _logits_buffer(hidden, weight, n)
         for s in range(0, hidden.shape[0], n):
