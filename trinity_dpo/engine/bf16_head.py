@@ -36,8 +36,9 @@ def cpu_has_bf16() -> bool:
 
 
 class Products:
-    """The bf16 copy of one head weight [V, K], made once per step's forward and kept for its backward (the weight
-    does not change in between; autograd's version check on the saved weight would say if it did), and on CPU the
+    """The bf16 copy of one head weight [V, K], made once per head forward (a micro-batch's) and kept for its
+    backward (the weight does not change in between; autograd's version check on the saved weight would say if it
+    did), and on CPU the
     bf16 blocks every chunk's products reuse: a fresh block per chunk is a fresh mapping whose pages fault in one by
     one (the fp32 head's `_logits_buffer` for the same reason)."""
 
@@ -57,7 +58,7 @@ class Products:
         self.w = self.w_aug[:, :k]  # the products read the bf16 weight from the augmented copy: one copy, not two
 
     def release_blocks(self) -> None:
-        """Drop the chunk blocks (kept: the weight copies), between a forward and its backward."""
+        """Drop the chunk blocks, keeping the weight's copy, between a forward and its backward."""
         self._blocks.clear()
 
     def _block(self, name: str, rows: int, cols: int) -> torch.Tensor:
