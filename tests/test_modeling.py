@@ -69,3 +69,20 @@ def test_a_corrupt_config_json_is_one_line(qwen_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"^cannot load the model from .*model: ") as err:
         modeling.load_model(cfg, torch.device("cpu"), bf16=True)
     assert "\n" not in str(err.value)
+
+
+def test_fused_nodes_survive_train_and_eval(llama_dir):
+    """transformers (5.x, with `kernels` installed) re-kernelizes a model at every `train()` and `eval()`, setting
+    the forward of each RMSNorm again: a loaded policy keeps its norms and MLPs on the fused nodes after both
+    switches (the reference pass runs in eval mode, the steps in train mode)."""
+    from trinity_dpo.engine import fused_ops
+
+    cfg = Config()
+    cfg.model.model_path = str(llama_dir)
+    model, _ = modeling.load_model(cfg, torch.device("cpu"))
+    for switch in (model.eval, model.train):
+        switch()
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                assert norm.forward.__func__ is fused_ops._norm_forward
+            assert layer.mlp.forward.__func__ is fused_ops._mlp_forward

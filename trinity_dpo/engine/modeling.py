@@ -155,6 +155,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
         model = lora.merge_into(model, adapter)
     _disable_dropout(model)
     use_varlen(model)
+    _no_hub_kernels(model)
     fused_ops.apply(model)
     if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -165,6 +166,16 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
         _checkpoint_every(model, cfg.trainer.trainer_config.actor_rollout_ref.model.gradient_checkpointing_every)
     model.config.use_cache = False
     return (model if quantized or empty else model.to(device)).train(), stored
+
+
+def _no_hub_kernels(model: torch.nn.Module) -> None:
+    """Turn off transformers' hub kernels (on by default since 5.x when the `kernels` package is installed, which
+    transformers requires). With them on, every `train()` and `eval()` re-kernelizes the model: each module of a
+    class marked for hub kernels (the RMSNorms) gets its forward set again, which would undo the fused nodes'
+    routing at the first mode switch. Off, the marked modules run torch's code, as they do wherever no hub kernel
+    can be fetched (an offline node, a CPU)."""
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False  # resets every marked module to torch's forward, once, before fused_ops routes
 
 
 def _fp32_buffers(model: torch.nn.Module, path: str, trust: bool, auto=None, extra=None) -> None:
