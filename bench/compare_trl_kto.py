@@ -41,6 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_trl import REPO, build_model, pairs_file, replace_section  # noqa: E402
 
+from trinity_dpo.engine import host_heap  # noqa: E402
+
 SEED = 42  # our step order and both sides' seed (the reward head is drawn from it on both sides)
 BETA = 0.1  # KTOConfig's default
 LR = 1e-6
@@ -204,7 +206,10 @@ def run_side(args, trainer: str, who: str, precision: str, data: Path) -> dict:
              "--batch": args.batch, "--max-length": args.max_length, "--model-path": args.model_path,
              "--ours-checkpointing": args.ours_checkpointing}
     cmd = [sys.executable, str(Path(__file__).resolve()), *(str(x) for item in flags.items() for x in item)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if who == "ours":  # the heap `trinity run` restarts itself with (engine/host_heap.py); TRL's process as it is
+        env.update(host_heap.tuned(os.environ, hugepages=args.ours_checkpointing == "off"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [x[len("RESULT "):] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if not found:
         raise SystemExit(f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{trainer} {who} {precision} failed")

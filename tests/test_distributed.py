@@ -90,6 +90,11 @@ def runs(config):
     proc = cli(config, "cluster.gpu_per_node=2", "name=two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "starting 2 worker processes" in proc.stderr
+    # Gradient checkpointing on: the command restarted with the kept heap and no huge pages (`host_heap`), and
+    # torchrun's workers inherited it.
+    if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc") and "GLIBC_TUNABLES" not in os.environ:
+        assert proc.stderr.count("host heap: glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold="
+                                 "17179869184 (set by trinity;") == 3
     cores = os.cpu_count()
     assert (f"cluster.gpu_per_node=2 and no CUDA device: starting 2 CPU worker processes on {cores} cores; for one "
             "process, set cluster.gpu_per_node=1") in proc.stderr

@@ -59,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, restart: bool = False) -> int:
+    """The command; `restart`: the process is the command's own (`entry`), which `trinity run` may start again
+    with tuned heap settings (`engine/host_heap.py`). Called in-process (tests) it never restarts."""
     args = _parser().parse_args(argv)
+    args.restart = restart
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -79,14 +82,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> str:
     from .config.stages import Stage, load_stages
+    from .engine import host_heap
+
+    # Every stage's config is built and checked before anything runs, and before torch is imported: the heap's
+    # settings can only change by starting the process again.
+    stages = load_stages(args.config, args.overrides)
+    if args.restart:
+        host_heap.restart_tuned(hugepages=not any(_checkpointing(s.cfg) for s in stages))
+    if (line := host_heap.describe()) is not None:
+        logging.getLogger(__name__).info(line)
     from .engine import distributed
     from .run.stages import run_stages
     from .sources.local import localize
 
-    # Every stage's config is built and checked before anything runs. Names become local folders here, once, before
-    # any worker starts: a download or a conversion happens in one process, and a missing path is one line from the
-    # command itself (the workers find them done).
-    stages = [Stage(s.name, localize(s.cfg)) for s in load_stages(args.config, args.overrides)]
+    # Names become local folders here, once, before any worker starts: a download or a conversion happens in one
+    # process, and a missing path is one line from the command itself (the workers find them done).
+    stages = [Stage(s.name, localize(s.cfg)) for s in stages]
     # Several processes: torchrun runs this command again in each worker, which runs every stage; this one waits.
     code = distributed.launch(args.config, args.overrides, stages[0].cfg)
     if code is not None:  # worker 0 has printed the run folder
@@ -95,6 +106,10 @@ def _run(args) -> str:
         return ""
     run_dir = run_stages(stages)
     return f"run folder: {run_dir}" if distributed.is_main_process() else ""
+
+
+def _checkpointing(cfg) -> bool:
+    return cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing
 
 
 def _eval(args) -> str:
@@ -147,7 +162,17 @@ def _models(args) -> str:
 
 COMMANDS = {"run": _run, "eval": _eval, "report": _report, "models": _models, "chat": _chat, "export": _export}
 
-if __name__ == "__main__":
-    from .engine.distributed import launched, worker_main
 
-    sys.exit(worker_main(main) if launched() else main())
+def entry() -> None:
+    """The `trinity` command (and `python -m trinity_dpo.cli`); a worker torchrun started runs `main` as it is."""
+    from .engine.process_env import launched
+
+    if launched():
+        from .engine.distributed import worker_main
+
+        sys.exit(worker_main(main))
+    sys.exit(main(restart=True))
+
+
+if __name__ == "__main__":
+    entry()

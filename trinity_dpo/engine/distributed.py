@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..config.schema import Config
 from ..errors import ConfigError
+from .process_env import is_main_process, launched, local_rank  # noqa: F401  (this module's names for them too)
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +34,6 @@ log = logging.getLogger(__name__)
 # Set to 1 (with torchrun --nproc-per-node 1), a single worker still shards with FSDP2 over a one-rank process group:
 # the sharded code path on one device, as `bench/gpu_check.py` runs it.
 ONE_RANK_FSDP = "TRINITY_FSDP_ONE_RANK"
-
-
-def launched() -> bool:
-    """True inside a worker that torchrun (or another launcher setting RANK and WORLD_SIZE) started."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def local_rank(default: int = 0) -> int:
-    """This worker's index on its node (the launcher's LOCAL_RANK), else `default`."""
-    return int(os.environ.get("LOCAL_RANK", default))
 
 
 def launch(config_path: str, overrides: list[str], cfg: Config) -> int | None:

@@ -1,0 +1,58 @@
+"""The `trinity` command's heap settings (`engine/host_heap.py`): which, when, and that a run starts with them."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trinity_dpo.engine import host_heap
+
+from conftest import REPO
+
+
+def test_tuned_settings_and_when_nothing_changes():
+    """On glibc with no GLIBC_TUNABLES: the kept heap (mapping threshold 4 GiB, trim threshold 16 GiB), with huge
+    pages only when asked, and a mark holding the same value. A user's GLIBC_TUNABLES, even empty, and a C library
+    other than glibc (macOS, musl: no version string) change nothing."""
+    kept = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+    huge = host_heap.tuned({"PATH": "/bin"}, hugepages=True, libc="glibc 2.36")
+    assert huge == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:" + kept, "TRINITY_DPO_HEAP": "glibc.malloc.hugetlb=1:" + kept}
+    assert host_heap.tuned({}, hugepages=False, libc="glibc 2.36") == {"GLIBC_TUNABLES": kept, "TRINITY_DPO_HEAP": kept}
+    assert host_heap.tuned({"GLIBC_TUNABLES": ""}, hugepages=True, libc="glibc 2.36") == {}
+    assert host_heap.tuned({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, hugepages=True, libc="glibc 2.36") == {}
+    assert host_heap.tuned({}, hugepages=True, libc="") == {}
+
+
+def test_describe_names_whose_settings_are_in_force(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert host_heap.describe() is None
+    monkeypatch.setenv("GLIBC_TUNABLES", "a=1")
+    monkeypatch.setenv("TRINITY_DPO_HEAP", "a=1")
+    assert host_heap.describe() == ("host heap: a=1 (set by trinity; GLIBC_TUNABLES= before the command keeps "
+                                    "glibc's defaults)")
+    monkeypatch.delenv("TRINITY_DPO_HEAP")
+    assert host_heap.describe() == "host heap: GLIBC_TUNABLES='a=1' from the environment, kept as it is"
+
+
+def _run(config, env):
+    return subprocess.run([sys.executable, "-m", "trinity_dpo.cli", "run", "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (hasattr(os, "confstr") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")),
+                    reason="glibc only")
+def test_the_command_restarts_once_with_the_settings(make_config, tmp_path):
+    """`trinity run` without gradient checkpointing starts again with huge pages and the kept heap: the line comes
+    from the restarted process, whose environment held them from its start (the loader reads them only then), and
+    it is logged once. A user's GLIBC_TUNABLES is kept, and said so."""
+    config = make_config({"buffer": {"batch_size": 24}},
+                         {"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": False}}})
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "TRINITY_DPO_HEAP")}
+    proc = _run(config, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("host heap: glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:"
+                             "glibc.malloc.trim_threshold=17179869184 (set by trinity;") == 1
+    proc = _run(make_config({"name": "mine", "buffer": {"batch_size": 24}}), {**env, "GLIBC_TUNABLES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "host heap: GLIBC_TUNABLES='' from the environment, kept as it is" in proc.stderr
