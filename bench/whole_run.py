@@ -145,8 +145,9 @@ def section(args, results: dict, source: str) -> list[str]:
              f" torch {torch.__version__}. Job: {args.steps} optimizer steps of {args.batch} pairs ({pairs} pairs of "
              f"`{Path(source).name}`), max length {args.max_length}, one epoch, the trained model saved at the end. "
              "Each figure is a whole process from start to exit; median of the runs, with the smallest and largest in brackets. TRL: "
-             "`precompute_ref_log_probs=True`, gradient checkpointing off. trinity-dpo: `trinity run --config`, "
-             f"gradient checkpointing {args.ours_checkpointing}.", "",
+             "`precompute_ref_log_probs=True`, gradient checkpointing off. trinity-dpo: `trinity run --config` (which "
+             "starts itself again with its glibc heap settings, `trinity_dpo/engine/host_heap.py`; TRL's process keeps "
+             f"glibc's defaults), gradient checkpointing {args.ours_checkpointing}.", "",
              "| precision | TRL wall (s) | trinity-dpo wall (s) | pairs/s ratio | TRL peak (GB) | trinity-dpo peak (GB) "
              "| memory ratio | trinity-dpo steps (s) | step-1 loss TRL / ours |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
