@@ -44,7 +44,7 @@ def tuned(environ: Mapping[str, str], hugepages: bool, libc: str | None = None) 
 def restart_tuned(hugepages: bool) -> None:
     """Start this command again, in this process (same pid, terminal and open files), with `tuned`'s variables;
     returns only where there is nothing to change. Called before torch is imported: the restart costs a Python
-    start and the config's parse (about 0.2 s)."""
+    start and a second parse of the config (0.6 s on a 2-core VM, `bench/profile_run.py`'s log)."""
     extra = tuned(os.environ, hugepages)
     if not extra:
         return
