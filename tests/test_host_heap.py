@@ -45,14 +45,17 @@ def _run(config, env):
 def test_the_command_restarts_once_with_the_settings(make_config, tmp_path):
     """`trinity run` without gradient checkpointing starts again with huge pages and the kept heap: the line comes
     from the restarted process, whose environment held them from its start (the loader reads them only then), and
-    it is logged once. A user's GLIBC_TUNABLES is kept, and said so."""
+    it is logged once, as are the config's own lines (the first process parses it silently). A user's GLIBC_TUNABLES
+    is kept, and said so."""
     config = make_config({"buffer": {"batch_size": 24}},
-                         {"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": False}}})
+                         {"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": False}},
+                          "data": {"train_batch_size": 24}})  # a key the config's parse logs as ignored
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "TRINITY_DPO_HEAP")}
     proc = _run(config, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("host heap: glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:"
                              "glibc.malloc.trim_threshold=17179869184 (set by trinity;") == 1
+    assert proc.stderr.count("ignored, not used by offline DPO") == 1  # the config's lines: the process before says none
     proc = _run(make_config({"name": "mine", "buffer": {"batch_size": 24}}), {**env, "GLIBC_TUNABLES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "host heap: GLIBC_TUNABLES='' from the environment, kept as it is" in proc.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import ConfigError, UserError
@@ -86,7 +87,12 @@ def _run(args) -> str:
 
     # Every stage's config is built and checked before anything runs, and before torch is imported: the heap's
     # settings can only change by starting the process again.
-    stages = load_stages(args.config, args.overrides)
+    # A process that starts again below logs nothing of its parse: the new one logs it, once.
+    logging.disable(logging.WARNING if args.restart and host_heap.tuned(os.environ, hugepages=True) else logging.NOTSET)
+    try:
+        stages = load_stages(args.config, args.overrides)
+    finally:
+        logging.disable(logging.NOTSET)
     if args.restart:
         host_heap.restart_tuned(hugepages=not any(_checkpointing(s.cfg) for s in stages))
     if (line := host_heap.describe()) is not None:
