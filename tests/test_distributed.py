@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trinity_dpo.run import checkpoint, folder as run_folder, train
-from trinity_dpo.engine import distributed
+from trinity_dpo.engine import distributed, host_heap
 from trinity_dpo.data.batching import is_padding, plan_micro, shard_step
 from trinity_dpo.errors import ConfigError, RunFolderError
 from trinity_dpo.config.loader import load_config
@@ -92,7 +92,7 @@ def runs(config):
     assert "starting 2 worker processes" in proc.stderr
     # Gradient checkpointing on: the command restarted with the kept heap and no huge pages (`host_heap`), and
     # torchrun's workers inherited it.
-    if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc") and "GLIBC_TUNABLES" not in os.environ:
+    if host_heap.needed(os.environ):
         assert proc.stderr.count("host heap: glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold="
                                  "17179869184 (set by trinity;") == 3
     cores = os.cpu_count()

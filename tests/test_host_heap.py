@@ -40,8 +40,7 @@ def _run(config, env):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (hasattr(os, "confstr") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")),
-                    reason="glibc only")
+@pytest.mark.skipif(not host_heap.needed({}), reason="glibc only")
 def test_the_command_restarts_once_with_the_settings(make_config, tmp_path):
     """`trinity run` without gradient checkpointing starts again with huge pages and the kept heap: the line comes
     from the restarted process, whose environment held them from its start (the loader reads them only then), and

@@ -86,9 +86,9 @@ def _run(args) -> str:
     from .engine import host_heap
 
     # Every stage's config is built and checked before anything runs, and before torch is imported: the heap's
-    # settings can only change by starting the process again.
-    # A process that starts again below logs nothing of its parse: the new one logs it, once.
-    logging.disable(logging.WARNING if args.restart and host_heap.tuned(os.environ, hugepages=True) else logging.NOTSET)
+    # settings can only change by starting the process again. A process that starts again below logs nothing of its
+    # parse: the new one logs it, once.
+    logging.disable(logging.WARNING if args.restart and host_heap.needed(os.environ) else logging.NOTSET)
     try:
         stages = load_stages(args.config, args.overrides)
     finally:

@@ -3,10 +3,10 @@
 Why: glibc serves a large allocation with its own mapping and returns it to the kernel when freed, and it returns the
 free top of its heap past a threshold it adjusts by itself. A training step allocates and frees the same large
 tensors every step (activations, the head's bf16 weight copy, gradients set to None), so with those defaults each
-step faults hundreds of thousands of fresh pages in again: 5.3 million faults in 12 bf16 steps of SmolLM2, where
-with the settings below the steps after the first ones fault almost none, and the steps take 21% less time
-(docs/benchmarks.md, "The host heap"). Transparent huge pages (glibc's `hugetlb=1` asks for them with madvise)
-add about 5% in fp32.
+step faults hundreds of thousands of fresh pages in again: about 5 million faults in 12 bf16 steps of SmolLM2, where
+with the settings below the steps after the first ones fault almost none, and the steps take 19% less time
+(docs/benchmarks.md, History, sixth session). Transparent huge pages (glibc's `hugetlb=1` asks for them with
+madvise) add about 5% in fp32.
 
 Under gradient checkpointing the run hands free pages back between phases (`Runtime.release_host_memory`), to keep
 its peak low: there the huge pages cost time (each page freed splits a huge one, faulted in again) and the kept
@@ -17,12 +17,9 @@ These settings are read by the dynamic loader when a process starts: nothing ins
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Mapping
-
-log = logging.getLogger(__name__)
 
 VARIABLE = "GLIBC_TUNABLES"
 KEPT = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"  # 4 GiB, 16 GiB
@@ -30,12 +27,17 @@ HUGE = "glibc.malloc.hugetlb=1"
 MARK = "TRINITY_DPO_HEAP"  # set with the tunables: the restarted process knows they are its own
 
 
-def tuned(environ: Mapping[str, str], hugepages: bool, libc: str | None = None) -> dict[str, str]:
-    """The variables to start a training process with, or {} where nothing is to change: not glibc (macOS, musl),
-    or GLIBC_TUNABLES already set (the user's, or ours after the restart)."""
+def needed(environ: Mapping[str, str], libc: str | None = None) -> bool:
+    """Whether a training process is to start again: on glibc (not macOS, musl), with GLIBC_TUNABLES unset (set, it
+    is the user's, or ours after the restart)."""
     if libc is None:
         libc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") and sys.platform == "linux" else ""
-    if not (libc or "").startswith("glibc") or VARIABLE in environ:
+    return (libc or "").startswith("glibc") and VARIABLE not in environ
+
+
+def tuned(environ: Mapping[str, str], hugepages: bool, libc: str | None = None) -> dict[str, str]:
+    """The variables to start a training process with, or {} where nothing is to change (`needed`)."""
+    if not needed(environ, libc):
         return {}
     value = f"{HUGE}:{KEPT}" if hugepages else KEPT
     return {VARIABLE: value, MARK: value}
