@@ -15,6 +15,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import SPACE_TEMPLATE, make_model_dir, write_pairs  # noqa: E402
+from trinity_dpo.engine import vector_math  # noqa: E402
+
+# Before any test computes: a test comparing numbers (with TRL, across runs) must not meet MKL's first-call race
+# in whichever test happens to make the first call (`trinity_dpo/engine/vector_math.py`).
+vector_math.settle()
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "human_like_dpo_dataset"

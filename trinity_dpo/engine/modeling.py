@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import fused_ops, lora, score_head
+from . import fused_ops, lora, score_head, vector_math
 from .attention import is_varlen, use_varlen
 from ..config.schema import Config
 from ..errors import ConfigError, one_line
@@ -72,6 +72,7 @@ def inference_mode(model):
 
 
 def pick_runtime(cfg: Config) -> Runtime:
+    vector_math.settle()  # before any op runs on two threads: a run's first step must not depend on a race
     want = cfg.cluster.device
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("cluster.device: cuda was asked for but no CUDA device is available")
@@ -131,6 +132,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     (checkpoints keep it). With `empty`, the policy's skeleton: parameters on the meta device (buffers real), to be
     sharded and then filled from `weights_reader`. `bf16`: the run computes in bf16, so LoRA's frozen base may be
     read in bf16 (`lora.frozen_in_bf16`). The policy's adapters are attached by `policy.build_policy`."""
+    vector_math.settle()  # `trinity chat` and `export` start here, not at `pick_runtime`
     policy, path = path is None, path or cfg.model.model_path
     auto, extra = score_head.auto_class(cfg)  # a reward model is read as a sequence classifier
     adapter, path = (path, lora.base_of(path)) if lora.is_adapter(path) else (None, path)
