@@ -90,7 +90,7 @@ def runs(config):
     proc = cli(config, "cluster.gpu_per_node=2", "name=two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "starting 2 worker processes" in proc.stderr
-    # Gradient checkpointing on: the command restarted with the kept heap and no huge pages (`host_heap`), and
+    # The command restarted with the kept heap (`host_heap`), and
     # torchrun's workers inherited it.
     if host_heap.needed(os.environ):
         assert proc.stderr.count("host heap: glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold="

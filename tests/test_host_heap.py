@@ -11,16 +11,14 @@ from conftest import REPO
 
 
 def test_tuned_settings_and_when_nothing_changes():
-    """On glibc with no GLIBC_TUNABLES: the kept heap (mapping threshold 4 GiB, trim threshold 16 GiB), with huge
-    pages only when asked, and a mark holding the same value. A user's GLIBC_TUNABLES, even empty, and a C library
-    other than glibc (macOS, musl: no version string) change nothing."""
+    """On glibc with no GLIBC_TUNABLES: the kept heap (mapping threshold 4 GiB, trim threshold 16 GiB), no huge
+    pages, and a mark holding the same value. A user's GLIBC_TUNABLES, even empty, and a C library other than glibc
+    (macOS, musl: no version string) change nothing."""
     kept = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
-    huge = host_heap.tuned({"PATH": "/bin"}, hugepages=True, libc="glibc 2.36")
-    assert huge == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:" + kept, "TRINITY_DPO_HEAP": "glibc.malloc.hugetlb=1:" + kept}
-    assert host_heap.tuned({}, hugepages=False, libc="glibc 2.36") == {"GLIBC_TUNABLES": kept, "TRINITY_DPO_HEAP": kept}
-    assert host_heap.tuned({"GLIBC_TUNABLES": ""}, hugepages=True, libc="glibc 2.36") == {}
-    assert host_heap.tuned({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, hugepages=True, libc="glibc 2.36") == {}
-    assert host_heap.tuned({}, hugepages=True, libc="") == {}
+    assert host_heap.tuned({"PATH": "/bin"}, libc="glibc 2.36") == {"GLIBC_TUNABLES": kept, "TRINITY_DPO_HEAP": kept}
+    assert host_heap.tuned({"GLIBC_TUNABLES": ""}, libc="glibc 2.36") == {}
+    assert host_heap.tuned({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, libc="glibc 2.36") == {}
+    assert host_heap.tuned({}, libc="") == {}
 
 
 def test_describe_names_whose_settings_are_in_force(monkeypatch):
@@ -42,17 +40,17 @@ def _run(config, env):
 @pytest.mark.slow
 @pytest.mark.skipif(not host_heap.needed({}), reason="glibc only")
 def test_the_command_restarts_once_with_the_settings(make_config, tmp_path):
-    """`trinity run` without gradient checkpointing starts again with huge pages and the kept heap: the line comes
-    from the restarted process, whose environment held them from its start (the loader reads them only then), and
-    it is logged once, as are the config's own lines (the first process parses it silently). A user's GLIBC_TUNABLES
-    is kept, and said so."""
+    """`trinity run` starts again with the kept heap before it reads its config: the line comes from the restarted
+    process, whose environment held the settings from its start (the loader reads them only then), and it is logged
+    once, as are the config's own lines (the first process does not parse it). A user's GLIBC_TUNABLES is kept, and
+    said so."""
     config = make_config({"buffer": {"batch_size": 24}},
                          {"actor_rollout_ref": {"model": {"enable_gradient_checkpointing": False}},
                           "data": {"train_batch_size": 24}})  # a key the config's parse logs as ignored
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "TRINITY_DPO_HEAP")}
     proc = _run(config, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("host heap: glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:"
+    assert proc.stderr.count("host heap: glibc.malloc.mmap_threshold=4294967296:"
                              "glibc.malloc.trim_threshold=17179869184 (set by trinity;") == 1
     assert proc.stderr.count("ignored, not used by offline DPO") == 1  # the config's lines: the process before says none
     proc = _run(make_config({"name": "mine", "buffer": {"batch_size": 24}}), {**env, "GLIBC_TUNABLES": ""})

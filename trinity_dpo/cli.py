@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from .errors import ConfigError, UserError
@@ -64,7 +63,10 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
     """The command; `restart`: the process is the command's own (`entry`), which `trinity run` may start again
     with tuned heap settings (`engine/host_heap.py`). Called in-process (tests) it never restarts."""
     args = _parser().parse_args(argv)
-    args.restart = restart
+    if restart and args.command == "run":  # first of all: the loader reads heap settings only when a process starts
+        from .engine import host_heap
+
+        host_heap.restart_tuned()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -85,16 +87,8 @@ def _run(args) -> str:
     from .config.stages import Stage, load_stages
     from .engine import host_heap
 
-    # Every stage's config is built and checked before anything runs, and before torch is imported: the heap's
-    # settings can only change by starting the process again. A process that starts again below logs nothing of its
-    # parse: the new one logs it, once.
-    logging.disable(logging.WARNING if args.restart and host_heap.needed(os.environ) else logging.NOTSET)
-    try:
-        stages = load_stages(args.config, args.overrides)
-    finally:
-        logging.disable(logging.NOTSET)
-    if args.restart:
-        host_heap.restart_tuned(hugepages=not any(_checkpointing(s.cfg) for s in stages))
+    # Every stage's config is built and checked before anything runs.
+    stages = load_stages(args.config, args.overrides)
     if (line := host_heap.describe()) is not None:
         logging.getLogger(__name__).info(line)
     from .engine import distributed
@@ -112,10 +106,6 @@ def _run(args) -> str:
         return ""
     run_dir = run_stages(stages)
     return f"run folder: {run_dir}" if distributed.is_main_process() else ""
-
-
-def _checkpointing(cfg) -> bool:
-    return cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing
 
 
 def _eval(args) -> str:

@@ -5,12 +5,13 @@ free top of its heap past a threshold it adjusts by itself. A training step allo
 tensors every step (activations, the head's bf16 weight copy, gradients set to None), so with those defaults each
 step faults hundreds of thousands of fresh pages in again: about 5 million faults in 12 bf16 steps of SmolLM2, where
 with the settings below the steps after the first ones fault almost none, and the steps take 19% less time
-(docs/benchmarks.md, History, sixth session). Transparent huge pages (glibc's `hugetlb=1` asks for them with
-madvise) add about 5% in fp32.
+(docs/benchmarks.md, History, sixth session). Under gradient checkpointing the run still hands free pages back
+between phases (`Runtime.release_host_memory` trims whatever the thresholds say), at the same speed as with glibc's
+defaults (8 bf16 steps: 56.2 s against 57.8 s).
 
-Under gradient checkpointing the run hands free pages back between phases (`Runtime.release_host_memory`), to keep
-its peak low: there the huge pages cost time (each page freed splits a huge one, faulted in again) and the kept
-heap brings no gain, so those runs keep glibc's defaults.
+No transparent huge pages (glibc's `hugetlb=1`): where the page cache fills memory, as after a few checkpoints, the
+kernel compacts memory to find each 2 MB page, and the first step, which faults in the whole peak, took 2.5 s (bf16)
+to 3.8 s (fp32) longer for steps no faster after it (History, seventh session).
 
 These settings are read by the dynamic loader when a process starts: nothing inside a running process can set them
 (glibc's `mallopt` refuses a mapping threshold above 32 MB). A user's own GLIBC_TUNABLES, even empty, is left as it is.
@@ -23,7 +24,6 @@ from typing import Mapping
 
 VARIABLE = "GLIBC_TUNABLES"
 KEPT = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"  # 4 GiB, 16 GiB
-HUGE = "glibc.malloc.hugetlb=1"
 MARK = "TRINITY_DPO_HEAP"  # set with the tunables: the restarted process knows they are its own
 
 
@@ -35,19 +35,18 @@ def needed(environ: Mapping[str, str], libc: str | None = None) -> bool:
     return (libc or "").startswith("glibc") and VARIABLE not in environ
 
 
-def tuned(environ: Mapping[str, str], hugepages: bool, libc: str | None = None) -> dict[str, str]:
+def tuned(environ: Mapping[str, str], libc: str | None = None) -> dict[str, str]:
     """The variables to start a training process with, or {} where nothing is to change (`needed`)."""
     if not needed(environ, libc):
         return {}
-    value = f"{HUGE}:{KEPT}" if hugepages else KEPT
-    return {VARIABLE: value, MARK: value}
+    return {VARIABLE: KEPT, MARK: KEPT}
 
 
-def restart_tuned(hugepages: bool) -> None:
+def restart_tuned() -> None:
     """Start this command again, in this process (same pid, terminal and open files), with `tuned`'s variables;
     returns only where there is nothing to change. Called before torch is imported: the restart costs a Python
     start and a second parse of the config (0.6 s on a 2-core VM, `bench/profile_run.py`'s log)."""
-    extra = tuned(os.environ, hugepages)
+    extra = tuned(os.environ)
     if not extra:
         return
     sys.stdout.flush()
