@@ -50,13 +50,21 @@ def test_log_probs_within_the_stated_tolerance_of_the_exact_product():
     assert float((plain - want).abs()[likely].max()) > 4 * float(err[likely].max())
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_gradients_within_bf16_rounding_of_the_exact_ones(monkeypatch, bias):
+@pytest.mark.parametrize("bias, group_rows", [(False, None), (True, None), (False, 1), (False, 90)])
+def test_gradients_within_bf16_rounding_of_the_exact_ones(monkeypatch, bias, group_rows):
     """d hidden, d weight (and d bias) of sum(g * logp) against autograd through the exact fp32 product of the same
     bf16 operands: relative error (norm of the difference over norm) under 1e-2, bf16 rounding of each chunk's
-    product; over 4 chunks, the last one short, so the reused bf16 blocks carry no chunk into the next."""
+    product, and of d weight's product over each group of chunks; over 4 chunks of 60, 60, 60 and 23 rows, so the
+    reused bf16 blocks carry no chunk into the next. Groups: all chunks in one (the default budget), one chunk per
+    group, and 90 rows (a chunk that does not fit flushes the group: 60, 60, 60 + 23)."""
     monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 3000 * 60)
     monkeypatch.setattr(lp, "_MIN_ROWS", 1)
+    if group_rows is not None:
+        monkeypatch.setattr(bf16_head, "_GROUP_BYTES", 2 * 3000 * group_rows)
+    flushed = []
+    real_flush = bf16_head.Products.flush
+    monkeypatch.setattr(bf16_head.Products, "flush", lambda self, d_weight: flushed.append(self._filled)
+                        or real_flush(self, d_weight))
     h, w, labels, _ = _case(n=203)
     g = torch.randn(len(labels), generator=torch.Generator().manual_seed(1))
     head = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias)
@@ -72,6 +80,8 @@ def test_gradients_within_bf16_rounding_of_the_exact_ones(monkeypatch, bias):
     pairs = [(hb.grad.float(), hf.grad), (head.weight.grad, wf.grad)] + ([(head.bias.grad, bf.grad)] if bias else [])
     for got, want in pairs:
         assert float((got - want).norm() / want.norm()) < 1e-2
+    groups = {None: [203], 1: [60, 60, 60, 23], 90: [60, 60, 83]}[group_rows]
+    assert [n for n in flushed if n] == groups
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

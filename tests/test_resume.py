@@ -289,3 +289,35 @@ def test_checkpoint_of_the_earlier_single_file_layout_still_resumes(six_steps):
     assert records(run_dir) == expected
     weights = final_weights(run_dir, 6)
     assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+
+
+def test_state_saved_without_zip_checksums_loads_back(tmp_path, monkeypatch):
+    """DCP's records are written without their zip CRC-32 (the manifest's xxh3 checks the files), the option is
+    restored afterwards, and the weights and AdamW's moments read back as they were."""
+    import torch.distributed.checkpoint as dcp
+
+    from trinity_dpo.engine import distributed
+
+    def trained():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        return model, optimizer
+
+    seen, real_save = [], dcp.save
+    monkeypatch.setattr(dcp, "save", lambda *a, **k: seen.append(torch.serialization.get_crc32_options())
+                        or real_save(*a, **k))
+    model, optimizer = trained()
+    distributed.save_state(tmp_path / "dcp", model, optimizer)
+    assert seen == [False] and torch.serialization.get_crc32_options() is True
+    fresh = torch.nn.Linear(4, 3)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    fresh(torch.ones(2, 4)).sum().backward()
+    fresh_optimizer.step()  # moments exist, with other values
+    distributed.load_state(tmp_path / "dcp", fresh, fresh_optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], fresh_optimizer.state[q][key])

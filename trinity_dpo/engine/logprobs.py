@@ -214,6 +214,8 @@ class _HeadLogprobs(torch.autograd.Function):
             if unit is not None:  # e -> the logits' gradient for a unit gradient on each row: onehot - e / sum e
                 unit.add(s, e.mul_(total.reciprocal().neg_()).scatter_add_(1, labels[rows, None],
                                                                              torch.ones_like(total)))
+        if unit is not None:
+            unit.finish()
         entropy = table[:, extras.index("entropy")].clone() if entropy_grad else None
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.transform, ctx.chunk, ctx.unit, ctx.entropy_col = transform, chunk, unit, \
@@ -243,6 +245,7 @@ class _HeadLogprobs(torch.autograd.Function):
             h_term = None if g_h is None else (g_h[rows, None], entropy[rows, None])
             grads.add(s, _logits_grad(grads.rows(s, n), grads.w, bias, labels[rows, None], grad[rows, None],
                                       lse[rows, None], ctx.transform, buffer, h_term, fast))
+        grads.finish()
         return (*grads.result(), *(None,) * 6)
 
 
@@ -275,6 +278,13 @@ class _HeadGrads:
                 self.d_weight.addmm_(d_logits.t(), h)
         if self.d_bias is not None:
             self.d_bias += d_logits.sum(0)
+
+    def finish(self) -> None:
+        """After the last chunk: the sums that wait in groups are added (the bf16 products' d weight), and the
+        blocks are let go (done in forward, they would be held until backward)."""
+        if self.fast:
+            self.fast.flush(self.d_weight)
+            self.fast.release_blocks()
 
     def result(self, grad: torch.Tensor | None = None) -> tuple:
         """(d hidden, d weight, d bias) in the hidden states' and weight's dtypes (d bias fp32); sums made for a unit
