@@ -11,7 +11,7 @@ defaults (8 bf16 steps: 56.2 s against 57.8 s).
 
 No transparent huge pages (glibc's `hugetlb=1`): where the page cache fills memory, as after a few checkpoints, the
 kernel compacts memory to find each 2 MB page, and the first step, which faults in the whole peak, took 2.5 s (bf16)
-to 3.8 s (fp32) longer for steps no faster after it (History, seventh session).
+to 3.9 s (fp32) longer for steps no faster after it (History, seventh session).
 
 These settings are read by the dynamic loader when a process starts: nothing inside a running process can set them
 (glibc's `mallopt` refuses a mapping threshold above 32 MB). A user's own GLIBC_TUNABLES, even empty, is left as it is.
