@@ -131,3 +131,12 @@ def test_backward_reuses_the_forward_bf16_weight(monkeypatch):
     hb = h.clone().requires_grad_(True)
     (lp.head_logprobs(hb, head, labels)[0] * g).sum().backward()
     assert len(made) == 1 and hb.grad is not None and head.weight.grad is not None
+
+
+def test_a_frozen_head_keeps_one_chunk_of_d_logits():
+    """Only d weight's product waits in groups: a frozen head (LoRA), which wants d hidden alone, keeps one chunk's
+    bf16 d_logits, not a group's 128 MB."""
+    products = bf16_head.Products(torch.randn(3000, 96), None)
+    d_hidden = torch.empty(60, 96)
+    products.add_grads(torch.randn(60, 3000), torch.randn(60, 96).bfloat16(), d_hidden, None)
+    assert products._blocks["da"].shape == (60, 3000)

@@ -111,7 +111,8 @@ class Products:
         n = d_logits.shape[0]
         if self._filled + n > self._group_rows and d_weight is not None:
             self.flush(d_weight)
-        group = self._block("da", max(self._group_rows, n), d_logits.shape[1])
+        # Only d weight waits: without it (a frozen head, LoRA) the block holds one chunk, as before groups.
+        group = self._block("da", max(self._group_rows, n) if d_weight is not None else n, d_logits.shape[1])
         a = group[self._filled:self._filled + n].copy_(d_logits)
         if d_hidden is not None:
             d_hidden.copy_(torch.mm(a, self.w))
