@@ -363,9 +363,10 @@ def _trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, storage_writer=None) -> None:
     """fp32 weights and optimizer state with torch.distributed.checkpoint: each process writes its shards, and the
-    files can be loaded by any number of processes."""
+    files can be loaded by any number of processes. `storage_writer`: DCP's writer for `path` (its own file writer
+    by default)."""
     import torch.distributed.checkpoint as dcp
 
     model_sd, optim_sd = _trained_state(model, optimizer)
@@ -377,7 +378,7 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), storage_writer=storage_writer)
     finally:
         torch.serialization.set_crc32_options(crc)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..engine import distributed, lora
-from . import manifest
+from . import direct_io, manifest
 from ..errors import CheckpointError, UserError, one_line
 from ..engine.distributed import Dist
 
@@ -50,10 +50,13 @@ def save(run_dir: Path, step: int, model, tokenizer, save_dtype: torch.dtype, op
     merged = lora.merged_weights(model, full) if full else None
     error = _attempt(lambda: _write(tmp, model, weights, merged, tokenizer, save_dtype, state) if d.main else None)
     error = d.first_error(error)  # the folder exists everywhere before the shards go in
+    written: direct_io.Written = {}  # this process's state files and their checksums, as written
     if error is None:
-        error = d.first_error(_attempt(lambda: distributed.save_state(tmp / STATE / "dcp", model, optimizer)))
+        dcp_dir = tmp / STATE / "dcp"
+        error = d.first_error(_attempt(lambda: distributed.save_state(
+            dcp_dir, model, optimizer, direct_io.storage_writer(dcp_dir, written))))
     if error is None and d.main:
-        error = _attempt(lambda: _publish(tmp, final, run_dir, step))
+        error = _attempt(lambda: _publish(tmp, final, run_dir, step, direct_io.known_checksums(written)))
     error = d.first_error(error)
     if error is not None:
         if d.main:
@@ -118,10 +121,10 @@ def _save_hf(model, folder: Path, weights: dict, save_dtype: torch.dtype) -> Non
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _publish(tmp: Path, final: Path, run_dir: Path, step: int) -> None:
-    """Record what `tmp` holds, flush every file, rename it to `final`, then move the marker: a crash leaves
-    either checkpoint."""
-    manifest.write(tmp, tmp / STATE / manifest.NAME)
+def _publish(tmp: Path, final: Path, run_dir: Path, step: int, known: dict[Path, str] | None = None) -> None:
+    """Record what `tmp` holds (`known`: checksums taken as files were written), flush every file, rename it to
+    `final`, then move the marker: a crash leaves either checkpoint."""
+    manifest.write(tmp, tmp / STATE / manifest.NAME, known)
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:

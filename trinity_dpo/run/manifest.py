@@ -27,9 +27,11 @@ def checksum(path: Path) -> str:
     return h.hexdigest()
 
 
-def write(folder: Path, where: Path) -> None:
-    """Record every file under `folder` (its size and checksum) in `where`, a file inside `folder`."""
-    files = {f.relative_to(folder).as_posix(): [f.stat().st_size, checksum(f)]
+def write(folder: Path, where: Path, known: dict[Path, str] | None = None) -> None:
+    """Record every file under `folder` (its size and checksum) in `where`, a file inside `folder`. `known`: the
+    checksums of files computed as they were written (`direct_io`), which are not read again."""
+    known = known or {}
+    files = {f.relative_to(folder).as_posix(): [f.stat().st_size, known.get(f) or checksum(f)]
              for f in sorted(folder.rglob("*")) if f.is_file() and f != where}
     where.write_text(json.dumps({"checksum": ALGORITHM, "files": files}, indent=1))
 
