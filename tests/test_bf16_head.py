@@ -140,3 +140,17 @@ def test_a_frozen_head_keeps_one_chunk_of_d_logits():
     d_hidden = torch.empty(60, 96)
     products.add_grads(torch.randn(60, 3000), torch.randn(60, 96).bfloat16(), d_hidden, None)
     assert products._blocks["da"].shape == (60, 3000)
+
+
+def test_a_pass_at_fixed_weights_copies_the_head_once():
+    """Inside `keep_copies` the head's bf16 copy is made once per weight and reused while the weight is unchanged;
+    an update (its version moves) makes a new one; outside, each forward makes its own."""
+    weight = torch.nn.Parameter(torch.randn(50, 16))
+    with bf16_head.keep_copies():
+        first, second = bf16_head.Products(weight, None), bf16_head.Products(weight, None)
+        assert first.w_aug is second.w_aug
+        with torch.no_grad():
+            weight.add_(1.0)
+        third = bf16_head.Products(weight, None)
+        assert third.w_aug is not first.w_aug and torch.equal(third.w, weight.detach().bfloat16())
+    assert bf16_head.Products(weight, None).w_aug is not bf16_head.Products(weight, None).w_aug

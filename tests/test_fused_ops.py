@@ -172,3 +172,40 @@ def test_projection_is_autocasts_linear():
         assert torch.equal(got, want)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert routed(x).grad_fn is None and torch.equal(routed(x), plain(x))
+
+
+def test_a_pass_at_fixed_weights_casts_each_weight_once():
+    """Without gradients the MLP runs its plain projections, whose casts go through autocast's cache: inside
+    `scoring_mode` three forwards of a 2-layer routed Llama cast each linear weight to bf16 once (2 layers x 7
+    projections = 14 casts, the tied embedding's head 1 more), where a forward per autocast context casts them at
+    every forward (3 x 15 = 45). The outputs are those of the forward with gradients (the `_SwiGLU` node), bit for
+    bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trinity_dpo.engine.modeling import Runtime, scoring_mode
+
+    model = _llama()
+    fused_ops.apply(model)
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                Casts.n += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = [torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    runtime = Runtime(torch.device("cpu"), bf16=True)
+    with Casts(), scoring_mode(model, runtime):
+        kept = [model(input_ids=i).logits for i in ids]
+    once, Casts.n = Casts.n, 0
+    with Casts(), torch.no_grad():
+        for i in ids:
+            with runtime.autocast():
+                model(input_ids=i)
+    assert (once, Casts.n) == (15, 45)
+    with runtime.autocast():  # the training forward: `_SwiGLU` and `_CastLinear` nodes
+        trained = [model(input_ids=i).logits.detach() for i in ids]
+    assert all(torch.equal(a, b) for a, b in zip(kept, trained))

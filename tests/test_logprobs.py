@@ -218,3 +218,15 @@ def test_entropy_with_gradient_equals_naive(monkeypatch, bias, transform, unifor
     assert torch.allclose(extra["entropy"], entropy, atol=1e-5)
     for p, want in zip(params, expected):
         assert torch.allclose(p.grad, want, atol=1e-5)
+
+
+def test_top1_is_the_first_of_equal_maxima():
+    """top1 says whether the label is argmax's token, the first of equal maxima (the pass that finds the maximum
+    gives its index). With an identity head the logits are the hidden rows: [1, 3, 3, 2] ties at 1 and 2, and
+    [0, 0, 5, 5] at 2 and 3. Labels (1, 3) give top1 (1, 0); labels (2, 2) give (0, 1)."""
+    head = torch.nn.Linear(4, 4, bias=False)
+    head.weight.data = torch.eye(4)
+    hidden = torch.tensor([[1.0, 3, 3, 2], [0, 0, 5, 5]])
+    for labels, want in (((1, 3), (1.0, 0.0)), ((2, 2), (0.0, 1.0))):
+        _, extra = lp.head_logprobs(hidden, head, torch.tensor(labels), extras=("top1", "entropy"))
+        assert extra["top1"].tolist() == list(want)

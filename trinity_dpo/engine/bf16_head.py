@@ -13,6 +13,7 @@ too, rounded to bf16 per chunk as autocast's own linear layers round theirs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -23,6 +24,7 @@ _ALIGN = 32  # the centring column is padded to a multiple of this many columns 
 # fp32 copy of it first; per 170-row chunk of SmolLM2's head that was 0.5 s of a 3.3 s bf16 step.
 _GROUP_BYTES = 128 << 20
 _SLAB_ROWS = 4096
+_kept: dict | None = None  # id(weight) -> (weight, (version, data pointer), bf16 copy) inside `keep_copies`
 
 
 def wanted(hidden: torch.Tensor) -> bool:
@@ -33,6 +35,30 @@ def wanted(hidden: torch.Tensor) -> bool:
 
 def available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+
+@contextlib.contextmanager
+def keep_copies():
+    """Within it, each head weight's bf16 copy is made once and reused as long as the weight is unchanged (the same
+    storage and version): for a pass over many micro-batches at fixed weights (`modeling.scoring_mode`), where it
+    was made once per micro-batch. The copies are let go on leaving."""
+    global _kept
+    outer, _kept = _kept, {} if _kept is None else _kept
+    try:
+        yield
+    finally:
+        _kept = outer
+
+
+def _copy(weight: torch.Tensor, make) -> torch.Tensor:
+    """`make()` (the bf16 copy of `weight`), or the copy `keep_copies` kept of it."""
+    if _kept is None:
+        return make()
+    key = (weight._version, weight.data_ptr())
+    kept = _kept.get(id(weight))
+    if kept is None or kept[0] is not weight or kept[1] != key:
+        kept = _kept[id(weight)] = (weight, key, make())
+    return kept[2]
 
 
 @functools.cache
@@ -52,14 +78,11 @@ class Products:
         self.cuda = weight.is_cuda
         self._blocks: dict[str, torch.Tensor] = {}
         if self.cuda:
-            self.w = weight.detach().to(torch.bfloat16)
+            self.w = _copy(weight, lambda: weight.detach().to(torch.bfloat16))
             return
         v, k = weight.shape
         self.k = k
-        self.w_aug = torch.empty(v, k + 1 + (-(k + 1)) % _ALIGN, dtype=torch.bfloat16)
-        self.w_aug[:, :k] = weight.detach()  # rounded to bf16 as it is copied, as `.to(torch.bfloat16)` rounds
-        self.w_aug[:, k] = 1
-        self.w_aug[:, k + 1:] = 0
+        self.w_aug = _copy(weight, lambda: _augmented(weight))
         self.w = self.w_aug[:, :k]  # the products read the bf16 weight from the augmented copy: one copy, not two
         self._group_rows = max(1, _GROUP_BYTES // (2 * v))
         self._pending: list[torch.Tensor] = []  # the hidden rows of the chunks whose d_logits wait in the group block
@@ -133,3 +156,13 @@ class Products:
             d_weight[r:r + _SLAB_ROWS].add_(product[r:r + _SLAB_ROWS])
         self._pending.clear()
         self._filled = 0
+
+
+def _augmented(weight: torch.Tensor) -> torch.Tensor:
+    """[V, K] -> bf16 [V, K + 1 + padding]: the weight, a column of ones (the label logit's), zeros."""
+    v, k = weight.shape
+    w_aug = torch.empty(v, k + 1 + (-(k + 1)) % _ALIGN, dtype=torch.bfloat16)
+    w_aug[:, :k] = weight.detach()  # rounded to bf16 as it is copied, as `.to(torch.bfloat16)` rounds
+    w_aug[:, k] = 1
+    w_aug[:, k + 1:] = 0
+    return w_aug

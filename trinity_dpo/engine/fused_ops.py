@@ -143,8 +143,11 @@ def _norm_forward(self, hidden_states):
 
 def _mlp_forward(self, x):
     projections = (self.gate_proj, self.up_proj, self.down_proj)
-    if all(type(p) is torch.nn.Linear and p.bias is None for p in projections):  # not LoRA-wrapped, no bias
+    plain = all(type(p) is torch.nn.Linear and p.bias is None for p in projections)  # not LoRA-wrapped, no bias
+    if plain and torch.is_grad_enabled():
         return _SwiGLU.apply(x, *(p.weight for p in projections))
+    # Without gradients there is nothing to keep: the modules' own products, bit for bit `_SwiGLU`'s forward, whose
+    # weight casts go through autocast's cache (one cast per pass at fixed weights: `modeling.scoring_mode`).
     return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 

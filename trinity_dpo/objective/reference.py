@@ -25,7 +25,7 @@ from ..data.batching import by_slot, collate, is_padding
 from ..data.schedule import Plan
 from ..engine.distributed import Dist
 from ..engine.logprobs import sequence_stats
-from ..engine.modeling import Runtime, inference_mode
+from ..engine.modeling import Runtime, scoring_mode
 from ..engine.policy import Policy
 from ..data.pairs import Pair
 
@@ -43,7 +43,7 @@ def score(model, groups: Iterable[list[Pair]], n_rows: int, pad_id: int, runtime
     (`shard_step`) are run and dropped. With `store`, each response token's log-prob is written there too."""
     tables = {k: torch.full((n_rows, sequences), float("nan"), dtype=torch.float32) for k in stats}
     wanted = stats + (("token_logps",) if store is not None else ())
-    with inference_mode(model):
+    with scoring_mode(model, runtime):
         for group in groups:
             mb = collate(group, pad_id, share_prompt=runtime.share_prompt).to(runtime.device)
             values = sequence_stats(model, mb, runtime.autocast(), wanted)
