@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
-from .report import read_metrics
+from .report import new_axes, read_metrics
 
 # (title, key in train records, key in eval records): drawn where some run has it
 CURVES = [
@@ -124,12 +124,7 @@ def _chart(title: str, runs: list[dict], labels: list[str], train_key, eval_key)
             series += [(f"{label} (held-out)", points, f"C{i % 10}o--")] if points else []
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig, ax = new_axes(6.4, 3.6)
     for name, points, style in series:
         ax.plot(*zip(*points), style, label=name, linewidth=1.3, markersize=3)
     ax.set_title(title)
@@ -139,7 +134,6 @@ def _chart(title: str, runs: list[dict], labels: list[str], train_key, eval_key)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     data = base64.b64encode(buffer.getvalue()).decode()
     return f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
 

@@ -37,13 +37,18 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval/loss" in r]
 
 
+def new_axes(width: float, height: float):
+    """(figure, axes) of a chart of `width` x `height` inches at 100 dpi. A Figure of its own, saved by the Agg
+    canvas its file name or format picks: no pyplot (0.24 s to import, and a figure manager per chart) and no
+    backend switch for the process."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    return fig, fig.subplots()
+
+
 def _plot(path: Path, title: str, train: list[dict], series, evals: list[dict], eval_key) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    fig, ax = new_axes(6, 3.4)
     for key, label in series:
         points = [(r["step"], r[key]) for r in train if key in r]
         if points:  # markers where the points are few enough to tell apart (held-out curves)
@@ -57,7 +62,6 @@ def _plot(path: Path, title: str, train: list[dict], series, evals: list[dict], 
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_charts(run_dir: Path) -> list[str]:
