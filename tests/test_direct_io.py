@@ -19,7 +19,7 @@ BLOCK = 3 * 4096  # a small block, so that a few kilobytes cross several of them
 
 def pieces() -> list[bytes]:
     """Sizes around the block and the 4096-byte alignment: 1, 4095, a block plus 3, 10, two blocks, 4097 (sum
-    12 + 4095 + 12291 + 10 + 24576 + 4097 = 45081 bytes, which ends 45081 - 11 * 4096 = 25 bytes past an
+    1 + 4095 + 12291 + 10 + 24576 + 4097 = 45070 bytes, which ends 45070 - 11 * 4096 = 14 bytes past an
     aligned offset: the tail goes out buffered)."""
     g = torch.Generator().manual_seed(0)
     return [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
@@ -117,3 +117,14 @@ def test_a_checkpoint_manifest_takes_the_state_checksums_as_written(tmp_path, mo
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     checkpoint._load(path, fresh, fresh_optimizer)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_each_file_is_synced_by_its_writer_after_its_tail(tmp_path, monkeypatch):
+    """With several nodes rank 0's sync before the rename cannot flush another node's page cache, where a file's
+    buffered tail sits: the process that writes a file syncs it at close, after the tail (45070 bytes: 14 buffered)."""
+    monkeypatch.setattr(direct_io, "_BLOCK", BLOCK)
+    real_fsync, real_write, events = os.fsync, os.write, []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "write", lambda fd, data: events.append(len(data)) or real_write(fd, data))
+    write_all(tmp_path / "state.bin", {})
+    assert events[-1] == "fsync" and events[-2] == 14 and events.count("fsync") == 1

@@ -10,8 +10,8 @@ The manifest (`manifest.py`) needs each file's xxh3: computed here from the byte
 does not read the files back (from disk, now that they are not cached).
 
 Where the filesystem refuses O_DIRECT (tmpfs, some FUSE and network mounts, macOS), the file is written as any
-other: the same bytes, through the page cache. Durability is `checkpoint._publish`'s fsync of every file, as for
-the rest of the checkpoint.
+other: the same bytes, through the page cache. Each file is synced when it is closed, by the process that wrote
+it; `checkpoint._publish` then syncs every file of the checkpoint before the rename, as before.
 """
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ class DirectFile(io.RawIOBase):
             self._drain(self.fill - self.fill % _ALIGN)
             self._buffered()  # the last partial block: O_DIRECT cannot write it
             self._drain(self.fill)
+            # The blocks are on disk already; this flushes the tail. Each process syncs its own files: rank 0's
+            # sync before the rename cannot reach another node's page cache.
+            os.fsync(self.fd)
             self.written[self.path] = (self.size, self.hash.hexdigest())
         finally:
             os.close(self.fd)
@@ -121,8 +124,8 @@ def _open(path: str, direct: bool) -> tuple[int, bool]:
 
 
 def storage_writer(path: Path, written: Written):
-    """torch.distributed.checkpoint's file writer for `path` whose data files are `DirectFile`s. No fsync of its own:
-    the checkpoint syncs every file before it is renamed into place."""
+    """torch.distributed.checkpoint's file writer for `path` whose data files are `DirectFile`s, each synced as it
+    is closed (DCP's own fsync came before the close, so before the buffered tail)."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import FileSystem
 
