@@ -119,6 +119,48 @@ def test_a_checkpoint_manifest_takes_the_state_checksums_as_written(tmp_path, mo
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
 
 
+def test_rank_0s_manifest_takes_the_other_processes_checksums_as_gathered(tmp_path, monkeypatch):
+    """With two processes each writes its own shard; its checksums reach rank 0 with the gather that follows the
+    write, and rank 0's manifest reads neither shard back. The second process is a stand-in: at the gather it
+    writes its shard (`__1_0.distcp`) beside rank 0's with a `DirectFile` of its own, and hands over its ledger."""
+    model = torch.nn.Linear(64, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    d = Dist(rank=0, world=2)
+
+    def everyone(obj):
+        if not isinstance(obj, tuple):  # the gathers of errors alone, before the state's write
+            return [obj, None]
+        error, written = obj
+        other = {}
+        shard = next(iter(written)).rsplit("/", 1)[0] + "/__1_0.distcp"
+        write_all(shard, other)
+        return [obj, (None, other)]
+
+    monkeypatch.setattr(d, "everyone", everyone)
+    read_back, real_checksum = [], manifest.checksum
+    monkeypatch.setattr(manifest, "checksum", lambda path: read_back.append(path.name) or real_checksum(path))
+    path = checkpoint.save(tmp_path, 1, model, None, torch.float32, optimizer, {"step": 1}, d, hf=False)
+    dcp = path / "trainer_state" / "dcp"
+    assert (dcp / "__1_0.distcp").is_file() and not {"__0_0.distcp", "__1_0.distcp"} & set(read_back)
+    monkeypatch.setattr(manifest, "checksum", real_checksum)
+    assert manifest.verify(path, path / "trainer_state" / manifest.NAME) is None
+    assert manifest.checksum(dcp / "__1_0.distcp") == xxhash.xxh3_64(b"".join(pieces())).hexdigest()
+
+
+def test_an_error_in_any_process_fails_the_save_everywhere(tmp_path, monkeypatch):
+    """The gather after the state's write carries each process's error: one process's failure (here the second's,
+    a full disk) fails the save on rank 0 too, and nothing is published."""
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    d = Dist(rank=0, world=2)
+    monkeypatch.setattr(d, "everyone", lambda obj: [obj, ("No space left on device", {}) if isinstance(obj, tuple)
+                                                     else None])
+    with pytest.raises(checkpoint.CheckpointError, match=r"saving checkpoint 1 into .* failed \(No space left on "
+                                                           r"device\); no earlier checkpoint exists"):
+        checkpoint.save(tmp_path, 1, model, None, torch.float32, optimizer, {"step": 1}, d, hf=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_each_file_is_synced_by_its_writer_after_its_tail(tmp_path, monkeypatch):
     """With several nodes rank 0's sync before the rename cannot flush another node's page cache, where a file's
     buffered tail sits: the process that writes a file syncs it at close, after the tail (45070 bytes: 14 buffered)."""

@@ -150,13 +150,17 @@ class Dist:
             return bool(flag)
         return bool(self.all_sum(torch.tensor([float(flag)], device=self.device)).item())
 
+    def everyone(self, obj) -> list:
+        """Every process's `obj` (small: an error text, a few checksums), in rank order, on every process."""
+        if self.world == 1:
+            return [obj]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def first_error(self, error: str | None) -> str | None:
         """The first process's error text among all processes' (None: none failed), known to every process."""
-        if self.world == 1:
-            return error
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, error)
-        return next((e for e in gathered if e), None)
+        return next((e for e in self.everyone(error) if e), None)
 
     def from_main(self, obj):
         """Rank 0's `obj`, on every process."""
