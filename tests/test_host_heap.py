@@ -56,3 +56,45 @@ def test_the_command_restarts_once_with_the_settings(make_config, tmp_path):
     proc = _run(make_config({"name": "mine", "buffer": {"batch_size": 24}}), {**env, "GLIBC_TUNABLES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "host heap: GLIBC_TUNABLES='' from the environment, kept as it is" in proc.stderr
+
+
+def test_the_kernel_cache_is_bounded_unless_the_environment_sizes_it(monkeypatch, tmp_path):
+    """oneDNN's kernel cache: 128 shapes, set by every command before its first product; a size already in the
+    environment is kept."""
+    environ = {}
+    host_heap.bound_kernel_cache(environ)
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
+    environ = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "2048"}
+    host_heap.bound_kernel_cache(environ)
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "2048"}
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "x")  # so that the test's change is undone after it
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    from trinity_dpo import cli
+
+    assert cli.main(["report", str(tmp_path / "no_run")]) == 2
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
+
+
+_SHAPES = """
+import torch
+from trinity_dpo.engine import host_heap
+if {bound}:
+    host_heap.KERNEL_CACHE_SHAPES = "2"
+    host_heap.bound_kernel_cache()
+w = torch.randn(256, 128, dtype=torch.bfloat16)
+for n in (100, 101, 102, 100):
+    torch.randn(n, 256, dtype=torch.bfloat16) @ w
+"""
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_the_bound_takes_effect_after_torch_is_imported(bound):
+    """oneDNN sizes its cache when it first compiles a kernel, after torch's import: held to 2 shapes there, the
+    first shape is compiled again after two others (a cache miss); with the default size it is found (a hit)."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    proc = subprocess.run([sys.executable, "-c", _SHAPES.format(bound=bound)], capture_output=True, text=True,
+                          timeout=120, env={**env, "ONEDNN_VERBOSE": "2"}, check=True)
+    made = [line.split(",")[3] for line in proc.stdout.splitlines() if ",create:cache_" in line]
+    if len(made) != 4:
+        pytest.skip("bf16 products on this CPU do not go through oneDNN's matmul")
+    assert made == ["create:cache_miss"] * 3 + ["create:cache_miss" if bound else "create:cache_hit"]

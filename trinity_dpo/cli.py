@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
     """The command; `restart`: the process is the command's own (`entry`), which `trinity run` may start again
     with tuned heap settings (`engine/host_heap.py`). Called in-process (tests) it never restarts."""
     args = _parser().parse_args(argv)
-    if restart and args.command == "run":  # first of all: the loader reads heap settings only when a process starts
-        from .engine import host_heap
+    from .engine import host_heap
 
+    if restart and args.command == "run":  # first of all: the loader reads heap settings only when a process starts
         host_heap.restart_tuned()
+    host_heap.bound_kernel_cache()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

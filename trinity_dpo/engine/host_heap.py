@@ -13,6 +13,12 @@ No transparent huge pages (glibc's `hugetlb=1`): where the page cache fills memo
 kernel compacts memory to find each 2 MB page, and the first step, which faults in the whole peak, took 2.5 s (bf16)
 to 3.9 s (fp32) longer for steps no faster after it (History, seventh session).
 
+oneDNN, which runs a CPU's bf16 matrix products, compiles kernels for each new matrix shape and keeps them in a
+cache of 1,024 shapes by default. A packed row has a new length at nearly every step (~12 new shapes a step on
+SmolLM2), and each shape held ~0.8 MB of heap: over a 64-step bf16 job the live heap between steps grew by 0.5 GB,
+and the long-lived kernels, allocated amid each step's activations, split the free heap. `bound_kernel_cache` keeps
+128 shapes, which is many steps' worth (History, ninth session).
+
 These settings are read by the dynamic loader when a process starts: nothing inside a running process can set them
 (glibc's `mallopt` refuses a mapping threshold above 32 MB). A user's own GLIBC_TUNABLES, even empty, is left as it is.
 """
@@ -20,11 +26,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 VARIABLE = "GLIBC_TUNABLES"
 KEPT = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"  # 4 GiB, 16 GiB
 MARK = "TRINITY_DPO_HEAP"  # set with the tunables: the restarted process knows they are its own
+KERNEL_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+KERNEL_CACHE_SHAPES = "128"
 
 
 def needed(environ: Mapping[str, str], libc: str | None = None) -> bool:
@@ -62,3 +70,9 @@ def describe() -> str | None:
     if os.environ.get(MARK) == value:
         return f"host heap: {value} (set by trinity; GLIBC_TUNABLES= before the command keeps glibc's defaults)"
     return f"host heap: GLIBC_TUNABLES={value!r} from the environment, kept as it is"
+
+
+def bound_kernel_cache(environ: MutableMapping[str, str] = os.environ) -> None:
+    """oneDNN's kernel cache held to `KERNEL_CACHE_SHAPES` shapes, unless the environment sets its own size. oneDNN
+    reads the variable when it first compiles a kernel, so this works after torch is imported, before any product."""
+    environ.setdefault(KERNEL_CACHE, KERNEL_CACHE_SHAPES)
