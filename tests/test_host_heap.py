@@ -1,10 +1,12 @@
-"""The `trinity` command's heap settings (`engine/host_heap.py`): which, when, and that a run starts with them."""
+"""The `trinity` command's process: its heap settings (`engine/host_heap.py`: which, when, and that a run starts
+with them) and how it leaves (`cli._leave`)."""
 import os
 import subprocess
 import sys
 
 import pytest
 
+from trinity_dpo import cli
 from trinity_dpo.engine import host_heap
 
 from conftest import REPO
@@ -77,6 +79,7 @@ def test_the_kernel_cache_is_bounded_unless_the_environment_sizes_it(monkeypatch
 
 _SHAPES = """
 import torch
+from trinity_dpo import cli
 from trinity_dpo.engine import host_heap
 if {bound}:
     host_heap.KERNEL_CACHE_SHAPES = "2"
@@ -98,3 +101,21 @@ def test_the_bound_takes_effect_after_torch_is_imported(bound):
     if len(made) != 4:
         pytest.skip("bf16 products on this CPU do not go through oneDNN's matmul")
     assert made == ["create:cache_miss"] * 3 + ["create:cache_miss" if bound else "create:cache_hit"]
+
+
+def test_leaving_runs_the_exit_handlers_then_exits_with_the_code():
+    """`_leave` skips Python's teardown (os._exit) but not atexit's handlers, logging's flush among them."""
+    code = ("import atexit\nfrom trinity_dpo.cli import _leave\n"
+            "atexit.register(lambda: print('handler ran', flush=True))\n_leave(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert (done.returncode, done.stdout) == (3, "handler ran\n")
+
+
+def test_leaving_without_cpythons_exit_hook_takes_pythons_own_exit(monkeypatch):
+    """`atexit._run_exitfuncs` is CPython's, not a public API: without it the process exits as Python does."""
+    import atexit
+
+    monkeypatch.delattr(atexit, "_run_exitfuncs")
+    with pytest.raises(SystemExit) as leaving:
+        cli._leave(2)
+    assert leaving.value.code == 2

@@ -177,12 +177,16 @@ def _leave(code: int) -> NoReturn:
     """End the process with `code` once the command has returned, every file it wrote closed: the atexit handlers
     run (logging's flush among them), then the process exits without Python's teardown of module globals and of
     torch's, MKL's and oneDNN's static state, which took 0.8 s of a run's end (docs/benchmarks.md, History, seventh
-    session). An exception never gets here: it leaves through Python's own exit, traceback first."""
+    session). An exception never gets here: it leaves through Python's own exit, traceback first. `_run_exitfuncs`
+    is CPython's (not a public API): where it is missing the process takes Python's own exit, teardown and all."""
     import atexit
 
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:
+        sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
-    atexit._run_exitfuncs()  # what interpreter shutdown would run first, in its order
+    run_exit_handlers()  # what interpreter shutdown would run first, in its order
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
