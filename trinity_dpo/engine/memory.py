@@ -16,7 +16,7 @@ import torch
 from ..config.schema import Config
 from ..errors import ConfigError, one_line
 from .lora import frozen_in_bf16
-from .modeling import Runtime, stored_dtype
+from .modeling import Runtime, checkpoint_every, stored_dtype
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,8 @@ def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> 
     if frozen_in_bf16(lora, runtime.bf16, stored_dtype(cfg.model.model_path)):
         frozen_bytes -= 2.0 * shape["linear_weights"]  # all linear layers: a lower bound for any target list
     state = (16 * trained + frozen_bytes) / world
-    verl_model = cfg.trainer.trainer_config.actor_rollout_ref.model
-    checkpointing = verl_model.enable_gradient_checkpointing
-    recomputed = math.ceil(shape["layers"] / verl_model.gradient_checkpointing_every) if checkpointing else 0
+    every = checkpoint_every(cfg)
+    recomputed = math.ceil(shape["layers"] / every) if every else 0
     per_token = (recomputed * shape["hidden"] + (shape["layers"] - recomputed) * (
         10 * shape["hidden"] + 2 * shape["intermediate"])) * 2
     activations = micro_tokens * per_token
@@ -54,7 +53,7 @@ def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> 
     if state < have:
         fixes.append(f"fewer tokens per micro-batch (now {micro_tokens}: ppo_micro_batch_size_per_gpu, or "
                      "ppo_max_token_len_per_gpu with use_dynamic_bsz)")
-        if not checkpointing:
+        if not every:
             fixes.append("enable_gradient_checkpointing: true")
     gpus = math.ceil(state * world / max(have - activations, 1))
     if gpus > world:

@@ -111,8 +111,15 @@ def for_model(runtime: Runtime, cfg: Config, model) -> Runtime:
     The heap is trimmed only under gradient checkpointing, the setting by which a user trades speed for memory:
     every page handed back faults in again in the next phase. With checkpointing, trimming lowered the peak at no
     measurable cost in speed; without it, it cost speed for little or no lower peak (docs/benchmarks.md, History)."""
-    gc = cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing
-    return dataclasses.replace(runtime, share_prompt=cfg.trainer.share_prompt and is_varlen(model), trim_heap=gc)
+    return dataclasses.replace(runtime, share_prompt=cfg.trainer.share_prompt and is_varlen(model),
+                               trim_heap=checkpoint_every(cfg) > 0)
+
+
+def checkpoint_every(cfg: Config) -> int:
+    """0 without gradient checkpointing; else n: decoder layers 0, n, 2n, ... recompute their forward in backward
+    (verl's `enable_gradient_checkpointing` and our `gradient_checkpointing_every`, read here only)."""
+    verl_model = cfg.trainer.trainer_config.actor_rollout_ref.model
+    return verl_model.gradient_checkpointing_every if verl_model.enable_gradient_checkpointing else 0
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -174,13 +181,14 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
     use_varlen(model)
     _no_hub_kernels(model)
     fused_ops.apply(model)
-    if cfg.trainer.trainer_config.actor_rollout_ref.model.enable_gradient_checkpointing:
+    every = checkpoint_every(cfg)
+    if every:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; 4.x has only the old one
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        _checkpoint_every(model, cfg.trainer.trainer_config.actor_rollout_ref.model.gradient_checkpointing_every)
+        _checkpoint_every(model, every)
     model.config.use_cache = False
     return (model if quantized or empty else model.to(device)).train(), stored
 
