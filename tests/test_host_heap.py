@@ -71,8 +71,6 @@ def test_the_kernel_cache_is_bounded_unless_the_environment_sizes_it(monkeypatch
     assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "2048"}
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "x")  # so that the test's change is undone after it
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
-    from trinity_dpo import cli
-
     assert cli.main(["report", str(tmp_path / "no_run")]) == 2
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
 
