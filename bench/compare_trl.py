@@ -34,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from trinity_dpo.engine import host_heap  # noqa: E402
+
 REAL = REPO.parent / "shared" / "data" / "human_like_dpo_dataset"
 BUNDLE = REPO / ".gpu"  # bench/gpu_bundle.py
 
@@ -277,7 +279,10 @@ def run_side(args, who: str, precision: str, objective: str = "dpo") -> dict | N
            "--device", args.device, "--model-path", args.model_path, "--objective", objective, "--lora-rank",
            str(lora_rank)]
     cmd += (["--no-checkpointing"] if not args.checkpointing else []) + (["--trl-fastest"] if args.trl_fastest else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if who != "trl":  # the heap and kernel cache `trinity run` gives itself (engine/host_heap.py); TRL's as it is
+        env = host_heap.training_environment(env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         print(proc.stdout[-3000:], proc.stderr[-3000:])

@@ -208,8 +208,7 @@ def run_side(args, trainer: str, who: str, precision: str, data: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *(str(x) for item in flags.items() for x in item)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if who == "ours":  # the heap and kernel cache `trinity run` gives itself (engine/host_heap.py); TRL's as it is
-        env.update(host_heap.tuned(os.environ))
-        host_heap.bound_kernel_cache(env)
+        env = host_heap.training_environment(env)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [x[len("RESULT "):] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if not found:

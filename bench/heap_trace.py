@@ -110,8 +110,7 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRINITY_DPO_CACHE": str(work / "cache")}
         if args.kernel_cache:
             env[host_heap.KERNEL_CACHE] = str(args.kernel_cache)
-        host_heap.bound_kernel_cache(env)
-        env.update(host_heap.tuned(env))
+        env = host_heap.training_environment(env)
         out = Path(args.json) if args.json else work / "trace.json"
         config = ours_config(work, model, data, args, args.precision)
         subprocess.run([sys.executable, __file__, "--child", str(config), str(out)], env=env, cwd=work, check=True)

@@ -75,6 +75,19 @@ def test_the_kernel_cache_is_bounded_unless_the_environment_sizes_it(monkeypatch
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
 
 
+def test_the_training_environment_is_what_trinity_run_gives_itself():
+    """A process started for `trinity run`'s work (a benchmark's side) gets the restart's heap settings and the
+    kernel cache's bound, over the given environment, which is left unchanged; a user's own GLIBC_TUNABLES and cache
+    size are kept."""
+    kept = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+    given = {"PATH": "/bin"}
+    assert host_heap.training_environment(given, libc="glibc 2.36") == {
+        "PATH": "/bin", "GLIBC_TUNABLES": kept, "TRINITY_DPO_HEAP": kept, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
+    assert given == {"PATH": "/bin"}
+    own = {"GLIBC_TUNABLES": "", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"}
+    assert host_heap.training_environment(own, libc="glibc 2.36") == own
+
+
 _SHAPES = """
 import torch
 from trinity_dpo import cli

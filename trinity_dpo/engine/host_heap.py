@@ -50,6 +50,15 @@ def tuned(environ: Mapping[str, str], libc: str | None = None) -> dict[str, str]
     return {VARIABLE: KEPT, MARK: KEPT}
 
 
+def training_environment(environ: Mapping[str, str], libc: str | None = None) -> dict[str, str]:
+    """`environ` as `trinity run`'s training process sees it after its restart: the heap settings where `needed`,
+    oneDNN's kernel cache bounded unless `environ` sizes it. For a process started for another's work (a benchmark's
+    side, a tracer's child), so that it runs as `trinity run` does."""
+    env = {**environ, **tuned(environ, libc)}
+    bound_kernel_cache(env)
+    return env
+
+
 def restart_tuned() -> None:
     """Start this command again, in this process (same pid, terminal and open files), with `tuned`'s variables;
     returns only where there is nothing to change. Called before torch is imported: the restart costs a Python
