@@ -130,6 +130,14 @@ ERRORS = [
     ({"checkpoint_root_dir": "/etc/hostname/runs"}, None, "is not a folder"),
     ({"model": {"model_path": "${oc.env:NO_SUCH_VAR_X}"}}, None, "Environment variable 'NO_SUCH_VAR_X' not found"),
     ({"buffer": [1, 2]}, None, "buffer: expected a mapping, got [1, 2] (list)"),
+    ({"buffer": {"trainer_input": {"eval_fraction": 0.1, "eval_buffer": {"path": "held_out.jsonl"}}}}, None,
+     "buffer.trainer_input.eval_fraction holds out part of the training data, and eval_buffer.path gives held-out "
+     "data of its own: set one of them"),
+    ({"name": "run_${foo"}, None, "dpo.yaml: no viable alternative at input '${foo'"),
+    ({"algorithm": {"optimizer": {"betas": [0.9], "beta1": 0.8}}}, None,
+     "algorithm.optimizer.betas must be two numbers in [0, 1), got [0.9]"),
+    ({"trainer": {"trainer_config": {"actor_rollout_ref": {"actor": {"grad_clip": 0.5}}}}}, {"actor_rollout_ref": [1, 2]},
+     "trainer.trainer_config over"),
 ]
 # The objective's settings: each combination TRL refuses, with TRL's reason.
 _ARGS = "algorithm.policy_loss_fn_args."
@@ -155,7 +163,36 @@ OBJECTIVE_ERRORS = [
     ({}, "ipo", "algorithm.policy_loss_fn: 'ipo' is not one of 'dpo', 'simpo', 'cpo', 'orpo'"),
     ({"gamma": 0.3, "simpo_gamma": 0.4}, "simpo", "conflicting values for one setting: "
      "algorithm.policy_loss_fn_args.gamma=0.3, algorithm.policy_loss_fn_args.simpo_gamma=0.4"),
+    # Settings the chosen objective never reads: refused rather than dropped.
+    ({"label_smoothing": 0.1}, "orpo", f"{_ARGS}label_smoothing: not read by policy_loss_fn orpo with loss_type "
+     "sigmoid (it applies to policy_loss_fn dpo, simpo or cpo); remove it"),
+    ({"gamma": 2.0}, "dpo", f"{_ARGS}gamma: not read by policy_loss_fn dpo with loss_type sigmoid (it applies to "
+     "policy_loss_fn simpo, or cpo with loss_type simpo)"),
+    ({"gamma": 2.0}, "cpo", f"{_ARGS}gamma: not read by policy_loss_fn cpo with loss_type sigmoid"),
+    ({"discopop_tau": 0.5}, "dpo", f"{_ARGS}discopop_tau: not read by policy_loss_fn dpo with loss_type sigmoid (it "
+     "applies to loss_type discopop)"),
+    ({"f_alpha_divergence_coef": 0.2}, "dpo", f"{_ARGS}f_alpha_divergence_coef: not read by policy_loss_fn dpo"),
 ]
+
+
+@pytest.mark.parametrize("algorithm,args,message", [
+    ("sft", {"label_smoothing": 0.3}, "label_smoothing: not read by policy_loss_fn sft"),
+    ("kto", {"gamma": 2.0}, "gamma: not a setting of KTO"),
+    ("reward_model", {"discopop_tau": 0.5}, "discopop_tau applies to the preference losses"),
+])
+def test_loss_settings_other_algorithms_never_read_are_refused(make_config, algorithm, args, message):
+    main = {"algorithm": {"algorithm_type": algorithm, "kl_loss_fn": "none", "policy_loss_fn_args": args}}
+    with pytest.raises(ConfigError) as err:
+        load_config(make_config(main=main))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_loss_settings_their_objective_reads_are_accepted(make_config):
+    """The same settings where they apply: SimPO's gamma, DiscoPOP's tau, the alpha-divergence's alpha."""
+    for fn, args in (("simpo", {"gamma": 2.0, "label_smoothing": 0.1}), ("cpo", {"loss_type": "simpo", "gamma": 2.0}),
+                     ("dpo", {"loss_type": "discopop", "discopop_tau": 0.5}),
+                     ("dpo", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.2})):
+        load_config(make_config(main={"algorithm": {"policy_loss_fn": fn, "policy_loss_fn_args": args}}))
 
 
 @pytest.mark.parametrize("args,fn,message", OBJECTIVE_ERRORS)
@@ -219,6 +256,14 @@ def test_document_wins_over_trainer_file_as_in_trinity(make_config, caplog):
     assert cfg.trainer.grad_clip == 2.0
     cfg = load_config(make_config(main={"algorithm": {"optimizer": {"clip_grad": 0.25}}}))
     assert cfg.trainer.grad_clip == 0.25
+    # Newer verl's spelling of the trainer file's grad_clip: the same tier, so it wins over trainer.grad_clip...
+    cfg = load_config(make_config(main={"trainer": {"grad_clip": 0.5}},
+                                  verl={"actor_rollout_ref": {"actor": {"optim": {"clip_grad": 0.3}}}}))
+    assert cfg.trainer.grad_clip == 0.3
+    # ...and must agree with the older one where both are given.
+    with pytest.raises(ConfigError, match="conflicting values for one setting: .*actor.grad_clip=2.0, "
+                       ".*actor.optim.clip_grad=0.3"):
+        load_config(make_config(verl={"actor_rollout_ref": {"actor": {"grad_clip": 2.0, "optim": {"clip_grad": 0.3}}}}))
 
 
 def test_eval_buffer_takes_its_own_defaults(make_config):

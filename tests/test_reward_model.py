@@ -349,12 +349,15 @@ def test_bad_combinations_are_one_line(make_config, main, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_reward_model_defaults(make_config):
-    """algorithm_type reward_model alone: its loss, no KL term even with Trinity 0.2+ keys, no greedy answers."""
-    cfg = load_config(make_config(main={"algorithm": {"algorithm_type": "reward_model", "kl_loss_fn": "none"},
-                                        "trainer": {"eval_samples": 3}}))
+def test_reward_model_defaults(make_config, caplog):
+    """algorithm_type reward_model alone: its loss, no KL term even with Trinity 0.2+ keys, no greedy answers (a
+    count given for them is said to be unused)."""
+    with caplog.at_level("INFO"):
+        cfg = load_config(make_config(main={"algorithm": {"algorithm_type": "reward_model", "kl_loss_fn": "none"},
+                                            "trainer": {"eval_samples": 3}}))
     assert (cfg.algorithm.policy_loss_fn, cfg.algorithm.kl_loss_fn, cfg.trainer.eval_samples) == (
         "reward_model", "none", 0)
+    assert "trainer.eval_samples: 3 not used: a reward model scores answers and generates none" in caplog.text
 
 
 @pytest.mark.parametrize("bad,message", [

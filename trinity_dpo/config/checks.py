@@ -43,6 +43,8 @@ def validate(cfg: Config) -> None:
            f"trainer.eval_max_new_tokens must be a positive integer, got {cfg.trainer.eval_max_new_tokens}")
     fraction = cfg.buffer.trainer_input.eval_fraction
     _check(0 <= fraction <= 0.5, f"buffer.trainer_input.eval_fraction must be in [0, 0.5], got {fraction}")
+    _check(not fraction or not cfg.buffer.trainer_input.eval_buffer.path, "buffer.trainer_input.eval_fraction holds "
+           "out part of the training data, and eval_buffer.path gives held-out data of its own: set one of them")
     validate_objective(cfg.algorithm)
     check_kto_batch(cfg)
     _check(opt.lr > 0, f"algorithm.optimizer.lr must be > 0, got {opt.lr}")

@@ -33,7 +33,8 @@ def validate_kto(algorithm: AlgorithmConfig) -> None:
            "algorithm.kl_loss_fn_args.kl_coef: 0)")
     given = [name for name, off in (("label_smoothing", 0.0), ("ld_alpha", None), ("use_weighting", False),
                                     ("loss_weights", None), ("f_divergence_type", "reverse_kl"),
-                                    ("cpo_alpha", None), ("simpo_gamma", None),
+                                    ("cpo_alpha", None), ("simpo_gamma", None), ("gamma", 0.5),
+                                    ("discopop_tau", 0.05), ("f_alpha_divergence_coef", 0.5),
                                     ("center_rewards_coefficient", None))
              if getattr(args, name, off) != off]
     _check(not given, f"{_KEY}{given[0] if given else ''}: not a setting of KTO (its settings are beta, loss_type, "

@@ -45,9 +45,9 @@ def read_raw(path: str | os.PathLike) -> tuple[Path, dict]:
 def build_config(raw: dict, path: Path, pairs: list[tuple[str, Any]]) -> Config:
     """The validated `Config` of the mapping `raw` (read from `path`) with the overrides `pairs` applied: the
     trainer file merged in, `${...}` resolved, every spelling folded."""
-    merged = OmegaConf.create(raw)
+    merged = omega(lambda: OmegaConf.create(raw), path)
     for key, value in pairs:
-        OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        omega(lambda: OmegaConf.update(merged, key, value, merge=True, force_add=True), f"override {key}")
     data = _to_plain(merged, path)
     trainer = data.setdefault("trainer", {}) or {}
     if not isinstance(trainer, dict):
@@ -56,15 +56,16 @@ def build_config(raw: dict, path: Path, pairs: list[tuple[str, Any]]) -> Config:
     if trainer.get("trainer_config_path"):
         verl_path = _find_trainer_file(str(trainer["trainer_config_path"]), path)
         # The trainer file's own `${trainer.project_name}`-style references point into that file: resolve it alone.
-        verl = _to_plain(OmegaConf.create(_read_yaml(verl_path)), verl_path)
+        verl = _to_plain(omega(lambda: OmegaConf.create(_read_yaml(verl_path)), verl_path), verl_path)
         inline = trainer.get("trainer_config") or {}
         if not isinstance(inline, dict):
             _refuse_non_mapping(inline, "trainer.trainer_config")
-        trainer["trainer_config"] = OmegaConf.to_container(OmegaConf.merge(verl, inline))
+        trainer["trainer_config"] = omega(lambda: OmegaConf.to_container(OmegaConf.merge(verl, inline)),
+                                          f"{path}: trainer.trainer_config over {verl_path}")
     provided: set[str] = set()
     ignored: list[str] = []
     cfg = _build(Config, data, "", provided, ignored)
-    if cfg.algorithm.algorithm_type in ("dpo", "kto"):  # Trinity's DPO reader never read it: pairs are kept whole
+    if cfg.algorithm.algorithm_type != "sft":  # Trinity's DPO reader never read it: pairs are kept whole
         ignored += [k for k in provided if k == f"{_VERL_PREFIX}data.truncation"]
     if ignored:
         verl = [k[len(_VERL_PREFIX):] for k in ignored if k.startswith(_VERL_PREFIX)]
@@ -91,6 +92,15 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(data).__name__}")
     return data
+
+
+def omega(action, where) -> Any:
+    """`action()`, an OmegaConf call on the user's YAML; what it refuses (a broken `${`, a list merged into a
+    mapping) becomes a one-line `ConfigError` naming `where`."""
+    try:
+        return action()
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {one_line(e)}") from None
 
 
 def _to_plain(conf: Any, path: Path) -> dict:
@@ -272,6 +282,9 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
         algo.policy_loss_fn = "sft"  # Trinity's default loss for its SFT algorithm
     if algo.algorithm_type == "reward_model":  # reward model: its own loss; a score head answers no prompts
         algo.policy_loss_fn = algo.policy_loss_fn if "algorithm.policy_loss_fn" in provided else "reward_model"
+        if "trainer.eval_samples" in provided and cfg.trainer.eval_samples:
+            log.info("trainer.eval_samples: %d not used: a reward model scores answers and generates none",
+                     cfg.trainer.eval_samples)
         cfg.trainer.eval_samples = 0
     if algo.algorithm_type == "kto":  # KTO's own objective, TRL's loss type `kto` unless one is given
         algo.policy_loss_fn = algo.policy_loss_fn if "algorithm.policy_loss_fn" in provided else "kto"
@@ -391,6 +404,8 @@ def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
     opt = get_field(cfg, section)
     if opt.beta1 is None and opt.beta2 is None:
         return
+    if len(opt.betas) != 2:
+        raise ConfigError(f"{section}.betas must be two numbers in [0, 1), got {opt.betas}")
     betas = [opt.beta1 if opt.beta1 is not None else opt.betas[0], opt.beta2 if opt.beta2 is not None else opt.betas[1]]
     if f"{section}.betas" in provided and betas != opt.betas:
         raise ConfigError(f"conflicting values for one setting: {section}.betas={opt.betas} and beta1/beta2={betas}")

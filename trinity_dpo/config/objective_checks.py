@@ -77,6 +77,21 @@ def validate_objective(algorithm: AlgorithmConfig) -> None:
                                or args.f_divergence_type != "reverse_kl"),
            f"{key}ld_alpha, use_weighting, loss_weights and f_divergence_type apply to policy_loss_fn: dpo only")
     _check(args.cpo_alpha is None or fn in ("cpo", "simpo"), f"{key}cpo_alpha applies to policy_loss_fn cpo/simpo")
+    _refuse_unread(fn, types, args)
     if "sigmoid" in types and args.label_smoothing and fn == "dpo":
         log.info("label_smoothing %.3g with loss_type sigmoid: conservative DPO, as in Trinity-RFT (TRL 1.16's "
                  "sigmoid ignores label_smoothing)", args.label_smoothing)
+
+
+def _refuse_unread(fn: str, types: list[str], args) -> None:
+    """A loss setting given a value other than its default where the objective never reads it, refused in one
+    line (Trinity hands the arguments to the loss's constructor, which takes only its own)."""
+    simpo = fn == "simpo" or (fn == "cpo" and "simpo" in types)
+    readers = {"gamma": (0.5, simpo, "policy_loss_fn simpo, or cpo with loss_type simpo"),
+               "discopop_tau": (0.05, fn == "dpo" and "discopop" in types, "loss_type discopop"),
+               "f_alpha_divergence_coef": (0.5, fn == "dpo" and args.f_divergence_type == "alpha_divergence",
+                                           "f_divergence_type alpha_divergence"),
+               "label_smoothing": (0.0, fn not in ("orpo", "sft"), "policy_loss_fn dpo, simpo or cpo")}
+    for name, (default, read, where) in readers.items():
+        _check(getattr(args, name) == default or read, f"algorithm.policy_loss_fn_args.{name}: not read by "
+               f"policy_loss_fn {fn} with loss_type {', '.join(types)} (it applies to {where}); remove it")

@@ -10,7 +10,8 @@ from .schema import AlgorithmConfig, LossArgs
 _KEY = "algorithm.policy_loss_fn_args."
 # The preference losses' settings and their defaults: any other value is a setting the reward model would ignore.
 _NOT_READ = {"label_smoothing": 0.0, "loss_weights": None, "ld_alpha": None, "use_weighting": False,
-             "f_divergence_type": "reverse_kl", "cpo_alpha": None, "simpo_gamma": None}
+             "f_divergence_type": "reverse_kl", "cpo_alpha": None, "simpo_gamma": None, "gamma": 0.5,
+             "discopop_tau": 0.05, "f_alpha_divergence_coef": 0.5}
 
 
 def _check(ok: bool, message: str) -> None:

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, one_line
-from .loader import build_config, parse_override, read_raw
+from ..errors import ConfigError
+from .loader import build_config, omega, parse_override, read_raw
 from .schema import Config
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def load_stages(path: str | os.PathLike, overrides: list[str] = ()) -> list[Stag
     staged = [(k, v) for k, v in pairs if k == "stages" or k.startswith("stages.")]
     pairs = [p for p in pairs if p not in staged]
     if staged:
-        raw = _with_overrides(raw, staged)
+        raw = _with_overrides(raw, staged, path)
     stages = raw.pop("stages", None)
     if not stages:  # Trinity runs the config itself when `stages` is absent or empty
         return [Stage(None, build_config(raw, path, pairs))]
@@ -60,17 +60,13 @@ def load_stages(path: str | os.PathLike, overrides: list[str] = ()) -> list[Stag
     return built
 
 
-def _with_overrides(raw: dict, pairs: list) -> dict:
+def _with_overrides(raw: dict, pairs: list, path: Path) -> dict:
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.create(raw)
+    merged = omega(lambda: OmegaConf.create(raw), path)
     for key, value in pairs:
-        try:
-            OmegaConf.update(merged, key, value, merge=True, force_add=True)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {key}: {one_line(e)}") from None
-    return OmegaConf.to_container(merged, resolve=False)
+        omega(lambda: OmegaConf.update(merged, key, value, merge=True, force_add=True), f"override {key}")
+    return omega(lambda: OmegaConf.to_container(merged, resolve=False), path)
 
 
 def _stage_names(stages) -> list[str]:
