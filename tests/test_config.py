@@ -274,6 +274,34 @@ def test_eval_buffer_takes_its_own_defaults(make_config):
     assert cfg.buffer.trainer_input.experience_buffer.split == "train"
 
 
+def test_a_partial_eval_format_keeps_the_training_formats_other_fields(make_config):
+    """An eval format naming one column reads the rest as the training data's format says (prompt_type, the
+    chat template's enable_thinking), not as the defaults; what training rows may not have, held-out rows may not
+    either, and one chat template renders both."""
+    fmt = {"prompt_type": "messages", "messages_key": "conversation", "system_prompt": "Be brief."}
+    main = {"model": {"enable_thinking": False}, "buffer": {"trainer_input": {
+        "experience_buffer": {"format": fmt}, "eval_buffer": {"path": "/tmp", "format": {"messages_key": "chat"}}}}}
+    held = load_config(make_config(main=main)).buffer.trainer_input.eval_buffer.format
+    assert (held.prompt_type, held.messages_key, held.system_prompt, held.enable_thinking) == (
+        "messages", "chat", "Be brief.", False)
+    for extra, message in (({"image_key": "images"}, "format.image_key/video_key: multimodal rows are not supported"),
+                           ({"chat_template": "{{ messages }}"}, "buffer.trainer_input.eval_buffer.format.chat_template:"
+                            " held-out rows are rendered with the model's chat template")):
+        main["buffer"]["trainer_input"]["eval_buffer"]["format"] = extra
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_config(make_config(main=main))
+
+
+def test_format_columns_the_algorithm_never_reads_are_logged(make_config, caplog):
+    """SFT's answer and tools columns given to DPO, KTO's columns given to SFT: said to be unused, one line."""
+    fmt = {"response_key": "answer", "tools_key": "functions", "completion_key": "c"}
+    with caplog.at_level(logging.INFO):
+        load_config(make_config(main={"buffer": {"trainer_input": {"experience_buffer": {"format": fmt}}}}))
+    assert ("ignored, not used by offline DPO: config: buffer.trainer_input.experience_buffer.format.completion_key, "
+            "buffer.trainer_input.experience_buffer.format.response_key, "
+            "buffer.trainer_input.experience_buffer.format.tools_key") in caplog.text
+
+
 def test_continue_from_checkpoint(make_config):
     assert load_config(make_config(main={"continue_from_checkpoint": False})).trainer.resume_mode == "disable"
     assert load_config(make_config(main={"continue_from_checkpoint": True})).trainer.resume_mode == "auto"

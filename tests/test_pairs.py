@@ -182,3 +182,33 @@ def test_tokenizers_whose_pieces_are_not_independent_encode_whole_texts(qwen_dir
     with_nfkc = build_pairs(convs, tok, Limits(), DataReport("x"))
     texts = [render(tok, c.prompt + c.chosen, False) for c in convs]
     assert [p.prompt_ids + p.chosen_ids for p in with_nfkc] == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+_NO_THINKING = "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+THINKING_TEMPLATE = (  # Qwen3's switch, reduced: `enable_thinking: false` writes an empty think block after the header
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}" + _NO_THINKING +
+    "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n" + _NO_THINKING + "{% endif %}")
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_enable_thinking_reaches_the_template_for_pairs_and_unpaired_rows(make_config, algorithm):
+    """`model.enable_thinking: false` is handed to the chat template for every prompt a preference pair or a KTO
+    example is rendered with, and for the prompts answered before and after training (it was read for SFT only)."""
+    from trinity_dpo.config.loader import load_config
+    from trinity_dpo.data.dataset import load_data
+    from trinity_dpo.data.pairs import prompt_ids
+    from trinity_dpo.engine.modeling import load_tokenizer
+
+    kl = {"kl_loss_fn": "none"} if algorithm == "kto" else {}
+    texts = {}
+    for thinking in (None, False):
+        model = {"custom_chat_template": THINKING_TEMPLATE, **({} if thinking is None else {"enable_thinking": thinking})}
+        cfg = load_config(make_config(main={"model": model, "algorithm": {"algorithm_type": algorithm, **kl},
+                                            "buffer": {"batch_size": 4, "trainer_input": {"eval_fraction": 0.25}}}))
+        tokenizer = load_tokenizer(cfg)
+        data = load_data(cfg, tokenizer)
+        texts[thinking] = (tokenizer.decode(data.train[0].prompt_ids),
+                           tokenizer.decode(prompt_ids(tokenizer, data.sample_prompts[0], data.template)))
+    assert all(t.endswith("<|im_start|>assistant\n") for t in texts[None])
+    assert all(t.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for t in texts[False])

@@ -92,14 +92,15 @@ def _refuse_unsupported(cfg: Config) -> None:
     _check(algo.kl_loss_fn == "none" or algo.policy_loss_fn == "dpo",
            f"algorithm.kl_loss_fn: {algo.kl_loss_fn} is a KL term against the reference, and {algo.policy_loss_fn} has "
            "no reference; remove it (or set algorithm.kl_loss_fn_args.kl_coef: 0)")
-    fmt = cfg.buffer.trainer_input.experience_buffer.format
     sft = algo.algorithm_type == "sft"
-    _check(sft or not fmt.enable_concatenated_multi_turn, "format.enable_concatenated_multi_turn applies to SFT rows "
-           "(algorithm.algorithm_type: sft); preference pairs train their responses")
-    _check(not sft or fmt.prompt_type != "chatpair", "format.prompt_type: chatpair is for preference pairs; SFT rows "
-           "are 'messages' (messages_key) or 'plaintext' (prompt_key, response_key)")
-    _check(not fmt.image_key and not fmt.video_key, "format.image_key/video_key: multimodal rows are not supported; "
-           "this tool trains text chat models")
+    inputs = cfg.buffer.trainer_input
+    for fmt in (inputs.experience_buffer.format, inputs.eval_buffer.format):  # held-out rows are read alike
+        _check(sft or not fmt.enable_concatenated_multi_turn, "format.enable_concatenated_multi_turn applies to SFT "
+               "rows (algorithm.algorithm_type: sft); preference pairs train their responses")
+        _check(not sft or fmt.prompt_type != "chatpair", "format.prompt_type: chatpair is for preference pairs; SFT "
+               "rows are 'messages' (messages_key) or 'plaintext' (prompt_key, response_key)")
+        _check(not fmt.image_key and not fmt.video_key, "format.image_key/video_key: multimodal rows are not "
+               "supported; this tool trains text chat models")
     _check(not verl_model.override_config, "actor_rollout_ref.model.override_config: changing the model's config is "
            "not supported; edit the model folder's config.json instead")
     every = verl_model.gradient_checkpointing_every

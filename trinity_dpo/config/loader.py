@@ -23,6 +23,10 @@ from .checks import get_field, validate
 log = logging.getLogger(__name__)
 
 _VERL_PREFIX = "trainer.trainer_config."  # verl writes -1 or null for "derive the step count"
+# Format columns read by some algorithms only: given to another, they are logged as not used (as Trinity's readers
+# of the other kinds of rows never looked at them).
+_FORMAT_READERS = {"response_key": ("sft",), "tools_key": ("sft",), "completion_key": ("kto",), "label_key": ("kto",),
+                   "chosen_key": ("dpo", "reward_model", "kto"), "rejected_key": ("dpo", "reward_model", "kto")}
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -65,8 +69,11 @@ def build_config(raw: dict, path: Path, pairs: list[tuple[str, Any]]) -> Config:
     provided: set[str] = set()
     ignored: list[str] = []
     cfg = _build(Config, data, "", provided, ignored)
-    if cfg.algorithm.algorithm_type != "sft":  # Trinity's DPO reader never read it: pairs are kept whole
+    kind = cfg.algorithm.algorithm_type
+    if kind != "sft":  # Trinity's DPO reader never read it: pairs are kept whole
         ignored += [k for k in provided if k == f"{_VERL_PREFIX}data.truncation"]
+    ignored += sorted(k for k in provided if k.startswith("buffer.trainer_input.")
+                      and kind not in _FORMAT_READERS.get(k.rpartition(".format.")[2], (kind,)))
     if ignored:
         verl = [k[len(_VERL_PREFIX):] for k in ignored if k.startswith(_VERL_PREFIX)]
         main = [k for k in ignored if not k.startswith(_VERL_PREFIX)]
@@ -308,9 +315,22 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
             raise ConfigError(f"conflicting values for one setting: continue_from_checkpoint=False, "
                               f"trainer.resume_mode={cfg.trainer.resume_mode!r}")
         cfg.trainer.resume_mode = "disable"
-    inputs = cfg.buffer.trainer_input
-    if not any(k.startswith("buffer.trainer_input.eval_buffer.format.") for k in provided):
-        inputs.eval_buffer.format = dataclasses.replace(inputs.experience_buffer.format)
+    _fold_eval_format(cfg, provided)
+
+
+def _fold_eval_format(cfg: Config, provided: set[str]) -> None:
+    """The held-out data's format: the training data's, field by field, except where the eval buffer gives its own
+    (a partial eval format kept the defaults for the rest, prompt_type and enable_thinking among them). One chat
+    template renders both."""
+    inputs, key = cfg.buffer.trainer_input, "buffer.trainer_input.eval_buffer.format."
+    train, held = inputs.experience_buffer.format, inputs.eval_buffer.format
+    for f in dataclasses.fields(train):
+        if key + f.name not in provided:
+            setattr(held, f.name, getattr(train, f.name))
+    if key + "chat_template" in provided and held.chat_template != cfg.model.custom_chat_template:
+        raise ConfigError(f"{key}chat_template: held-out rows are rendered with the model's chat template "
+                          "(model.custom_chat_template, or experience_buffer.format.chat_template), as training rows "
+                          "are; give it there")
 
 
 _VERL_MODEL = _VERL_PREFIX + "actor_rollout_ref.model."

@@ -157,7 +157,7 @@ class FormatConfig:
     completion_key: str = "completion"  # KTO: column with the completion (text, a message or messages)
     label_key: str = "label"  # KTO: column with the completion's label (true: desirable)
     enable_concatenated_multi_turn: bool = False  # SFT: train every assistant turn (off: the last message only)
-    enable_thinking: Optional[bool] = None  # SFT: handed to the chat template; default model.enable_thinking
+    enable_thinking: Optional[bool] = None  # handed to the chat template for every row and answered prompt; default model.enable_thinking
 
     image_key: Optional[str] = None  # multimodal rows: not supported (refused)
     video_key: Optional[str] = None  # multimodal rows: not supported (refused)
@@ -187,7 +187,7 @@ class TrainerInputConfig:
     """`buffer.trainer_input`."""
 
     experience_buffer: StorageConfig = field(default_factory=StorageConfig)  # the preference data
-    eval_buffer: StorageConfig = field(  # held-out pairs (path "" = none); format defaults to experience_buffer's
+    eval_buffer: StorageConfig = field(  # held-out pairs (path "" = none); format: experience_buffer's, field by field, where not given
         default_factory=lambda: StorageConfig(name="eval_buffer", split="test"))
     eval_fraction: float = 0.0  # without an eval_buffer path: this fraction of the data is held out (by seed)
 

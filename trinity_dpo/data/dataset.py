@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from . import margins
 from .examples import Examples
 from .pairs import Limits
 from .prepare import Recipe, load_table
+from .render import template_kwargs
 from .token_cache import TokenTable
 from .unpaired import split_by_rows, unpaired_examples
 
@@ -36,6 +37,7 @@ class Data:
     eval: Examples | list
     sample_prompts: list[Turns]
     summary: dict
+    template: dict = field(default_factory=dict)  # the chat template's switches the samples are rendered with
 
 
 def _is_sft(cfg: Config) -> bool:
@@ -113,7 +115,8 @@ def load_data(cfg: Config, tokenizer) -> Data:
                                        (inputs.experience_buffer, TRAIN_KEY)))
     samples = [eval_table.prompt(int(e)) for e in held_out.entries[:cfg.trainer.eval_samples]] if len(held_out) else []
     summary = {"train": train_report.as_dict(), "eval": eval_report.as_dict() if eval_report else None}
-    return Data(examples, held_out, samples, summary)
+    held_format = (inputs.eval_buffer if inputs.eval_buffer.path else inputs.experience_buffer).format
+    return Data(examples, held_out, samples, summary, template_kwargs(held_format))
 
 
 def _count_shared_prompts(train: np.ndarray, held_out: np.ndarray, report: DataReport) -> None:

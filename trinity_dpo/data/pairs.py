@@ -57,12 +57,13 @@ class Limits:
     count_response: int | None = None
 
 
-def prompt_ids(tokenizer, prompt: Turns) -> list[int]:
-    """The token ids a model is given for `prompt`: chat messages rendered with the generation header, or raw
-    text as it is (with the tokenizer's own special tokens, as TRL tokenizes texts)."""
+def prompt_ids(tokenizer, prompt: Turns, template: dict | None = None) -> list[int]:
+    """The token ids a model is given for `prompt`: chat messages rendered with the generation header (and the
+    template's switches `template`, `render.template_kwargs`), or raw text as it is (with the tokenizer's own
+    special tokens, as TRL tokenizes texts)."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
-    return tokenizer(render(tokenizer, prompt, True), add_special_tokens=False)["input_ids"]
+    return tokenizer(render(tokenizer, prompt, True, **(template or {})), add_special_tokens=False)["input_ids"]
 
 
 def prompt_text(prompt: Turns) -> str:
@@ -70,15 +71,16 @@ def prompt_text(prompt: Turns) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def _texts(tokenizer, conv: Conversation) -> tuple[str, str, str]:
+def _texts(tokenizer, conv: Conversation, template: dict) -> tuple[str, str, str]:
     """(prompt, prompt + chosen, prompt + rejected) as text. Raw texts end their responses with the EOS token, as
     TRL's DPOTrainer adds it to non-conversational data; the chat template ends a turn by itself."""
     if conv.is_text:
         eos = tokenizer.eos_token or ""
         end = lambda r: r if r.endswith(eos) else r + eos  # noqa: E731
         return conv.prompt, conv.prompt + end(conv.chosen), conv.prompt + end(conv.rejected)
-    return (render(tokenizer, conv.prompt, True), render(tokenizer, conv.prompt + conv.chosen, False),
-            render(tokenizer, conv.prompt + conv.rejected, False))
+    return (render(tokenizer, conv.prompt, True, **template), render(tokenizer, conv.prompt + conv.chosen, False,
+                                                                      **template),
+            render(tokenizer, conv.prompt + conv.rejected, False, **template))
 
 
 def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: DataReport) -> list[Pair]:
@@ -92,12 +94,13 @@ def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: Da
     return pairs
 
 
-def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits) -> list[tuple[Pair | None, DataReport]]:
+def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits, template: dict | None = None
+                   ) -> list[tuple[Pair | None, DataReport]]:
     """Each conversation's `Pair` (None: dropped, e.g. identical after truncation) and what tokenizing it added to
-    the data report; the tokenizer runs once per batch of texts."""
+    the data report; the tokenizer runs once per batch of texts. `template`: the chat template's switches."""
     if not tokenizer.chat_template and not all(c.is_text for c in convs):
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
-    texts = [_texts(tokenizer, c) for c in convs]
+    texts = [_texts(tokenizer, c, template or {}) for c in convs]
     ids: list[tuple[list[int], ...]] = [()] * len(convs)
     backend = continuation_encoder(tokenizer)
     for is_text in (False, True):  # raw text takes the tokenizer's special tokens (BOS); a template writes its own

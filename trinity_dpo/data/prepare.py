@@ -28,6 +28,7 @@ from ..sources.files import LineBlock, iter_blocks
 from . import token_cache
 from .conversations import BadRow, DataReport, to_conversation
 from .pairs import Limits, tokenize_pairs
+from .render import template_kwargs
 from .sft import to_dialogue, tokenize_dialogues
 from .unpaired import label_codes, to_unpaired, tokenize_unpaired
 
@@ -212,9 +213,9 @@ def _tokenize_chunk(job: tuple[int, list[dict] | LineBlock]) -> tuple[token_cach
         except BadRow as e:
             report.refuse(storage, number, e, seen)
     if recipe.kind == "pairs":
-        results = tokenize_pairs(items, tokenizer, recipe.limits)
+        results = tokenize_pairs(items, tokenizer, recipe.limits, template_kwargs(storage.format))
     elif recipe.kind == "unpaired":
-        results = tokenize_unpaired(items, tokenizer, recipe.limits)
+        results = tokenize_unpaired(items, tokenizer, recipe.limits, template_kwargs(storage.format))
     else:
         results = tokenize_dialogues(items, tokenizer, storage.format, recipe.max_len, recipe.truncation,
                                      storage.on_bad_row, storage.path)

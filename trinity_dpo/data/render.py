@@ -17,6 +17,12 @@ _STATE = "_trinity_renderer"  # kept on the tokenizer: (chat_template object, co
 _PLAIN_KEYS = frozenset({"role", "content", "name"})
 
 
+def template_kwargs(fmt) -> dict:
+    """The chat template's own switches a data format sets, for every rendering of its rows and prompts:
+    `enable_thinking` (Qwen3's and others'), when given."""
+    return {} if fmt.enable_thinking is None else {"enable_thinking": fmt.enable_thinking}
+
+
 def render(tokenizer, messages: list[dict], generation_prompt: bool, tools=None, **kwargs) -> str:
     """`tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...,
     **kwargs)`."""

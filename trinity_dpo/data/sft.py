@@ -30,7 +30,7 @@ from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
 from .conversations import BadRow, DataReport, _get, _lookup, _system, _text, convert_rows
 from .encode import encode
-from .render import render as render_chat
+from .render import render as render_chat, template_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def tokenize_dialogues(dialogues: list[Dialogue], tokenizer, fmt: FormatConfig, 
     report; with `on_bad_row: error` a refused row stops the run with its row in `source`."""
     if not tokenizer.chat_template:
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
-    kwargs = {} if fmt.enable_thinking is None else {"enable_thinking": fmt.enable_thinking}
+    kwargs = template_kwargs(fmt)
     out, seen = [], Counter()
     for d in dialogues:
         render = lambda msgs, gen: render_chat(tokenizer, msgs, gen, tools=d.tools, **kwargs)  # noqa: E731

@@ -130,22 +130,24 @@ def _label(row: dict[str, Any], key: str) -> bool:
     return bool(value)
 
 
-def _texts(tokenizer, item: UnpairedRow) -> tuple[str, str]:
+def _texts(tokenizer, item: UnpairedRow, template: dict) -> tuple[str, str]:
     """(prompt, prompt + completion) as text: raw texts end with the EOS token (TRL adds it to non-conversational
     completions), chat messages are rendered by the template."""
     if item.is_text:
         eos = tokenizer.eos_token or ""
         end = item.completion if item.completion.endswith(eos) else item.completion + eos
         return item.prompt, item.prompt + end
-    return render(tokenizer, item.prompt, True), render(tokenizer, item.prompt + item.completion, False)
+    return (render(tokenizer, item.prompt, True, **template),
+            render(tokenizer, item.prompt + item.completion, False, **template))
 
 
-def tokenize_unpaired(items: list[UnpairedRow], tokenizer, limits: Limits) -> list[tuple[Unpaired, DataReport]]:
+def tokenize_unpaired(items: list[UnpairedRow], tokenizer, limits: Limits, template: dict | None = None
+                      ) -> list[tuple[Unpaired, DataReport]]:
     """Each item's `Unpaired` and what tokenizing it added to the data report, token-exact as pairs are
-    (`pairs.py`); a pair's two halves encode their shared prompt once."""
+    (`pairs.py`); a pair's two halves encode their shared prompt once. `template`: the chat template's switches."""
     if not tokenizer.chat_template and not all(i.is_text for i in items):
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
-    texts = [_texts(tokenizer, i) for i in items]
+    texts = [_texts(tokenizer, i, template or {}) for i in items]
     ids: list[tuple[list[int], list[int]]] = [([], [])] * len(items)
     backend = continuation_encoder(tokenizer)
     for is_text in (False, True):  # raw text takes the tokenizer's special tokens (BOS); a template writes its own

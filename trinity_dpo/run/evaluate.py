@@ -35,14 +35,14 @@ def eval_metrics(policy: dict[str, torch.Tensor], ref: dict[str, torch.Tensor] |
 
 
 def generate(model, tokenizer, prompts: list[Turns], runtime: Runtime, max_new_tokens: int,
-             synced: bool = False) -> list[str]:
+             synced: bool = False, template: dict | None = None) -> list[str]:
     """Greedy answers to chat `prompts` (one at a time: no padding to get wrong, and only a few are asked for).
     `synced`: the model is sharded over processes that all answer the same prompts; each keeps stepping until
     all are done, so that their forward passes (and FSDP's collectives) stay matched."""
     answers = []
     with inference_mode(model), distributed.gathered(model), runtime.autocast():
         for prompt in prompts:
-            ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=runtime.device)
+            ids = torch.tensor([prompt_ids(tokenizer, prompt, template)], device=runtime.device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                  synced_gpus=synced)
@@ -110,7 +110,7 @@ def evaluate_checkpoint(cfg, model_path: str, generate_n: int) -> str:
     for path in (ref_path, cfg.model.model_path):
         model, _ = load_model(cfg, runtime.device, path)
         tables.append(score(model, groups, len(data.eval), pad, runtime, objective.sequences, stats))
-        answers.append(generate(model, tokenizer, data.sample_prompts, runtime, max_new))
+        answers.append(generate(model, tokenizer, data.sample_prompts, runtime, max_new, template=data.template))
         del model
     if objective.data_tables is not None:  # per-example data the loss reads beside the reference (KTO's labels)
         tables[0].update(objective.data_tables(data.eval))

@@ -207,7 +207,7 @@ def _evaluate(s: Session, step: int) -> None:
 
 def _answer(s: Session) -> list[str]:
     return generate(s.policy.model, s.tokenizer, s.data.sample_prompts, s.policy.runtime,
-                    s.cfg.trainer.eval_max_new_tokens, synced=s.d.world > 1)
+                    s.cfg.trainer.eval_max_new_tokens, synced=s.d.world > 1, template=s.data.template)
 
 
 def _save(s: Session, step: int, last: bool) -> None:
