@@ -3,6 +3,7 @@ before loading, loading under FSDP2 without a whole model per process."""
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import shutil
 
@@ -32,6 +33,10 @@ def test_weight_files_are_hashed_once_per_process_until_they_change(tmp_path, qw
     weights = model / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten in place
     assert reference._weights_digest(str(model)) == first and len(reads) == 2  # read again; same bytes, same digest
+    # Same weights, another config (rope_theta here): another model, so another reference table.
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
+    assert reference._weights_digest(str(model)) != first
 
 
 def test_bf16_counts_only_native_support(monkeypatch):

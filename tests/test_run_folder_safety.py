@@ -14,6 +14,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -136,6 +137,63 @@ def test_resume_from_path_to_a_corrupt_checkpoint_is_one_line(runs, root):
         train.run(load_config(cfg))
 
 
+def test_rolling_back_inside_the_run_folder_sets_the_newer_checkpoints_aside(runs, root, caplog):
+    """resume_from_path names step 2 of the same folder (checkpoints 1-4 there) and two are kept: steps 3 and 4
+    belong to the run given up, so they are set aside, kept, rather than left for pruning by step to delete the
+    continued run's own step 3 (and for a later auto resume to take). The continued run ends as the uninterrupted
+    one and keeps its own newest two."""
+    run_dir, _ = copy_of(runs, root, "rollback")
+    cfg = config(root, "rollback", resume_from_path=str(run_dir / "global_step_2"), max_checkpoints_to_keep=2)
+    with caplog.at_level(logging.WARNING):
+        train.run(load_config(cfg))
+    assert (f"checkpoint {run_dir / 'global_step_4'} skipped: newer than global_step_2, which "
+            "trainer.resume_from_path continues from; kept as global_step_4.skipped") in caplog.text
+    assert sorted(p.name for p in run_dir.glob("global_step_*")) == [
+        "global_step_2", "global_step_3.skipped", "global_step_4.skipped", "global_step_5", "global_step_6"]
+    assert checkpoint.latest(run_dir) == run_dir / "global_step_6"
+    assert_same_run(runs[0], run_dir, 6)
+
+
+def test_auto_resume_of_a_run_trained_with_other_settings_is_refused(runs, root, caplog):
+    """The same command with another learning rate and data file would have continued the old run's weights and
+    optimizer on the new settings, silently: refused in one line naming what changed. Naming the checkpoint in
+    resume_from_path continues it on purpose, with the change logged, and config.yaml then says what this run uses."""
+    run_dir, _ = copy_of(runs, root, "changed")
+    shutil.copyfile(root / "pairs.json", root / "pairs_v2.json")
+    cfg = load_config(config(root, "changed"))
+    cfg.algorithm.optimizer.lr = 2e-3
+    cfg.buffer.trainer_input.experience_buffer.path = str(root / "pairs_v2.json")
+    with pytest.raises(RunFolderError) as err:
+        train.run(cfg)
+    assert str(err.value) == (
+        f"run folder {run_dir}: its checkpoint global_step_4 was trained with other settings (algorithm.optimizer.lr: "
+        f"0.001 -> 0.002; buffer.trainer_input.experience_buffer.path: {str(root / 'pairs.json')!r} -> "
+        f"{str(root / 'pairs_v2.json')!r}); to continue it with these, name it in trainer.resume_from_path; to start "
+        "afresh, give this run another `name`")
+    assert sorted(p.name for p in run_dir.glob("global_step_*")) == [f"global_step_{s}" for s in (1, 2, 3, 4)]
+    cfg.trainer.resume_from_path = str(run_dir / "global_step_4")
+    with caplog.at_level(logging.WARNING):
+        train.run(cfg)
+    assert f"continuing {run_dir / 'global_step_4'} with changed settings: algorithm.optimizer.lr: 0.001 -> 0.002" \
+        in caplog.text
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["algorithm"]["optimizer"]["lr"] == 2e-3
+
+
+def test_resuming_into_a_shorter_or_longer_schedule_is_said(runs, root, caplog):
+    """A checkpoint of a 6-step run continued for 3 epochs (9 steps): the new count is followed, and said; one past
+    the new count has nothing to train: refused in one line."""
+    run_dir, path = copy_of(runs, root, "longer")
+    cfg = load_config(path)
+    cfg.buffer.total_epochs = 3
+    with caplog.at_level(logging.WARNING):
+        train.run(cfg)
+    assert f"{run_dir / 'global_step_4'}: its run was planned for 6 steps, this one for 9" in caplog.text
+    _, cfg = copy_of(runs, root, "shorter", total_steps=3)
+    with pytest.raises(CheckpointError, match=r"global_step_4 is at step 4, past this run's 3 steps; raise "
+                                              "buffer.total_epochs or trainer.total_steps"):
+        train.run(load_config(cfg))
+
+
 def test_manifest_records_every_file_and_catches_a_changed_byte(runs):
     path = runs[0] / "global_step_6"
     files = json.loads((path / "trainer_state" / "manifest.json").read_text())["files"]
@@ -162,6 +220,15 @@ def test_a_full_disk_inside_dcp_is_named_in_the_save_error():
         raise CheckpointException("write_data", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
 
     assert checkpoint._attempt(dcp_write) == "No space left on device"
+
+
+def test_a_failed_safetensors_write_is_a_save_error(tmp_path):
+    """safetensors reports an OS error (a full disk, a folder gone) as its own SafetensorError, neither OSError nor
+    RuntimeError: it is the save's failure too, one line, not a traceback (and not a hang of the other ranks)."""
+    from safetensors.torch import save_file
+
+    reason = checkpoint._attempt(lambda: save_file({"w": torch.zeros(2)}, str(tmp_path / "gone" / "x.safetensors")))
+    assert reason.startswith("Error while serializing: I/O error: No such file or directory (os error 2)")
 
 
 # -- the reference cache and metrics.jsonl --------------------------------------------------------------------
@@ -198,6 +265,19 @@ def test_cut_off_last_metrics_line_is_repaired_and_reported(tmp_path, caplog):
     assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
     assert ("the last line was cut off by a crash in mid-write and is dropped: "
             "'{\"step\": 4, \"loss\": 0.4'") in caplog.text
+    # A write that fails midway (a full disk, here a file-size limit) leaves the history whole, and says so.
+    import resource
+
+    path.write_text("\n".join(lines * 200) + "\n")
+    whole, limit = path.read_text(), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limit[1]))
+    try:
+        with pytest.raises(RunFolderError, match=r"metrics.jsonl: cannot rewrite it to step 2 \(File too large\); it "
+                                              "is unchanged: free space and run the same command again"):
+            run_folder.truncate_metrics(tmp_path, 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert path.read_text() == whole and not list(tmp_path.glob(".metrics*"))
     path.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
     with pytest.raises(RunFolderError, match=r"metrics.jsonl: line 2 is not a metrics record \(edited by hand\?\); "
                                           "correct or delete it"):
@@ -241,11 +321,15 @@ def test_held_folder_refused_readable_and_taken_over_when_its_holder_dies(runs, 
     assert not (run_dir / run_lock.NAME).exists()
 
 
-def test_lock_left_by_another_host_is_not_taken(tmp_path):
-    (tmp_path / run_lock.NAME).write_text(json.dumps({"pid": 1, "host": "node-7", "started": "2026-01-01T00:00:00"}))
-    with pytest.raises(RunFolderError, match=rf"^run folder {tmp_path} is locked by a run on another host \(pid 1 on "
-                                          r"host node-7, started 2026-01-01T00:00:00\), which this host cannot check; "
-                                          rf"if that run has ended, delete {tmp_path / run_lock.NAME} and run again$"):
+@pytest.mark.parametrize("same_pid", [False, True])
+def test_lock_left_by_another_host_is_not_taken(tmp_path, same_pid):
+    """Another host's lock is refused, also when its pid is this process's (containers reuse small pids)."""
+    pid = os.getpid() if same_pid else 1
+    (tmp_path / run_lock.NAME).write_text(json.dumps({"pid": pid, "host": "node-7", "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(RunFolderError, match=rf"^run folder {tmp_path} is locked by a run on another host \(pid {pid} "
+                                          r"on host node-7, started 2026-01-01T00:00:00\), which this host cannot "
+                                          rf"check; if that run has ended, delete {tmp_path / run_lock.NAME} and run "
+                                          "again$"):
         run_lock.acquire(tmp_path)
 
 
@@ -322,3 +406,59 @@ def test_exit_codes(monkeypatch, capsys, error, line):
     monkeypatch.setitem(cli.COMMANDS, "report", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug: its traceback, and Python's exit code 1
         cli.main(["report", "x"])
+
+
+# -- a full disk, and file systems without locks -----------------------------------------------------------------
+
+
+def test_a_full_disk_anywhere_in_the_run_folder_or_its_caches_is_one_line(make_config, tmp_path, monkeypatch):
+    """Preparing the run folder, the reference cache and its per-token file: the OS's reason in one line (exit 2,
+    every process told), and no temporary file left. A mapped per-token file the disk could not fill killed the
+    process with SIGBUS and no word: its blocks are reserved first."""
+    import errno
+
+    from trinity_dpo.engine.distributed import Dist
+    from trinity_dpo.objective.token_ref import TokenStore
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = load_config(make_config(main={"name": "full"}))
+    with monkeypatch.context() as mp:
+        mp.setattr(run_lock, "acquire", full)
+        with pytest.raises(RunFolderError, match=r"^run folder .*full: No space left on device; free space or fix its "
+                                                 "permissions$"):
+            run_folder.prepare_run_dir(cfg, Dist())
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("[enforce fail] file write "
+                                                                                  "failed")))
+        with pytest.raises(RunFolderError, match=r"train.pt: cannot write the reference cache \(\[enforce fail\] file "
+                                                 r"write failed\); free space and run again$"):
+            reference._save(tmp_path / "ref" / "train.pt", {"tables": {"logps": torch.zeros(2, 2)}})
+    assert list((tmp_path / "ref").iterdir()) == []
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "posix_fallocate", full)
+        with pytest.raises(RunFolderError, match=r"x.tokens: cannot reserve 40 bytes for the reference's per-token "
+                                                 r"values \(No space left on device\); free space and run again$"):
+            TokenStore.create(tmp_path / "x.tokens", np.array([[3, 7]]))
+    store = TokenStore.create(tmp_path / "y.tokens", np.array([[3, 7]]))
+    assert store.values.shape == (10,) and np.isnan(store.values).all()
+
+
+def test_a_token_cache_on_a_file_system_without_locks_still_builds(monkeypatch, tmp_path, caplog):
+    import errno
+    import fcntl
+
+    from trinity_dpo.data import prepare
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level(logging.WARNING):
+        with prepare._one_builder(tmp_path / "table", "pairs.jsonl"):
+            ran.append(1)
+    assert ran == [1]
+    assert f"{tmp_path} takes no file locks (Function not implemented); each process tokenizes pairs.jsonl on its " \
+           "own" in caplog.text

@@ -9,6 +9,7 @@ only a temporary folder, which no reader takes.
 from __future__ import annotations
 
 import collections
+import errno
 import dataclasses
 import hashlib
 import itertools
@@ -103,6 +104,9 @@ def _open(folder: Path) -> token_cache.TokenTable | None:
         return None
 
 
+_NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # flock on a file system that has none
+
+
 @contextmanager
 def _one_builder(folder: Path, source: str, quiet: bool = False):
     """An exclusive lock beside `folder`: the first process builds, the others wait on the file, not on a
@@ -117,6 +121,15 @@ def _one_builder(folder: Path, source: str, quiet: bool = False):
             if not quiet:
                 log.info("another process is tokenizing %s into %s; waiting for it", source, folder)
             fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            # Some network file systems take no locks: each process builds on its own, and the table's
+            # publication by rename keeps whichever finishes last, the same bytes.
+            log.warning("%s takes no file locks (%s); each process tokenizes %s on its own", folder.parent,
+                        e.strerror, source)
+            yield
+            return
         try:
             yield
         finally:

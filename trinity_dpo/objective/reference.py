@@ -28,6 +28,7 @@ from ..engine.logprobs import sequence_stats
 from ..engine.modeling import Runtime, scoring_mode
 from ..engine.policy import Policy
 from ..data.pairs import Pair
+from ..errors import RunFolderError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,11 @@ _DIGESTS: dict[tuple, str] = {}  # (file name, size, mtime) of every weight file
 
 
 def _weights_digest(model_path: str) -> str:
-    """A digest of the weight files' bytes, read once per process for as long as no file changes (a 7B model is
-    14 GB to read; the train and held-out tables both need it)."""
-    files = sorted(Path(model_path).glob("*.safetensors"))
+    """A digest of the weight files' bytes and of what else defines the model's forward (config.json: rope_theta,
+    the norms' eps...; a remote-code model's .py files), read once per process for as long as no file changes (a
+    7B model is 14 GB to read; the train and held-out tables both need it)."""
+    folder = Path(model_path)
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("config.json"), *folder.glob("*.py")])
     key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if key not in _DIGESTS:
         h = hashlib.blake2b(digest_size=16)
@@ -225,5 +228,10 @@ def _digest(tables: Tables) -> str:
 def _save(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({**obj, "digest": _digest(obj["tables"])}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({**obj, "digest": _digest(obj["tables"])}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise RunFolderError(f"{path}: cannot write the reference cache ({one_line(e)}); free space and run "
+                             "again") from None

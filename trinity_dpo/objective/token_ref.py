@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..data.token_cache import checksum  # noqa: F401  (the table's own: one xxh3 reader for both)
+from ..errors import RunFolderError
 
 
 def target_counts(examples, sequences: int) -> np.ndarray:
@@ -40,7 +41,17 @@ class TokenStore:
     def create(cls, path: Path, counts: np.ndarray) -> "TokenStore":
         """A new file of the right size, every value NaN until scored (a use of an unscored place shows)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        store = cls(path, counts, "w+")
+        # The file's blocks reserved first: a mapped file the disk cannot fill kills the process (SIGBUS) with no
+        # word, where the reservation fails with the OS's reason.
+        with open(path, "wb") as f:
+            size = int(np.asarray(counts, np.int64).sum()) * 4
+            if size:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, size)
+                except OSError as e:
+                    raise RunFolderError(f"{path}: cannot reserve {size} bytes for the reference's per-token "
+                                         f"values ({e.strerror}); free space and run again") from None
+        store = cls(path, counts, "r+")
         store.values[:] = np.nan
         store.flush()
         return store

@@ -81,13 +81,14 @@ def wants_hf(setting: str, last: bool) -> bool:
 
 def _attempt(write) -> str | None:
     """Run `write`; the reason it failed, or None."""
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         write()
     except OSError as e:
         return e.strerror or str(e)
-    except RuntimeError as e:  # torch.save reports a full disk this way
+    except (RuntimeError, SafetensorError) as e:  # torch.save and safetensors report a full disk this way
         return one_line(e)
     except CheckpointException as e:  # DCP wraps each process's OSError
         cause = _cause(e)
@@ -152,7 +153,7 @@ def is_complete(path: Path) -> bool:
         return False
     if not ((state / "dcp" / ".metadata").is_file() or (state / "optimizer.pt").is_file()):
         return False
-    return _has_weights(path) or not _saved_state(path).get("hf_weights", True)
+    return _has_weights(path) or not saved_state(path).get("hf_weights", True)
 
 
 def _has_weights(path: Path) -> bool:
@@ -160,7 +161,7 @@ def _has_weights(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / lora.ADAPTER_CONFIG).is_file()
 
 
-def _saved_state(path: Path) -> dict:
+def saved_state(path: Path) -> dict:
     try:
         return json.loads((path / STATE / "state.json").read_text())
     except (OSError, ValueError):
@@ -170,7 +171,7 @@ def _saved_state(path: Path) -> dict:
 def final_of(run_dir: Path) -> Path | None:
     """The run's checkpoint at its last step (its loop state's `total`), or None: the run has not finished."""
     path = latest(run_dir)
-    state = _saved_state(path) if path is not None else {}
+    state = saved_state(path) if path is not None else {}
     return path if state and state.get("step") == state.get("total") else None
 
 
@@ -253,6 +254,20 @@ def cannot_resume(failed: list[tuple[Path, str]], explicit: bool) -> CheckpointE
     return CheckpointError(f"no checkpoint of {failed[0][0].parent} can be resumed from ({why}); set "
                        "trainer.resume_from_path to a checkpoint you trust, or trainer.resume_mode: disable (with a "
                        "new `name`) to start afresh")
+
+
+def set_aside_newer(run_dir: Path, chosen: Path) -> None:
+    """`trainer.resume_from_path` named an older checkpoint of this same run folder (a roll-back): its newer ones
+    belong to the run given up. They are set aside, kept, and the marker points at `chosen`: left in place, pruning
+    by step would delete the continued run's own new checkpoints first, and a later auto resume would take the
+    given-up run's newest. Rank 0 alone calls it (`folder.prepare_run_dir`)."""
+    if chosen.resolve().parent != run_dir.resolve() or not chosen.name[12:].isdigit():
+        return
+    step = int(chosen.name[12:])
+    newer = sorted((p for p in run_dir.glob("global_step_*") if p.name[12:].isdigit() and int(p.name[12:]) > step),
+                   key=lambda p: int(p.name[12:]))
+    _set_aside([(p, f"newer than {chosen.name}, which trainer.resume_from_path continues from") for p in newer],
+               chosen, main=True)
 
 
 def _set_aside(failed: list[tuple[Path, str]], chosen: Path, main: bool) -> None:

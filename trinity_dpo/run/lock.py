@@ -44,7 +44,8 @@ def acquire(run_dir: Path) -> None:
         if locked is False:
             raise RunFolderError(f"run folder {run_dir} is in use by another run ({_describe(holder)}); wait for it to "
                               "end, or give this run another `name`")
-        if holder and holder.get("pid") != os.getpid():
+        # A holder with this pid on another host is another run (containers reuse small pids): checked like any.
+        if holder and (holder.get("pid"), holder.get("host")) != (os.getpid(), socket.gethostname()):
             _take_over(run_dir, path, holder, flock_works=locked)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_me()).encode(), 0)

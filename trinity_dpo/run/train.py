@@ -22,7 +22,7 @@ from ..engine import distributed, lora, memory, score_head
 from ..data.batching import collate, is_padding
 from ..data.schedule import Schedule, Step, explain_steps
 from ..config.schema import Config, LoraConfig
-from ..errors import NumericError
+from ..errors import CheckpointError, NumericError
 from ..data.dataset import Data
 from ..engine.distributed import Dist
 from .evaluate import comparison, eval_metrics, generate, side_by_side
@@ -160,6 +160,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
     if resume is not None:
         state, resume_from = checkpoint.restore(resume, policy.model, optimizer, d.main)
         log.info("resumed from %s at step %d", resume_from, state["step"])
+        _check_length(state, schedule.total, resume_from)
         if d.main:
             run_folder.carry_history(resume_from.parent, run_dir)
             run_folder.truncate_metrics(run_dir, state["step"])
@@ -210,10 +211,23 @@ def _answer(s: Session) -> list[str]:
                     s.cfg.trainer.eval_max_new_tokens, synced=s.d.world > 1, template=s.data.template)
 
 
+def _check_length(state: dict, total: int, path) -> None:
+    """A checkpoint of a run planned for another number of steps (more epochs or data, a changed total_steps): the
+    schedule follows the new count; one already past it has nothing left to train."""
+    planned = state.get("total")
+    if planned is not None and planned != total:
+        log.warning("%s: its run was planned for %d steps, this one for %d: the learning-rate schedule follows %d",
+                    path, planned, total, total)
+    if state["step"] > total:
+        raise CheckpointError(f"{path} is at step {state['step']}, past this run's {total} steps; raise "
+                              "buffer.total_epochs or trainer.total_steps, or resume from an earlier checkpoint")
+
+
 def _save(s: Session, step: int, last: bool) -> None:
     total, hf = s.schedule.total, checkpoint.wants_hf(s.cfg.trainer.save_hf_checkpoint, last)
     path = checkpoint.save(s.run_dir, step, s.policy.model, s.tokenizer, s.policy.save_dtype, s.optimizer,
-                           {**s.state, "total": total}, s.d, merge=lora.wants_merged(s.cfg.model.lora, step, total),
+                           {**s.state, "total": total, "settings": run_folder.settings_of(s.cfg)}, s.d,
+                           merge=lora.wants_merged(s.cfg.model.lora, step, total),
                            hf=hf)
     if s.d.main:
         checkpoint.prune(s.run_dir, s.cfg.trainer.max_checkpoints_to_keep, s.resume_from)
