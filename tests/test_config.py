@@ -302,6 +302,23 @@ def test_format_columns_the_algorithm_never_reads_are_logged(make_config, caplog
             "buffer.trainer_input.experience_buffer.format.tools_key") in caplog.text
 
 
+@pytest.mark.parametrize("main,override,field,value", [
+    ({"model": {"lora_configs": [{"lora_rank": 8}]}}, "model.lora.rank=16", "model.lora.rank", 16),
+    ({"model": {"lora_configs": [{"lora_rank": 8}]}}, "model.lora_configs.0.lora_rank=4", "model.lora.rank", 4),
+    ({"algorithm": {"optimizer": {"betas": [0.9, 0.95]}}}, "algorithm.optimizer.beta2=0.99",
+     "algorithm.optimizer.betas", [0.9, 0.99]),
+    ({"continue_from_checkpoint": False}, "trainer.resume_mode=auto", "trainer.resume_mode", "auto"),
+    ({"algorithm": {"use_token_level_loss": True}}, "algorithm.loss_agg_mode=seq-mean-token-mean",
+     "algorithm.loss_agg_mode", "seq-mean-token-mean"),
+])
+def test_an_override_of_one_spelling_replaces_the_files_other(make_config, main, override, field, value):
+    """As for every alias group: what the command line says under one spelling wins over the file's other
+    spelling, where the two in one file would conflict."""
+    from trinity_dpo.config.checks import get_field
+
+    assert get_field(load_config(make_config(main=main), [override]), field) == value
+
+
 def test_continue_from_checkpoint(make_config):
     assert load_config(make_config(main={"continue_from_checkpoint": False})).trainer.resume_mode == "disable"
     assert load_config(make_config(main={"continue_from_checkpoint": True})).trainer.resume_mode == "auto"

@@ -264,7 +264,7 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
     """
     dated = sorted(k for k in provided if k.startswith(_TRINITY_02_KEYS))  # as written, before folding adds any
     for section in ("algorithm.optimizer", "trainer.trainer_config.actor_rollout_ref.actor.optim"):
-        _fold_betas(cfg, section, provided)
+        _fold_betas(cfg, section, provided, overridden)
     for canonical, tiers in ALIASES:
         given = [{k: get_field(cfg, k) for k in tier if k in provided and get_field(cfg, k) is not None} for tier in tiers]
         if any(k in overridden for tier in given for k in tier):
@@ -283,7 +283,7 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
                      ", ".join(f"{k}={v!r}" for k, v in losers.items()))
         _set(cfg, canonical, value)
         provided.add(canonical)
-    _fold_lora(cfg, provided)
+    _fold_lora(cfg, provided, overridden)
     algo = cfg.algorithm
     if algo.algorithm_type == "sft" and "algorithm.policy_loss_fn" not in provided:
         algo.policy_loss_fn = "sft"  # Trinity's default loss for its SFT algorithm
@@ -297,9 +297,11 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
         algo.policy_loss_fn = algo.policy_loss_fn if "algorithm.policy_loss_fn" in provided else "kto"
         if "algorithm.policy_loss_fn_args.loss_type" not in provided:
             algo.policy_loss_fn_args.loss_type = "kto"
-    if algo.use_token_level_loss is not None:
+    if algo.use_token_level_loss is not None and not ("algorithm.loss_agg_mode" in overridden
+                                                      and "algorithm.use_token_level_loss" not in overridden):
         mode = "token-mean" if algo.use_token_level_loss else "seq-mean-token-mean"
-        if "algorithm.loss_agg_mode" in provided and algo.loss_agg_mode != mode:
+        if ("algorithm.loss_agg_mode" in provided and algo.loss_agg_mode != mode
+                and "algorithm.use_token_level_loss" not in overridden):
             raise ConfigError(f"conflicting values for one setting: algorithm.loss_agg_mode={algo.loss_agg_mode!r}, "
                               f"algorithm.use_token_level_loss={algo.use_token_level_loss}")
         algo.loss_agg_mode = mode
@@ -310,8 +312,10 @@ def resolve(cfg: Config, provided: set[str], overridden: set[str] = frozenset())
     args = algo.policy_loss_fn_args
     if isinstance(args.loss_type, str):
         args.loss_type = [args.loss_type]
-    if cfg.continue_from_checkpoint is False:
-        if "trainer.resume_mode" in provided and cfg.trainer.resume_mode != "disable":
+    if cfg.continue_from_checkpoint is False and not ("trainer.resume_mode" in overridden
+                                                       and "continue_from_checkpoint" not in overridden):
+        if ("trainer.resume_mode" in provided and cfg.trainer.resume_mode != "disable"
+                and "continue_from_checkpoint" not in overridden):
             raise ConfigError(f"conflicting values for one setting: continue_from_checkpoint=False, "
                               f"trainer.resume_mode={cfg.trainer.resume_mode!r}")
         cfg.trainer.resume_mode = "disable"
@@ -340,7 +344,14 @@ _LORA_SPELLINGS = {"rank": ("lora_rank", "lora_rank"), "alpha": ("lora_alpha", "
                    "exclude_modules": ("exclude_modules", "exclude_modules"), "path": ("path", "lora_adapter_path")}
 
 
-def _fold_lora(cfg: Config, provided: set[str]) -> None:
+def _overriding(given: dict, overridden: set[str], keys: dict[str, tuple[str, ...]]) -> dict:
+    """`given` (spelling -> value), or only its spellings overridden on the command line where there are any
+    (`keys`: the override keys that write each spelling)."""
+    mine = {k: v for k, v in given.items() if set(keys.get(k, ())) & overridden}
+    return mine or given
+
+
+def _fold_lora(cfg: Config, provided: set[str], overridden: set[str] = frozenset()) -> None:
     """Fold Trinity's `model.lora_configs[0]` and verl's `lora_*` keys into `model.lora`. The three spellings are
     one tier: values given under two of them must agree. Unset fields take the default of the spelling that turned
     LoRA on (Trinity: rank 32, alpha 32; verl: alpha 16)."""
@@ -356,6 +367,11 @@ def _fold_lora(cfg: Config, provided: set[str]) -> None:
             given[f"model.lora_configs[0].{trinity_key}"] = getattr(entries[0], trinity_key)
         if _VERL_MODEL + verl_key in provided:
             given[_VERL_MODEL[len(_VERL_PREFIX):] + verl_key] = getattr(verl_model, verl_key)
+        given = _overriding(given, overridden, {
+            f"model.lora.{name}": (f"model.lora.{name}",),
+            f"model.lora_configs[0].{trinity_key}": (f"model.lora_configs.0.{trinity_key}",
+                                                     f"model.lora_configs[0].{trinity_key}"),
+            _VERL_MODEL[len(_VERL_PREFIX):] + verl_key: (_VERL_MODEL + verl_key,)})
         if len(set(map(repr, given.values()))) > 1:
             listing = ", ".join(f"{k}={v!r}" for k, v in given.items())
             raise ConfigError(f"conflicting values for one setting: {listing}")
@@ -420,8 +436,13 @@ def _read_chat_template(cfg: Config, config_path: Path) -> None:
         raise ConfigError(f"model.chat_template_path: cannot read {name}: {reason}") from None
 
 
-def _fold_betas(cfg: Config, section: str, provided: set[str]) -> None:
+def _fold_betas(cfg: Config, section: str, provided: set[str], overridden: set[str] = frozenset()) -> None:
+    """verl's beta1/beta2 into `betas`; a command-line override of either spelling replaces the file's other one."""
     opt = get_field(cfg, section)
+    if f"{section}.betas" in overridden and not {f"{section}.beta1", f"{section}.beta2"} & overridden:
+        opt.beta1 = opt.beta2 = None
+    elif {f"{section}.beta1", f"{section}.beta2"} & overridden:
+        provided.discard(f"{section}.betas")
     if opt.beta1 is None and opt.beta2 is None:
         return
     if len(opt.betas) != 2:
