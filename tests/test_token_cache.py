@@ -141,6 +141,56 @@ def test_second_load_reuses_the_table_and_any_change_makes_a_new_one(tmp_path, q
     assert _cached(storage, tok, qwen_dir, longer, tmp_path)[2].folder not in (first.folder, edited.folder)
 
 
+def test_dataset_folders_under_a_cache_folder_are_told_apart(tmp_path, qwen_dir):
+    """Two hub datasets live under ~/.cache/huggingface/hub; a folder's own `.cache` (a download tool's) is what is
+    left out, not every file of a folder whose path has one: both sets hashed as empty and shared one table."""
+    rows, fmt, _ = _rows("plaintext")
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    folders = []
+    for name, edit in (("datasets--org--a", ""), ("datasets--org--b", " (b)")):
+        folder = tmp_path / ".cache" / "hub" / name
+        folder.mkdir(parents=True)
+        (folder / "train.jsonl").write_text("".join(json.dumps({**r, "prompt": r["prompt"] + edit}) + "\n"
+                                                    for r in rows))
+        (folder / ".cache").mkdir()
+        (folder / ".cache" / "train.jsonl.lock").write_text(name)  # a download tool's, not data
+        assert token_cache.source_files(folder) == [folder / "train.jsonl"]
+        folders.append(_cached(StorageConfig(path=str(folder), format=fmt), tok, qwen_dir, _recipe("pairs"),
+                               tmp_path)[2].folder)
+    assert folders[0] != folders[1]
+
+
+def test_a_source_copied_with_its_old_modification_time_is_read_again(tmp_path, qwen_dir):
+    """The digest of a source's bytes is kept under its size and times: an edit of the same size whose copy kept
+    the old modification time (cp -p, rsync -t) is still seen (its change time and inode moved)."""
+    rows, fmt, _ = _rows("plaintext")
+    path = _write(tmp_path, rows)
+    storage = StorageConfig(path=str(path), format=fmt)
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    first = _cached(storage, tok, qwen_dir, _recipe("pairs"), tmp_path)[2]
+    times = path.stat()
+    rows[0]["chosen"], rows[0]["rejected"] = rows[0]["rejected"], rows[0]["chosen"]  # same bytes, other order
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert edited.stat().st_size == times.st_size
+    os.replace(edited, path)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert _cached(storage, tok, qwen_dir, _recipe("pairs"), tmp_path)[2].folder != first.folder
+
+
+def test_builders_without_a_lock_keep_each_others_work(tmp_path):
+    """Where the file system takes no locks, two processes may build one table at once: neither deletes the
+    other's live temporary folder, and the one that finishes second keeps the first's published table."""
+    final = tmp_path / "table"
+    other = final.with_name(f".{final.name}.tmp{os.getppid()}")  # a live process's build (the test's parent)
+    other.mkdir()
+    dead = final.with_name(f".{final.name}.tmp999999999")
+    dead.mkdir()
+    writer = token_cache.Writer(final, 3)
+    assert other.is_dir() and not dead.exists()
+    writer.abort()
+
+
 @pytest.mark.parametrize("damage", ["cut", "flip", "meta"])
 def test_a_damaged_table_is_rebuilt_with_a_warning(tmp_path, qwen_dir, damage, caplog):
     rows, fmt, _ = _rows("plaintext")

@@ -81,7 +81,8 @@ def _source_digest(path: str, cache_dir: Path) -> str:
     under the files' (path, size, modification time) in the cache folder, so the other processes of a run and later
     runs read it instead of reading the whole source again; one process computes it while the others wait."""
     files = token_cache.source_files(Path(path).resolve())
-    stamp = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    # ctime and inode too: a copy that keeps the old modification time (cp -p, rsync -t, tar) still changes them.
+    stamp = "|".join(f"{f}:{(s := f.stat()).st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}" for f in files)
     key = hashlib.blake2b(stamp.encode(), digest_size=16).hexdigest()
     memo = cache_dir / "sources" / key
     with _one_builder(memo, path, quiet=True):

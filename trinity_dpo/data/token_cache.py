@@ -98,8 +98,23 @@ def hash_file(path: Path, h) -> None:
 
 
 def source_files(path: Path) -> list[Path]:
-    """The files of a source: itself, or a folder's files (a download tool's `.cache` folder left out)."""
-    return [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and ".cache" not in f.parts)
+    """The files of a source: itself, or a folder's files (a download tool's `.cache` folder inside it left out;
+    the folder itself may well sit under a `.cache`, as the Hugging Face hub's and the built-in sets do)."""
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.rglob("*") if f.is_file() and ".cache" not in f.relative_to(path).parts)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own leftover (an earlier build in it that failed)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Writer:
@@ -109,8 +124,11 @@ class Writer:
     def __init__(self, final: Path, segments: int):
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        for stale in final.parent.glob(f".{final.name}.tmp*"):  # a killed build's (the caller holds the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in final.parent.glob(f".{final.name}.tmp*"):  # a killed build's, never a live builder's (a
+            # file system without locks lets several processes build at once: prepare._one_builder)
+            pid = stale.name.rpartition(".tmp")[2]
+            if not pid.isdigit() or not _running(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.files = {name: open(self.tmp / f"{name}.raw", "wb") for name in ARRAYS if name != "prompt_offsets"}
         self.prompts = open(self.tmp / "prompts.bin", "wb")
@@ -150,8 +168,15 @@ class Writer:
                 "extras": list(self.extras)}
         (self.tmp / "meta.json").write_text(json.dumps(meta))
         (self.tmp / DONE).write_text(json.dumps({"shapes": {k: list(v) for k, v in shapes.items()}}))
-        shutil.rmtree(self.final, ignore_errors=True)
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        if (self.final / DONE).is_file():  # another builder published the same table first (no file locks)
+            try:
+                table = open_table(self.final, verify=True)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return table
+            except (OSError, ValueError, KeyError):
+                pass
+        shutil.rmtree(self.final, ignore_errors=True)
         os.replace(self.tmp, self.final)
         return open_table(self.final)
 
