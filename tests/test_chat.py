@@ -71,9 +71,25 @@ def pty_pair() -> tuple[int, int]:
     return pty.openpty()
 
 
-@pytest.mark.parametrize("case", ["not a model", "adapter without its base", "no chat template", "empty run"])
-def test_bad_models_are_one_line_errors(case, qwen_dir, tmp_path, capsys):
-    if case == "not a model":
+@pytest.mark.parametrize("case", ["not a model", "adapter without its base", "no chat template", "empty run",
+                                  "reward model", "reward model export", "no cuda"])
+def test_bad_models_are_one_line_errors(case, qwen_dir, tmp_path, capsys, monkeypatch):
+    """Each a one-line error, exit 2. A reward model (a score head, no LM head) loaded as a causal LM got a freshly
+    random head: chat talked nonsense and export wrote it."""
+    command = "chat"
+    if case.startswith("reward model"):
+        folder = tmp_path / "rm"
+        shutil.copytree(qwen_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForSequenceClassification"]}))
+        args, message = ["--model", str(folder)], f"{folder} is a reward model (a score head, no LM head); trinity "
+        if case == "reward model export":
+            command, args = "export", args + ["--gguf", str(tmp_path / "rm.gguf")]
+        message += f"{command} needs a causal language model"
+    elif case == "no cuda":
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+        args, message = ["--model", str(qwen_dir), "--device", "cuda"], "--device cuda: no CUDA device here"
+    elif case == "not a model":
         (tmp_path / "notes.txt").write_text("hi")
         args, message = ["--model", str(tmp_path)], "has no config.json (not a model folder)"
     elif case == "adapter without its base":
@@ -91,7 +107,7 @@ def test_bad_models_are_one_line_errors(case, qwen_dir, tmp_path, capsys):
     else:
         (tmp_path / "run").mkdir()
         args, message = ["--run", str(tmp_path / "run")], "has no checkpoint with model weights"
-    assert cli.main(["chat", *args]) == 2
+    assert cli.main([command, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
 

@@ -230,3 +230,23 @@ def test_top1_is_the_first_of_equal_maxima():
     for labels, want in (((1, 3), (1.0, 0.0)), ((2, 2), (0.0, 1.0))):
         _, extra = lp.head_logprobs(hidden, head, torch.tensor(labels), extras=("top1", "entropy"))
         assert extra["top1"].tolist() == list(want)
+
+
+def test_logit_transforms_follow_each_architecture():
+    """logits [2, -4] as each model family's own forward turns them: Granite divides by logits_scaling (4: [0.5,
+    -1]), HyperCLOVA X multiplies by it ([8, -16]), Cohere by logit_scale (0.5: [1, -2]), Falcon-H1 by
+    lm_head_multiplier (3: [6, -12]), Gemma caps (c tanh(x / c), c = 2: [1.5232, -1.9281]); a plain model: none.
+    The multiplier is read from the text config of a multimodal model."""
+    from types import SimpleNamespace as C
+
+    x = torch.tensor([2.0, -4.0])
+    cases = [(C(logits_scaling=4.0, model_type="granite"), [0.5, -1.0]),
+             (C(logits_scaling=4.0, model_type="hyperclovax"), [8.0, -16.0]),
+             (C(logit_scale=0.5, model_type="cohere"), [1.0, -2.0]),
+             (C(lm_head_multiplier=3.0, model_type="falcon_h1"), [6.0, -12.0]),
+             (C(final_logit_softcapping=2.0, model_type="gemma2"), [1.5232, -1.9281])]
+    for config, want in cases:
+        assert torch.allclose(lp._logit_transform(config)(x), torch.tensor(want), atol=1e-4), config
+    assert lp._logit_transform(C(model_type="llama")) is None
+    outer = C(get_text_config=lambda: C(output_multiplier=2.0, model_type="glimmer_text"))
+    assert torch.equal(lp._logit_transform(outer)(x), torch.tensor([4.0, -8.0]))

@@ -367,18 +367,25 @@ def _softmax_grad(t, labels, g, lse, h_term=None):
 
 
 def _logit_transform(config):
-    """The architectures whose logits are not the plain head output: Granite scales, Cohere scales, Gemma caps."""
-    scaling = getattr(config, "logits_scaling", None)
-    scale = getattr(config, "logit_scale", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    if not (scaling or scale or cap):
+    """The architectures whose logits are not the plain head output, read as their own forwards (and TRL's fused
+    head) read them from the text config: one multiplier (Cohere's `logit_scale`, Muse Glimmer's
+    `output_multiplier`, Falcon-H1's `lm_head_multiplier`, else `logits_scaling`, which Granite and MiniCPM3 divide
+    by and HyperCLOVA X multiplies by), then Gemma's soft cap."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = next((v for v in (getattr(text, k, None) for k in ("logit_scale", "output_multiplier",
+                                                                "lm_head_multiplier")) if v is not None), None)
+    divide = getattr(text, "logits_scaling", None) if scale is None else None
+    if divide is not None and getattr(text, "model_type", None) == "hyperclovax":
+        scale, divide = divide, None
+    cap = getattr(text, "final_logit_softcapping", None)
+    if scale in (None, 1) and divide in (None, 1) and not cap:
         return None
 
     def transform(logits):
-        if scaling:
-            logits = logits / scaling
-        if scale:
+        if scale not in (None, 1):
             logits = logits * scale
+        if divide not in (None, 1):
+            logits = logits / divide  # as Granite's forward computes it
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -61,13 +61,14 @@ def load(model: str, device: str = "auto"):
     merged into its base in memory), in fp32, with a chat template."""
     from ..config.schema import Config
     from ..engine.modeling import load_model
-    from ..sources.local import model_folder
     from transformers import AutoTokenizer
 
     from ..engine.lora import base_of
-    from ..sources.local import is_adapter
+    from ..sources.local import is_adapter, language_model_folder
 
-    folder = model_folder(model, "--model", adapter_ok=True)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here; use --device cpu (or auto)")
+    folder = language_model_folder(model, "--model", "trinity chat")
     tokens = folder
     if is_adapter(folder):  # its base must be there (one line if not); a checkpoint keeps the tokenizer beside it
         base = base_of(folder)

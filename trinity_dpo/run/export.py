@@ -52,12 +52,12 @@ def export(model: str, gguf_file: str, out_type: str = "f16") -> str:
     from ..config.schema import Config
     from ..engine.lora import base_of
     from ..engine.modeling import load_model
-    from ..sources.local import is_adapter, model_folder
+    from ..sources.local import is_adapter, language_model_folder
 
     if out_type not in TYPES:
         raise ConfigError(f"--type: {out_type!r} is not one of {', '.join(TYPES)}")
     target = _target(gguf_file)
-    folder = model_folder(model, "--model", adapter_ok=True)
+    folder = language_model_folder(model, "--model", "trinity export")
     base = base_of(folder) if is_adapter(folder) else folder
     shape = shape_of(base)
     tokenizer = _tokenizer(folder, base)
