@@ -250,3 +250,39 @@ def test_logit_transforms_follow_each_architecture():
     assert lp._logit_transform(C(model_type="llama")) is None
     outer = C(get_text_config=lambda: C(output_multiplier=2.0, model_type="glimmer_text"))
     assert torch.equal(lp._logit_transform(outer)(x), torch.tensor([4.0, -8.0]))
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("mistral", {"sliding_window": 4}),
+    ("gemma3_text", {"sliding_window": 4, "head_dim": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+    ("llama", {}),
+])
+def test_sliding_window_layers_keep_their_window(model_type, extra):
+    """A prompt of 6 tokens and answers of 7 and 2, under a window of 4: each sequence's log-probs equal the model's
+    own forward on that sequence alone. Packed-segment attention sees whole segments, so models with sliding layers
+    keep transformers' SDPA, whose mask of a packed row follows its position ids, window included (they were
+    switched, and attended to the whole prompt); a model without sliding layers is switched."""
+    import contextlib
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trinity_dpo.data.batching import collate
+    from trinity_dpo.data.pairs import Pair
+    from trinity_dpo.engine.attention import is_varlen, use_varlen
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    pair = Pair(index=0, row=1, prompt_ids=[1, 2, 3, 4, 5, 6], chosen_ids=[7, 8, 9, 10, 11, 12, 13],
+                rejected_ids=[14, 15])
+    with torch.no_grad():
+        alone = []
+        for response in (pair.chosen_ids, pair.rejected_ids):
+            ids = torch.tensor([pair.prompt_ids + response])
+            logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])
+            alone.append(logps[len(pair.prompt_ids) - 1:].sum())
+        use_varlen(model)
+        packed = lp.sequence_stats(model, collate([pair], pad_id=0), contextlib.nullcontext(), ("logps",))["logps"]
+    assert is_varlen(model) == (model_type == "llama")
+    assert torch.allclose(packed, torch.stack(alone), atol=1e-5)

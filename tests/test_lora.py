@@ -444,3 +444,43 @@ def test_a_bf16_read_base_keeps_computed_buffers_in_fp32(tmp_path):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             hidden[bf16] = model.model(input_ids=torch.tensor([[1, 5, 7, 9, 11]])).last_hidden_state
     assert torch.equal(hidden[False], hidden[True])
+
+
+def test_adapters_with_a_bias_or_dora_are_computed_or_refused_never_wrong():
+    """An adapter continued from model.lora.path may carry PEFT's lora_bias (lora_B with a bias) or be DoRA. The fused
+    product had no bias term (outputs off by the bias, which got no gradient) and the merge ignored both: now the
+    biased adapter runs through PEFT's forward and merges its bias (scaled), and DoRA's merge is refused in one line
+    (its training already ran through PEFT's forward)."""
+    from peft import LoraConfig as PeftLora, get_peft_model
+
+    from trinity_dpo.engine import lora, lora_linear
+    from trinity_dpo.errors import ConfigError
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    for options in ({"lora_bias": True}, {"use_dora": True}):
+        base = Tiny()
+        peft_model = get_peft_model(base, PeftLora(r=2, lora_alpha=4, target_modules=["proj"], **options))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.normal_()
+        x = torch.randn(3, 6)
+        expected = peft_model(x)
+        state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        lora_linear.fuse(base)
+        assert torch.equal(peft_model(x), expected)
+        if "use_dora" in options:
+            with pytest.raises(ConfigError, match="the adapter of proj is a DoraLinearVariant adapter, whose merge"):
+                lora.merged_weights(base, state)
+            continue
+        plain = Tiny()
+        plain.load_state_dict(lora.merged_weights(base, state))
+        assert torch.allclose(plain(x), expected, atol=1e-5)

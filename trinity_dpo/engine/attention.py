@@ -119,6 +119,18 @@ def is_varlen(model) -> bool:
 
 
 def use_varlen(model) -> None:
-    """Switch an SDPA model to the packed-sequence attention (other implementations are left as they are)."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+    """Switch an SDPA model to the packed-sequence attention (other implementations are left as they are, and so is
+    a model with sliding-window layers: this module attends to whole segments, and transformers' own SDPA masks a
+    packed row by its position ids, window included)."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and not has_sliding_window(model.config):
         model.set_attn_implementation(NAME)
+
+
+def has_sliding_window(config) -> bool:
+    """Whether any layer attends through a sliding window (Mistral, Gemma 2 and 3, Qwen2 with use_sliding_window):
+    `layer_types` where the config has them, else a `sliding_window` in force."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types:
+        return "sliding_attention" in types
+    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False

@@ -162,6 +162,11 @@ def merged_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dic
         if not isinstance(module, LoraLayer) or "default" not in module.scaling:
             continue
         key = f"{name}.base_layer.weight"
+        variant = getattr(module, "lora_variant", {}).get("default")
+        if variant is not None:  # DoRA and the like rescale by learned magnitudes: W + s B A is not their model
+            raise ConfigError(f"model.lora.save_merged: the adapter of {name} is a {type(variant).__name__} adapter, "
+                              "whose merge this tool does not compute; set save_merged: never and merge it with "
+                              "PEFT's merge_and_unload")
         if f"{name}.lora_A.default.weight" in full:
             delta = full[f"{name}.lora_B.default.weight"].float() @ full[f"{name}.lora_A.default.weight"].float()
             if getattr(module, "fan_in_fan_out", False):
@@ -172,6 +177,11 @@ def merged_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dic
             raise ConfigError(f"model.lora.save_merged: cannot merge the adapter of {name} "
                               f"({type(module).__name__}); set save_merged: never")
         merged[key] = full[key].float() + delta * module.scaling["default"]
+        bias = full.get(f"{name}.lora_B.default.bias")  # PEFT's lora_bias: the adapter's output bias, scaled too
+        if bias is not None:
+            base_bias = f"{name}.base_layer.bias"
+            merged[base_bias] = (full[base_bias].float() if base_bias in full else 0) + bias.float() * module.scaling[
+                "default"]
     # PEFT's `modules_to_save` (a reward model's head): the trained copy under the module's own name
     merged = {k.replace(".modules_to_save.default.", "."): v for k, v in merged.items() if ".original_module." not in k}
     return {k.replace(".base_layer.", "."): v for k, v in merged.items()}

@@ -41,7 +41,8 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     merged, no extra arguments); PEFT's own forward otherwise."""
     name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A or name in self.lora_variant
-            or not isinstance(self.lora_dropout[name], torch.nn.Identity) or self.fan_in_fan_out):
+            or not isinstance(self.lora_dropout[name], torch.nn.Identity) or self.fan_in_fan_out
+            or getattr(self, "lora_bias", {}).get(name)):  # lora_B's bias: PEFT's forward adds it
         return type(self).forward(self, x, *args, **kwargs)
     weight, bias = self.base_layer.weight, self.base_layer.bias
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
