@@ -291,3 +291,56 @@ def test_trinity_eval_of_an_sft_checkpoint(sft_config):
     text = evaluate_checkpoint(config_for_eval(str(path), None, None, []), str(run_dir / "global_step_2"), 1)
     assert "held-out evaluation (12 rows)" in text and "perplexity" in text and "base     model" in text
     assert "model:  " in text
+
+
+def test_an_answer_whose_first_token_merges_with_the_header_is_trained_whole(space_dir):
+    """The template's header ends 'assistant:' and the answer ' sure thing' tokenizes with its leading space as one
+    token ' sure'; the header alone ends in its own tokens. The trained tokens start where the two tokenizations
+    part (TRL's common prefix): ' sure' is trained (it was left out, as if it were the header's)."""
+    from trinity_dpo.data.sft import tokenize_dialogues
+
+    tok = AutoTokenizer.from_pretrained(space_dir)
+    fmt = FormatConfig(prompt_type="messages", messages_key="messages")
+    dialogue = to_dialogue({"messages": [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": "sure thing"}]}, 1, fmt)
+    (example, _), = tokenize_dialogues([dialogue], tok, fmt, None, None)
+    trained = tok.decode([i for i, m in zip(example.response_ids, example.response_mask) if m])
+    assert trained.startswith(" sure thing"), trained
+
+
+def test_rows_the_template_refuses_or_that_open_with_the_answer_are_bad_rows(tmp_path, qwen_dir, caplog):
+    """A template that raises for the row (Mistral's alternation check) and an SFT row whose only assistant message
+    comes first: counted and skipped with their reason under on_bad_row: skip (they were a traceback and a
+    misleading template error), the run's one line under error."""
+    from trinity_dpo.data.pairs import Limits
+    from trinity_dpo.data.prepare import Recipe, load_table
+
+    plain, tok = AutoTokenizer.from_pretrained(qwen_dir), AutoTokenizer.from_pretrained(qwen_dir)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    cases = [("sft", [good, {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                          {"role": "assistant", "content": "c"}]}],
+              FormatConfig(prompt_type="messages", messages_key="messages"),
+              "row 2 skipped: the chat template refused it: Conversation roles must alternate user/assistant"),
+             ("sft", [good, {"messages": [{"role": "assistant", "content": "I start"}]}],
+              FormatConfig(prompt_type="messages", messages_key="messages"),
+              "row 2 skipped: the assistant's message has no message before it to answer"),
+             ("pairs", [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "yes", "rejected": "no"},
+                        {"prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                         "chosen": "yes", "rejected": "no"}], FormatConfig(prompt_type="messages"),
+              "row 2 skipped: the chat template refused it: Conversation roles must alternate user/assistant")]
+    for n, (kind, rows, fmt, message) in enumerate(cases):
+        path = tmp_path / f"rows{n}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        caplog.clear()
+        recipe = Recipe(kind) if kind == "sft" else Recipe("pairs", limits=Limits())
+        with caplog.at_level("WARNING"):
+            table, _ = load_table(StorageConfig(path=str(path), format=fmt), "k", plain if n == 1 else tok, f"t{n}",
+                                  recipe, tmp_path / "cache", 1)
+        assert list(map(bool, table.kept)) == [True, False] and message in caplog.text
+        with pytest.raises(DataError, match=f"rows{n}.jsonl: row 2: " + message.split("skipped: ")[1][:40]):
+            load_table(StorageConfig(path=str(path), format=fmt, on_bad_row="error"), "k", plain if n == 1 else tok,
+                       f"e{n}", recipe, tmp_path / "cache", 1)

@@ -13,9 +13,10 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import DataError
-from .conversations import Conversation, DataReport, Turns
+from ..config.schema import StorageConfig
+from .conversations import BadRow, Conversation, DataReport, Turns
 from .encode import Continuation, continuation_encoder, encode, encode_continuations
-from .render import render
+from .render import render, render_row
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ def _texts(tokenizer, conv: Conversation, template: dict) -> tuple[str, str, str
         eos = tokenizer.eos_token or ""
         end = lambda r: r if r.endswith(eos) else r + eos  # noqa: E731
         return conv.prompt, conv.prompt + end(conv.chosen), conv.prompt + end(conv.rejected)
-    return (render(tokenizer, conv.prompt, True, **template), render(tokenizer, conv.prompt + conv.chosen, False,
-                                                                      **template),
-            render(tokenizer, conv.prompt + conv.rejected, False, **template))
+    return (render_row(tokenizer, conv.prompt, True, **template),
+            render_row(tokenizer, conv.prompt + conv.chosen, False, **template),
+            render_row(tokenizer, conv.prompt + conv.rejected, False, **template))
 
 
 def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: DataReport) -> list[Pair]:
@@ -94,17 +95,18 @@ def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: Da
     return pairs
 
 
-def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits, template: dict | None = None
-                   ) -> list[tuple[Pair | None, DataReport]]:
+def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits, template: dict | None = None,
+                   storage: StorageConfig | None = None) -> list[tuple[Pair | None, DataReport]]:
     """Each conversation's `Pair` (None: dropped, e.g. identical after truncation) and what tokenizing it added to
-    the data report; the tokenizer runs once per batch of texts. `template`: the chat template's switches."""
+    the data report; the tokenizer runs once per batch of texts. `template`: the chat template's switches; a row
+    the template refuses is counted (or stops the run) as `storage.on_bad_row` says (no `storage`: it stops)."""
     if not tokenizer.chat_template and not all(c.is_text for c in convs):
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
-    texts = [_texts(tokenizer, c, template or {}) for c in convs]
+    texts, refused = rendered(convs, lambda c: _texts(tokenizer, c, template or {}))
     ids: list[tuple[list[int], ...]] = [()] * len(convs)
     backend = continuation_encoder(tokenizer)
     for is_text in (False, True):  # raw text takes the tokenizer's special tokens (BOS); a template writes its own
-        group = [i for i, c in enumerate(convs) if c.is_text == is_text]
+        group = [i for i, c in enumerate(convs) if c.is_text == is_text and i not in refused]
         if group and backend is not None and not is_text:  # the prompt's ids once, for both conversations
             heads, fulls = encode_continuations(tokenizer, backend, [texts[i][0] for i in group],
                                                 [[texts[i][1], texts[i][2]] for i in group])
@@ -116,12 +118,28 @@ def tokenize_pairs(convs: list[Conversation], tokenizer, limits: Limits, templat
                 ids[i] = (encoded[0][n], encoded[1][n], encoded[2][n])
     out = []
     for i, conv in enumerate(convs):
-        (prompt, full_c, full_r), (p_ids, c_ids, r_ids) = texts[i], ids[i]
         counts = DataReport("")
+        if i in refused:
+            counts.refuse(storage or StorageConfig(on_bad_row="error"), conv.row, refused[i])
+            out.append((None, counts))
+            continue
+        (prompt, full_c, full_r), (p_ids, c_ids, r_ids) = texts[i], ids[i]
         chosen = _response_ids(tokenizer, prompt, p_ids, full_c, c_ids, conv, counts)
         rejected = _response_ids(tokenizer, prompt, p_ids, full_r, r_ids, conv, counts)
         out.append((_truncate(Pair(i, conv.row, p_ids, chosen, rejected), limits, counts), counts))
     return out
+
+
+def rendered(items: list, texts) -> tuple[list, dict]:
+    """`texts(item)` of each item, and the items the chat template refused (index -> `BadRow`), whose text is None."""
+    out, refused = [], {}
+    for i, item in enumerate(items):
+        try:
+            out.append(texts(item))
+        except BadRow as e:
+            out.append(None)
+            refused[i] = e
+    return out, refused
 
 
 def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], full: str, full_ids: list[int] | Continuation,

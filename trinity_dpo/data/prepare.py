@@ -227,9 +227,9 @@ def _tokenize_chunk(job: tuple[int, list[dict] | LineBlock]) -> tuple[token_cach
         except BadRow as e:
             report.refuse(storage, number, e, seen)
     if recipe.kind == "pairs":
-        results = tokenize_pairs(items, tokenizer, recipe.limits, template_kwargs(storage.format))
+        results = tokenize_pairs(items, tokenizer, recipe.limits, template_kwargs(storage.format), storage)
     elif recipe.kind == "unpaired":
-        results = tokenize_unpaired(items, tokenizer, recipe.limits, template_kwargs(storage.format))
+        results = tokenize_unpaired(items, tokenizer, recipe.limits, template_kwargs(storage.format), storage)
     else:
         results = tokenize_dialogues(items, tokenizer, storage.format, recipe.max_len, recipe.truncation,
                                      storage.on_bad_row, storage.path)

@@ -23,6 +23,21 @@ def template_kwargs(fmt) -> dict:
     return {} if fmt.enable_thinking is None else {"enable_thinking": fmt.enable_thinking}
 
 
+def render_row(tokenizer, messages: list[dict], generation_prompt: bool, tools=None, **kwargs) -> str:
+    """`render` for a data row: a template that refuses the row (jinja's raise_exception, as Mistral's does for
+    roles that do not alternate; transformers' own checks) makes it a bad row, counted or stopping the run as
+    `on_bad_row` says, not a traceback."""
+    from jinja2 import TemplateError
+
+    from .conversations import BadRow
+
+    try:
+        return render(tokenizer, messages, generation_prompt, tools, **kwargs)
+    except (TemplateError, ValueError, TypeError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise BadRow("refused by the chat template", f"the chat template refused it: {text}") from None
+
+
 def render(tokenizer, messages: list[dict], generation_prompt: bool, tools=None, **kwargs) -> str:
     """`tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...,
     **kwargs)`."""

@@ -30,7 +30,7 @@ from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
 from .conversations import BadRow, DataReport, _get, _lookup, _system, _text, convert_rows
 from .encode import encode
-from .render import render as render_chat, template_kwargs
+from .render import render_row as render_chat, template_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +193,20 @@ def _masked_ids(tokenizer, d: Dialogue, render, every_assistant: bool) -> tuple[
     mask = [0] * len(ids)
     turns = [i for i, m in enumerate(d.messages) if m["role"] == "assistant"] if every_assistant else [
         len(d.messages) - 1]
+    turns = [i for i in turns if i > 0]  # an assistant message that opens the conversation answers nothing
+    if not turns:
+        raise BadRow("assistant message first", "the assistant's message has no message before it to answer")
     for i in turns:
         before, upto = render(d.messages[:i], True), render(d.messages[:i + 1], False)
         if not full.startswith(upto) or not upto.startswith(before):
             raise DataError(f"row {d.row}: the chat template does not render the conversation's turns as prefixes "
                             "of each other, so the assistant's tokens cannot be found; set "
                             "model.custom_chat_template to a template that does")
-        upto_ids = ids_of(upto)
-        a, b = len(ids_of(before)), len(upto_ids)
+        upto_ids, head = ids_of(upto), ids_of(before)
+        # Where a BPE merge crosses the end of the generation header, the header alone tokenizes otherwise: the
+        # answer's tokens start where the two tokenizations part (TRL's common prefix), not at the header's length.
+        a, b = next((n for n, (x, y) in enumerate(zip(head, upto_ids)) if x != y), min(len(head), len(upto_ids))), \
+            len(upto_ids)
         if upto_ids != ids[:b]:
             raise DataError(f"row {d.row}: the tokens of the conversation's first {i + 1} messages are not a prefix "
                             "of the whole conversation's tokens")

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from ..config.schema import FormatConfig
+from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
 from .conversations import BadRow, DataReport, Turns, _lookup, _messages, _response, _system, _text, to_conversation
 from .encode import continuation_encoder, encode, encode_continuations
 from .examples import Examples
-from .pairs import Limits, _response_ids
-from .render import render
+from .pairs import Limits, _response_ids, rendered
+from .render import render_row
 from .token_cache import TokenTable
 
 log = logging.getLogger(__name__)
@@ -137,21 +137,22 @@ def _texts(tokenizer, item: UnpairedRow, template: dict) -> tuple[str, str]:
         eos = tokenizer.eos_token or ""
         end = item.completion if item.completion.endswith(eos) else item.completion + eos
         return item.prompt, item.prompt + end
-    return (render(tokenizer, item.prompt, True, **template),
-            render(tokenizer, item.prompt + item.completion, False, **template))
+    return (render_row(tokenizer, item.prompt, True, **template),
+            render_row(tokenizer, item.prompt + item.completion, False, **template))
 
 
-def tokenize_unpaired(items: list[UnpairedRow], tokenizer, limits: Limits, template: dict | None = None
-                      ) -> list[tuple[Unpaired, DataReport]]:
+def tokenize_unpaired(items: list[UnpairedRow], tokenizer, limits: Limits, template: dict | None = None,
+                      storage: StorageConfig | None = None) -> list[tuple[Unpaired, DataReport]]:
     """Each item's `Unpaired` and what tokenizing it added to the data report, token-exact as pairs are
-    (`pairs.py`); a pair's two halves encode their shared prompt once. `template`: the chat template's switches."""
+    (`pairs.py`); a pair's two halves encode their shared prompt once. `template`: the chat template's switches;
+    an item the template refuses is counted (or stops the run) as `storage.on_bad_row` says."""
     if not tokenizer.chat_template and not all(i.is_text for i in items):
         raise DataError("the tokenizer has no chat template; set model.custom_chat_template to a Jinja template")
-    texts = [_texts(tokenizer, i, template or {}) for i in items]
+    texts, refused = rendered(items, lambda i: _texts(tokenizer, i, template or {}))
     ids: list[tuple[list[int], list[int]]] = [([], [])] * len(items)
     backend = continuation_encoder(tokenizer)
     for is_text in (False, True):  # raw text takes the tokenizer's special tokens (BOS); a template writes its own
-        group = [k for k, item in enumerate(items) if item.is_text == is_text]
+        group = [k for k, item in enumerate(items) if item.is_text == is_text and k not in refused]
         if group and backend is not None and not is_text:
             runs = _prompt_runs(group, texts)
             heads, fulls = encode_continuations(tokenizer, backend, [texts[r[0]][0] for r in runs],
@@ -166,6 +167,10 @@ def tokenize_unpaired(items: list[UnpairedRow], tokenizer, limits: Limits, templ
     out = []
     for k, item in enumerate(items):
         counts = DataReport("")
+        if k in refused:
+            counts.refuse(storage or StorageConfig(on_bad_row="error"), item.row, refused[k])
+            out.append((None, counts))
+            continue
         (prompt, full), (p_ids, f_ids) = texts[k], ids[k]
         completion = _response_ids(tokenizer, prompt, p_ids, full, f_ids, item, counts)
         out.append((_truncate(Unpaired(k, item.row, list(p_ids), completion, item.label), limits, counts), counts))
