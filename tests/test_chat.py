@@ -129,3 +129,31 @@ def test_a_lora_run_is_merged_in_memory(make_config, llama_dir):
         model, tokenizer, device = chat.load(folder, "cpu")
         answers.append(chat.reply(model, tokenizer, device, chat.Conversation(None, turns), chat.Sampling(10)))
     assert answers[0] == answers[1] and answers[0]
+
+
+def test_ctrl_c_stops_a_reply_then_leaves_at_the_prompt(monkeypatch):
+    """Ctrl-C during a reply stops it (the turn is dropped, the prompt comes back); at the prompt it leaves as /exit
+    does: no traceback, the command's exit 0."""
+    import io
+
+    calls = []
+
+    def reply(model, tokenizer, device, conversation, sampling, stream=None):
+        calls.append([t["content"] for t in conversation.turns])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return "fine"
+
+    lines = iter(["first\n", "second\n"])
+
+    def read():
+        line = next(lines, None)
+        if line is None:
+            raise KeyboardInterrupt
+        return line
+
+    monkeypatch.setattr(chat, "reply", reply)
+    out = io.StringIO()
+    chat.session(None, None, "cpu", chat.Sampling(), read=read, out=out)
+    assert calls == [["first"], ["second"]]  # the stopped turn is not in the history
+    assert "model> \n(reply stopped)\nyou> " in out.getvalue() and out.getvalue().endswith("you> \n")

@@ -171,3 +171,60 @@ def test_answer_cut_inside_a_character_drops_the_partial_character(qwen_dir):
     cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))
     assert answer_text(tok, ids[:cut]) == "wow"
     assert answer_text(tok, ids) == "wow 🍽"
+
+
+def test_damaged_run_files_and_weights_and_bad_counts_are_one_line(tmp_path, qwen_dir, capsys):
+    """An empty samples.json (a crash while it was written), a broken config.yaml, a cut weight file and a negative
+    --generate: each one line and exit 2 (they were tracebacks, or for --generate a silent N-1)."""
+    import shutil
+
+    from trinity_dpo import cli
+    from trinity_dpo.run import folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    (run / "samples.json").write_text("")
+    assert cli.main(["report", str(run)]) == 2
+    assert f"{run / 'samples.json'}: cannot be read (Expecting value" in capsys.readouterr().err
+    (run / "samples.json").unlink()
+    (run / "config.yaml").write_text("a: [1,\n")
+    assert cli.main(["report", str(run), str(run), "-o", str(tmp_path / "both.html")]) == 2
+    assert f"{run / 'config.yaml'}: cannot be read (" in capsys.readouterr().err
+    folder.write_json(run / "samples.json", [{"prompt": "p"}])  # by rename: no temporary file stays
+    assert json.loads((run / "samples.json").read_text()) == [{"prompt": "p"}] and not list(run.glob(".*tmp"))
+    cut = tmp_path / "cut"
+    shutil.copytree(qwen_dir, cut)
+    weights = next(cut.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:5000])
+    assert cli.main(["export", "--model", str(cut), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    assert f"cannot load the model from {cut}: " in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(qwen_dir), "--data", "x.jsonl", "--ref", str(qwen_dir),
+                     "--generate", "-1"]) == 2
+    assert "--generate must be 0 or more (prompts answered by each model), got -1" in capsys.readouterr().err
+
+
+def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, qwen_dir, capsys):
+    """A file where the output's folder should be, a folder where the page or the Modelfile goes: one line, before
+    any weight is read (they were tracebacks, one after the GGUF was written)."""
+    from trinity_dpo import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "m.Modelfile").mkdir()
+    (tmp_path / "page.html").mkdir()
+    cases = [(["export", "--model", str(qwen_dir), "--gguf", str(tmp_path / "afile" / "x.gguf")],
+              f"--gguf: cannot write into {tmp_path / 'afile'} ("),
+             (["export", "--model", str(qwen_dir), "--gguf", str(tmp_path / "m.gguf")],
+              f"--gguf: {tmp_path / 'm.Modelfile'} is a folder; the Modelfile is written there"),
+             (["report", str(run), str(run), "-o", str(tmp_path / "page.html")],
+              f"-o: cannot write {tmp_path / 'page.html'} (is a folder)"),
+             (["report", str(run), str(run), "-o", str(tmp_path / "afile" / "p.html")],
+              f"-o: cannot write {tmp_path / 'afile' / 'p.html'} (")]
+    for args, message in cases:
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert not (tmp_path / "m.gguf").exists()

@@ -115,6 +115,8 @@ def _eval(args) -> str:
     from .config.loader import config_for_eval
     from .run.evaluate import evaluate_checkpoint
 
+    if args.generate < 0:
+        raise ConfigError(f"--generate must be 0 or more (prompts answered by each model), got {args.generate}")
     cfg = config_for_eval(args.config, args.data, args.ref, args.overrides)
     return evaluate_checkpoint(cfg, args.model, args.generate)
 

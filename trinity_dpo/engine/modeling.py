@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 
 from . import bf16_head, fused_ops, lora, score_head, vector_math
 from .attention import is_varlen, use_varlen
@@ -171,7 +172,7 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
                 path, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=trust, use_safetensors=True,
                 local_files_only=True, **extra, **(_four_bit(device) if quantized else {}))
             score_head.settle(model, path, cfg.trainer.seed)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a cut or damaged weight file: safetensors' own error
         raise ConfigError(f"cannot load the model from {path}: {one_line(e)}") from None
     if bf16_base and not empty:
         _fp32_buffers(model, path, trust, auto, extra)

@@ -138,7 +138,11 @@ def session(model, tokenizer, device, sampling: Sampling, system: str | None = N
     while True:
         out.write("you> ")
         out.flush()
-        line = read()
+        try:
+            line = read()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, as /exit does (exit 0, no traceback)
+            out.write("\n")
+            return
         if not line:  # end of input
             out.write("\n")
             return
@@ -158,5 +162,10 @@ def session(model, tokenizer, device, sampling: Sampling, system: str | None = N
             continue
         conversation.turns.append({"role": "user", "content": text})
         out.write("model> ")
-        answer = reply(model, tokenizer, device, conversation, sampling, stream=out)
+        try:
+            answer = reply(model, tokenizer, device, conversation, sampling, stream=out)
+        except KeyboardInterrupt:  # Ctrl-C during a reply: stop it, back to the prompt; the turn is dropped
+            conversation.turns.pop()
+            out.write("\n(reply stopped)\n")
+            continue
         conversation.turns.append({"role": "assistant", "content": answer})

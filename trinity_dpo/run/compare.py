@@ -12,10 +12,8 @@ import io
 import json
 from pathlib import Path
 
-import yaml
-
 from ..errors import ConfigError
-from .report import new_axes, read_metrics
+from .report import new_axes, read_metrics, read_run_file, write_output
 
 # (title, key in train records, key in eval records): drawn where some run has it
 CURVES = [
@@ -44,12 +42,8 @@ def compare(run_dirs: list[str], out: str) -> Path:
     parts.append(_answers_table(runs, labels))
     style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}img{margin:4px;border:1px solid #ddd}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}")
-    page = Path(out)
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>trinity-dpo runs</title>"
-                    f"<style>{style}</style></head><body>{''.join(parts)}{_IMAGE_CHECK}</body></html>",
-                    encoding="utf-8")
-    return page
+    return write_output(Path(out), "<!doctype html><html><head><meta charset='utf-8'><title>trinity-dpo runs</title>"
+                        f"<style>{style}</style></head><body>{''.join(parts)}{_IMAGE_CHECK}</body></html>", "-o")
 
 
 # Marks on the page how many of its images a browser could draw (a test reads it; a reader sees nothing).
@@ -65,8 +59,8 @@ def _load(run_dir: Path) -> dict:
     config = run_dir / "config.yaml"
     samples = run_dir / "samples.json"
     return {"dir": run_dir, "train": train, "evals": evals,
-            "config": _flat(yaml.safe_load(config.read_text())) if config.is_file() else {},
-            "samples": json.loads(samples.read_text()) if samples.is_file() else []}
+            "config": _flat(read_run_file(config) or {}) if config.is_file() else {},
+            "samples": read_run_file(samples) if samples.is_file() else []}
 
 
 def _labels(runs: list[dict]) -> list[str]:

@@ -119,10 +119,20 @@ def _refuse_unmapped(config, kind: str, folder: str) -> None:
 
 
 def _target(gguf_file: str) -> Path:
+    """The GGUF's path, checked before anything is read: a file name ending in .gguf, in a folder that exists (or
+    can be made) and takes files, with no folder where its Modelfile goes."""
     target = Path(gguf_file)
     if target.suffix != ".gguf" or target.is_dir():
         raise ConfigError(f"--gguf: {gguf_file} is not a file name ending in .gguf")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.with_suffix(".Modelfile").is_dir():
+        raise ConfigError(f"--gguf: {target.with_suffix('.Modelfile')} is a folder; the Modelfile is written there")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = target.with_name(f".{target.name}.probe{os.getpid()}")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--gguf: cannot write into {target.parent} ({e.strerror or e})") from None
     return target
 
 

@@ -158,4 +158,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    """Written beside and renamed into place: a crash or a full disk leaves the old file or the new, never a cut
+    one that the report would fail to read."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)

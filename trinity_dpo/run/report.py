@@ -82,7 +82,37 @@ def _read(run_dir: Path, name: str):
     path = run_dir / name
     if not path.is_file():
         return None
-    return path.read_text() if path.suffix == ".yaml" else json.loads(path.read_text())
+    return path.read_text() if path.suffix == ".yaml" else read_run_file(path)
+
+
+def write_output(path: Path, text: str, key: str) -> Path:
+    """Write a page or file the user asked for at `path` (its folder made); what the OS refuses (a folder of that
+    name, a file where a folder should be, no permission) is one line naming `key`, the option that gave it."""
+    from ..errors import ConfigError
+
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write {path} ({e.strerror or e})") from None
+    return path
+
+
+def read_run_file(path: Path):
+    """A run folder's JSON or YAML file, parsed; one that is empty or damaged (a crash while it was written, an
+    edit) is a one-line RunFolderError naming it."""
+    import yaml
+
+    from ..errors import RunFolderError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        return yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise RunFolderError(f"{path}: cannot be read ({reason}); restore it or delete it") from None
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -116,7 +146,6 @@ def write_report(run_dir: str | Path) -> Path:
     style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto}img{margin:4px;border:1px solid #ddd}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
              "pre{background:#f6f6f6;padding:8px;overflow:auto}")
-    out = run_dir / "report.html"
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>trinity-dpo {e(run_dir.name)}</title>"
-                   f"<style>{style}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")
-    return out
+    return write_output(run_dir / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
+                        f"trinity-dpo {e(run_dir.name)}</title><style>{style}</style></head><body>{''.join(parts)}"
+                        "</body></html>", "the run folder")
