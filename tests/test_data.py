@@ -135,7 +135,7 @@ def test_chatpair_errors():
     with pytest.raises(Exception, match="must start with an assistant message"):
         to_conversation({"chosen": [u, {"role": "user", "content": "x"}],
                          "rejected": [u, {"role": "assistant", "content": "y"}]}, 1, fmt)
-    with pytest.raises(Exception, match="each message needs a text 'role' and 'content'"):
+    with pytest.raises(Exception, match="each message needs a text 'content' \(or tool calls\)"):
         to_conversation({"chosen": [u, {"role": "assistant"}], "rejected": [u]}, 1, fmt)
 
 

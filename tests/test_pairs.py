@@ -1,6 +1,8 @@
 """Token-exact pair building: shared prompt tokens, end-of-turn kept, BPE boundary, truncation rules."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -212,3 +214,38 @@ def test_enable_thinking_reaches_the_template_for_pairs_and_unpaired_rows(make_c
                            tokenizer.decode(prompt_ids(tokenizer, data.sample_prompts[0], data.template)))
     assert all(t.endswith("<|im_start|>assistant\n") for t in texts[None])
     assert all(t.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for t in texts[False])
+
+
+def test_tool_calls_reasoning_and_tools_reach_the_template(make_config, qwen_dir, tmp_path):
+    """A prompt with an assistant tool call (no text) and the tool's answer, a chosen answer with its reasoning, and a
+    `tools` column: the pair is rendered from all of it, as TRL hands messages and tools to the template (only role
+    and content were kept, and the tools were dropped)."""
+    from transformers import AutoTokenizer
+
+    from trinity_dpo.config.loader import load_config
+    from trinity_dpo.data.dataset import load_data
+    from trinity_dpo.engine.modeling import load_tokenizer
+
+    template = ("{% if tools %}<tools>{{ tools | map(attribute='name') | join(',') }}</tools>{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{% if m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+                "{% if m.tool_calls is defined %}<call>{{ m.tool_calls[0].name }}</call>{% endif %}"
+                "{{ m['content'] or '' }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% endif %}")
+    prompt = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None,
+                                                          "tool_calls": [{"name": "get_weather"}]},
+              {"role": "tool", "content": "sunny"}]
+    rows = [{"prompt": prompt, "tools": [{"name": "get_weather"}],
+             "chosen": [{"role": "assistant", "content": "It is sunny.", "reasoning_content": "the tool said so"}],
+             "rejected": [{"role": "assistant", "content": f"No idea {i}."}]} for i in range(4)]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(make_config(data=data, main={"model": {"custom_chat_template": template}, "buffer": {
+        "batch_size": 4, "trainer_input": {"experience_buffer": {"format": {"prompt_type": "messages"}}}}}))
+    tokenizer = load_tokenizer(cfg)
+    pair = load_data(cfg, tokenizer).train[0]
+    reference = AutoTokenizer.from_pretrained(qwen_dir)
+    reference.chat_template = template
+    full = reference.apply_chat_template(prompt + rows[0]["chosen"], tools=rows[0]["tools"], tokenize=False)
+    assert tokenizer.decode(pair.prompt_ids + pair.chosen_ids) == full
+    assert "<tools>get_weather</tools>" in full and "<call>get_weather</call>" in full and "<think>" in full

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _VERL_PREFIX = "trainer.trainer_config."  # verl writes -1 or null for "derive the step count"
 # Format columns read by some algorithms only: given to another, they are logged as not used (as Trinity's readers
 # of the other kinds of rows never looked at them).
-_FORMAT_READERS = {"response_key": ("sft",), "tools_key": ("sft",), "completion_key": ("kto",), "label_key": ("kto",),
+_FORMAT_READERS = {"response_key": ("sft",), "completion_key": ("kto",), "label_key": ("kto",),
                    "chosen_key": ("dpo", "reward_model", "kto"), "rejected_key": ("dpo", "reward_model", "kto")}
 
 

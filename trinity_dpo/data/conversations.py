@@ -15,6 +15,7 @@ response, chosen identical to rejected) are counted and skipped, or stop the run
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
@@ -41,6 +42,7 @@ class Conversation:
     prompt: Turns
     chosen: Turns
     rejected: Turns
+    tools: list[dict] | None = None  # the row's tool definitions (`format.tools_key`), handed to the chat template
 
     @property
     def is_text(self) -> bool:
@@ -156,14 +158,14 @@ def to_conversation(row: dict[str, Any], index: int, fmt: FormatConfig) -> Conve
     if system is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
     for key, msgs in ((fmt.chosen_key, chosen), (fmt.rejected_key, rejected)):
-        if not msgs or not any(m["content"].strip() for m in msgs):
+        if not msgs or not has_text(msgs):
             raise BadRow("empty response", f"'{key}' has an empty response")
         if msgs[0]["role"] != "assistant":
             raise BadRow("response not from assistant",
                          f"'{key}': the response must start with an assistant message, got role {msgs[0]['role']!r}")
     if chosen == rejected:
         raise BadRow("chosen identical to rejected", "chosen and rejected are identical")
-    return Conversation(index, prompt, chosen, rejected)
+    return Conversation(index, prompt, chosen, rejected, row_tools(row, fmt))
 
 
 def _system(row: dict[str, Any], fmt: FormatConfig) -> str | None:
@@ -286,7 +288,33 @@ def _messages(row: dict[str, Any], key: str) -> list[Message]:
 
 
 def _message(m: Any, key: str) -> Message:
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+    """A chat message as the template is to see it: its role, its text (None only beside tool calls) and its other
+    fields (tool calls, reasoning, a name), which TRL hands to the template too."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise BadRow(f"'{key}' not messages", f"'{key}': each message needs a text 'role', got {str(m)[:60]!r}")
+    content = m.get("content")
+    if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
         raise BadRow(f"'{key}' not messages",
-                     f"'{key}': each message needs a text 'role' and 'content', got {str(m)[:60]!r}")
-    return {"role": m["role"], "content": m["content"]}
+                     f"'{key}': each message needs a text 'content' (or tool calls), got {str(m)[:60]!r}")
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def has_text(msgs: list[Message]) -> bool:
+    """Whether messages say anything: some text, or a tool call."""
+    return any((m.get("content") or "").strip() or m.get("tool_calls") for m in msgs)
+
+
+def row_tools(row: dict[str, Any], fmt: FormatConfig) -> list[dict] | None:
+    """The row's tool definitions under `format.tools_key` (a list, or its JSON text), or None without them."""
+    try:
+        tools = _lookup(row, fmt.tools_key)
+    except KeyError:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise BadRow(f"'{fmt.tools_key}' not JSON", f"'{fmt.tools_key}' is text that is not JSON") from None
+    if tools is not None and not isinstance(tools, list):
+        raise BadRow(f"'{fmt.tools_key}' not a list", f"'{fmt.tools_key}' must be a list of tool definitions")
+    return tools or None

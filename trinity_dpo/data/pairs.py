@@ -79,9 +79,10 @@ def _texts(tokenizer, conv: Conversation, template: dict) -> tuple[str, str, str
         eos = tokenizer.eos_token or ""
         end = lambda r: r if r.endswith(eos) else r + eos  # noqa: E731
         return conv.prompt, conv.prompt + end(conv.chosen), conv.prompt + end(conv.rejected)
-    return (render_row(tokenizer, conv.prompt, True, **template),
-            render_row(tokenizer, conv.prompt + conv.chosen, False, **template),
-            render_row(tokenizer, conv.prompt + conv.rejected, False, **template))
+    tools = conv.tools
+    return (render_row(tokenizer, conv.prompt, True, tools, **template),
+            render_row(tokenizer, conv.prompt + conv.chosen, False, tools, **template),
+            render_row(tokenizer, conv.prompt + conv.rejected, False, tools, **template))
 
 
 def build_pairs(convs: list[Conversation], tokenizer, limits: Limits, report: DataReport) -> list[Pair]:

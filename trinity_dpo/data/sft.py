@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
-from .conversations import BadRow, DataReport, _get, _lookup, _system, _text, convert_rows
+from .conversations import BadRow, DataReport, _get, _system, _text, convert_rows, row_tools
 from .encode import encode
 from .render import render_row as render_chat, template_kwargs
 
@@ -99,16 +99,7 @@ def to_dialogue(row: dict[str, Any], index: int, fmt: FormatConfig) -> Dialogue:
     if messages[-1]["role"] != "assistant":
         raise BadRow("last message not from the assistant",
                      f"the last message is from {messages[-1]['role']!r}; SFT trains the assistant's turns")
-    tools = None
-    try:
-        tools = _lookup(row, fmt.tools_key)
-    except KeyError:
-        pass
-    if isinstance(tools, str):
-        tools = _json(tools, fmt.tools_key)
-    if tools is not None and not isinstance(tools, list):
-        raise BadRow(f"'{fmt.tools_key}' not a list", f"'{fmt.tools_key}' must be a list of tool definitions")
-    return Dialogue(index, messages, tools or None)
+    return Dialogue(index, messages, row_tools(row, fmt))
 
 
 def _list(row: dict[str, Any], key: str, what: str) -> list:

@@ -26,7 +26,8 @@ import numpy as np
 
 from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
-from .conversations import BadRow, DataReport, Turns, _lookup, _messages, _response, _system, _text, to_conversation
+from .conversations import (BadRow, DataReport, Turns, _lookup, _messages, _response, _system, _text, has_text,
+                            row_tools, to_conversation)
 from .encode import continuation_encoder, encode, encode_continuations
 from .examples import Examples
 from .pairs import Limits, _response_ids, rendered
@@ -47,6 +48,7 @@ class UnpairedRow:
     completion: Turns
     label: bool
     part: int = 0
+    tools: list[dict] | None = None  # the row's tool definitions, handed to the chat template
 
     @property
     def is_text(self) -> bool:
@@ -92,8 +94,8 @@ def to_unpaired(row: dict[str, Any], index: int, fmt: FormatConfig) -> list[Unpa
     """The examples of one row (two for a pair, see the module docstring); raise `BadRow` with a reason."""
     if fmt.prompt_type == "chatpair" or (not _has(row, fmt.completion_key) and _has(row, fmt.chosen_key)):
         conv = to_conversation(row, index, fmt)
-        return [UnpairedRow(index, conv.prompt, conv.chosen, True, 0),
-                UnpairedRow(index, conv.prompt, conv.rejected, False, 1)]
+        return [UnpairedRow(index, conv.prompt, conv.chosen, True, 0, conv.tools),
+                UnpairedRow(index, conv.prompt, conv.rejected, False, 1, conv.tools)]
     if fmt.prompt_type == "plaintext":
         prompt = [{"role": "user", "content": _text(row, fmt.prompt_key, hint="messages")}]
     else:
@@ -102,12 +104,12 @@ def to_unpaired(row: dict[str, Any], index: int, fmt: FormatConfig) -> list[Unpa
     if system is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
     completion = _response(row, fmt.completion_key)
-    if not any(m["content"].strip() for m in completion):
+    if not has_text(completion):
         raise BadRow("empty response", f"'{fmt.completion_key}' has an empty response")
     if completion[0]["role"] != "assistant":
         raise BadRow("response not from assistant", f"'{fmt.completion_key}': the completion must start with an "
                      f"assistant message, got role {completion[0]['role']!r}")
-    return [UnpairedRow(index, prompt, completion, _label(row, fmt.label_key))]
+    return [UnpairedRow(index, prompt, completion, _label(row, fmt.label_key), 0, row_tools(row, fmt))]
 
 
 def _has(row: dict[str, Any], key: str) -> bool:
@@ -137,8 +139,8 @@ def _texts(tokenizer, item: UnpairedRow, template: dict) -> tuple[str, str]:
         eos = tokenizer.eos_token or ""
         end = item.completion if item.completion.endswith(eos) else item.completion + eos
         return item.prompt, item.prompt + end
-    return (render_row(tokenizer, item.prompt, True, **template),
-            render_row(tokenizer, item.prompt + item.completion, False, **template))
+    return (render_row(tokenizer, item.prompt, True, item.tools, **template),
+            render_row(tokenizer, item.prompt + item.completion, False, item.tools, **template))
 
 
 def tokenize_unpaired(items: list[UnpairedRow], tokenizer, limits: Limits, template: dict | None = None,
