@@ -79,3 +79,13 @@ def test_the_page_loads_in_headless_chromium_with_every_image_and_no_script_erro
     subprocess.run([CHROMIUM, *FLAGS, *profile, "--window-size=1400,2400", f"--screenshot={shot}",
                     page.as_uri()], capture_output=True, text=True, timeout=120, check=True)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_runs_are_told_apart_by_the_shortest_distinct_end_of_their_paths(tmp_path):
+    """Two folders named alike under projects named alike take as much of their paths as tells them apart; the
+    same folder given twice is numbered (they were labelled alike in the list, the tables and the legends)."""
+    from trinity_dpo.run.compare import _labels
+
+    a, b, c = (tmp_path / "x" / "proj" / "full", tmp_path / "y" / "proj" / "full", tmp_path / "y" / "proj" / "lora")
+    assert _labels([{"dir": p} for p in (a, b, c)]) == ["x/proj/full", "y/proj/full", "lora"]
+    assert _labels([{"dir": a}, {"dir": a}]) == ["full (1)", "full (2)"]

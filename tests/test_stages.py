@@ -57,9 +57,21 @@ def _snapshot(folder):
 def test_sft_then_dpo_in_one_command(staged, tmp_path, qwen_dir):
     """Both stages run in order; the DPO stage starts from the SFT stage's last checkpoint, which is also its
     reference: its first step's loss is ln 2 (the SFT weights moved away from the base model)."""
-    assert cli.main(["run", "--config", str(staged())]) == 0
+    config = staged()
+    assert cli.main(["run", "--config", str(config)]) == 0
     root = tmp_path / "ckpt" / "proj" / "run"
     sft_final = root / "sft" / "global_step_3"
+    # `trinity eval --config` compares the last stage with its own reference (it took the base model before).
+    from trinity_dpo.config.stages import load_stages
+    from trinity_dpo.errors import RunFolderError
+    from trinity_dpo.run.stages import eval_reference
+
+    assert eval_reference(load_stages(config)) == str(sft_final.resolve())
+    ledger = (root / "stages.json").read_text()
+    (root / "stages.json").unlink()
+    with pytest.raises(RunFolderError, match="stage sft has not finished, so the last stage's reference"):
+        eval_reference(load_stages(config))
+    (root / "stages.json").write_text(ledger)
     assert checkpoint.final_of(root / "sft") == sft_final and checkpoint.final_of(root / "dpo") is not None
     assert json.loads((root / "stages.json").read_text())["finished"] == [
         {"stage_name": "sft", "checkpoint": str(sft_final.resolve())},

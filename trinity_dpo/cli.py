@@ -117,7 +117,13 @@ def _eval(args) -> str:
 
     if args.generate < 0:
         raise ConfigError(f"--generate must be 0 or more (prompts answered by each model), got {args.generate}")
-    cfg = config_for_eval(args.config, args.data, args.ref, args.overrides)
+    ref = args.ref
+    if args.config and not ref:  # a config with stages: its last stage's reference, the stage before's result
+        from .config.stages import load_stages
+        from .run.stages import eval_reference
+
+        ref = eval_reference(load_stages(args.config, args.overrides))
+    cfg = config_for_eval(args.config, args.data, ref, args.overrides)
     return evaluate_checkpoint(cfg, args.model, args.generate)
 
 

@@ -21,7 +21,11 @@ CURVES = [
     ("reward accuracy", "rewards/accuracies", "eval/rewards/accuracies"),
     ("reward margin", "rewards/margins", "eval/rewards/margins"),
     ("chosen preferred per token (held-out)", None, "eval/prefers_chosen"),
+    ("reward model: accuracy", "accuracy", "eval/accuracy"),
+    ("reward model: margin", "margin", "eval/margin"),
     ("perplexity of the trained tokens", "ppl", "eval/ppl"),
+    ("next-token accuracy of the trained tokens", "mean_token_accuracy", "eval/mean_token_accuracy"),
+    ("KTO's KL baseline", "kl", "eval/kl"),
     ("KL term", "actor/kl_loss", None),
     ("learning rate", "lr", None),
 ]
@@ -64,9 +68,15 @@ def _load(run_dir: Path) -> dict:
 
 
 def _labels(runs: list[dict]) -> list[str]:
-    """Each run's name: its folder's, with the project's in front where two folders share a name."""
-    names = [r["dir"].name for r in runs]
-    return [f"{r['dir'].parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names)]
+    """Each run's name: the shortest end of its folder's path that no other run's shares (its folder's name, then
+    with the project's in front, ...); a folder given twice is numbered."""
+    paths = [r["dir"].resolve().parts for r in runs]
+    labels = []
+    for i, parts in enumerate(paths):
+        others = [p for j, p in enumerate(paths) if j != i and p != parts]
+        depth = next((d for d in range(1, len(parts) + 1) if all(p[-d:] != parts[-d:] for p in others)), len(parts))
+        labels.append("/".join(parts[-depth:]))
+    return [f"{lab} ({labels[:i].count(lab) + 1})" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
 
 
 def _flat(value, prefix: str = "") -> dict:

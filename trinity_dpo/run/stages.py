@@ -96,3 +96,17 @@ def _hand_off(final: Path, name: str) -> Path:
         raise RunFolderError(f"stage {name} finished at {final}, but {folder} holds no model now; restore it, or "
                              f"remove the stage from {LEDGER} to train it again")
     return folder
+
+
+def eval_reference(stages: list[Stage]) -> str | None:
+    """The model the last of `stages` started from, which its DPO objective took as the reference: the previous
+    stage's final checkpoint (`stages.json`); None for a config of one run, whose reference is its own
+    `model.model_path`. `trinity eval --config` compares against it unless `--ref` names another."""
+    if len(stages) < 2:
+        return None
+    root, previous = experiment_dir(stages), len(stages) - 2
+    finished = _finished(root, stages)
+    if len(finished) <= previous:
+        raise RunFolderError(f"{root}: stage {stages[previous].name} has not finished, so the last stage's reference "
+                             "(its final checkpoint) is not there yet; finish it, or give --ref")
+    return str(_hand_off(Path(finished[previous]["checkpoint"]), stages[previous].name))
