@@ -111,3 +111,16 @@ def sequence_scores(model: torch.nn.Module, hidden: torch.Tensor, positions: tor
     rows = hidden.index_select(0, positions.to(hidden.device)).float()
     with torch.autocast(hidden.device.type, enabled=False):  # fp32, as the LM head's log-probs
         return getattr(model, HEAD)(rows).squeeze(-1).float()
+
+
+def language_model_folder(path: str, key: str, command: str) -> str:
+    """`model_folder` (adapters allowed) for a command that generates text: a reward model's folder (a score head,
+    no LM head) is refused, where loading it as a causal LM would give a freshly random head."""
+    from ..errors import ConfigError
+    from ..sources.local import model_folder
+
+    folder = model_folder(path, key, adapter_ok=True)
+    if folder_is_reward_model(folder):
+        raise ConfigError(f"{key}: {folder} is a reward model (a score head, no LM head); {command} needs a causal "
+                          "language model")
+    return folder

@@ -64,7 +64,8 @@ def load(model: str, device: str = "auto"):
     from transformers import AutoTokenizer
 
     from ..engine.lora import base_of
-    from ..sources.local import is_adapter, language_model_folder
+    from ..engine.score_head import language_model_folder
+    from ..sources.local import is_adapter
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here; use --device cpu (or auto)")

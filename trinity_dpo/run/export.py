@@ -52,7 +52,8 @@ def export(model: str, gguf_file: str, out_type: str = "f16") -> str:
     from ..config.schema import Config
     from ..engine.lora import base_of
     from ..engine.modeling import load_model
-    from ..sources.local import is_adapter, language_model_folder
+    from ..engine.score_head import language_model_folder
+    from ..sources.local import is_adapter
 
     if out_type not in TYPES:
         raise ConfigError(f"--type: {out_type!r} is not one of {', '.join(TYPES)}")

@@ -59,18 +59,6 @@ def model_folder(path: str, key: str, adapter_ok: bool = False) -> str:
     return folder
 
 
-def language_model_folder(path: str, key: str, command: str) -> str:
-    """`model_folder` (adapters allowed) for a command that generates text: a reward model's folder (a score head,
-    no LM head) is refused, where loading it as a causal LM would give a freshly random head."""
-    from ..engine.score_head import folder_is_reward_model
-
-    folder = model_folder(path, key, adapter_ok=True)
-    if folder_is_reward_model(folder):
-        raise ConfigError(f"{key}: {folder} is a reward model (a score head, no LM head); {command} needs a causal "
-                          "language model")
-    return folder
-
-
 def data_path(path: str, key: str) -> str:
     """The local file or folder for a data `path` (a path, a hub dataset id or a built-in demo set)."""
     if builtin.is_builtin(path):
