@@ -1,7 +1,7 @@
 """Trinity's loss terms beside the objective: + kl_coef x KL(policy, reference) - entropy_coef x entropy, each
 aggregated over the response tokens of every sequence of the step (a pair's chosen and rejected alike) as
 `algorithm.loss_agg_mode` says (Trinity's `dp_actor`; the config's Trinity version decides which terms are on:
-`config.loader._fold_regularizers`).
+`config.folds.fold_regularizers`).
 
 Both are normalised by the whole step's counts (tokens, or sequences), so micro-batches and processes add up to one
 full-batch step: Trinity with `fix_actor_microbatch_loss_scale`. The KL is Trinity's per-token estimator
