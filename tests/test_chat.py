@@ -72,7 +72,7 @@ def pty_pair() -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("case", ["not a model", "adapter without its base", "no chat template", "empty run",
-                                  "reward model", "reward model export", "no cuda"])
+                                  "reward model", "reward model export", "no cuda", "top-p when greedy"])
 def test_bad_models_are_one_line_errors(case, qwen_dir, tmp_path, capsys, monkeypatch):
     """Each a one-line error, exit 2. A reward model (a score head, no LM head) loaded as a causal LM got a freshly
     random head: chat talked nonsense and export wrote it."""
@@ -86,6 +86,9 @@ def test_bad_models_are_one_line_errors(case, qwen_dir, tmp_path, capsys, monkey
         if case == "reward model export":
             command, args = "export", args + ["--gguf", str(tmp_path / "rm.gguf")]
         message += f"{command} needs a causal language model"
+    elif case == "top-p when greedy":
+        args, message = ["--model", str(qwen_dir), "--top-p", "0.9"], ("--top-p samples, and --temperature 0 answers "
+                                                                       "greedily; give a --temperature above 0")
     elif case == "no cuda":
         monkeypatch.setattr("torch.cuda.is_available", lambda: False)
         args, message = ["--model", str(qwen_dir), "--device", "cuda"], "--device cuda: no CUDA device here"

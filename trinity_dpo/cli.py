@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     chat_p.add_argument("--system", help="a system message to start with")
     chat_p.add_argument("--max-new-tokens", type=int, default=256)
     chat_p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy, reproducible")
-    chat_p.add_argument("--top-p", type=float, default=1.0)
+    chat_p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature above 0)")
     chat_p.add_argument("--seed", type=int, default=0, help="the sampling seed (with --temperature above 0)")
     chat_p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     export_p = sub.add_parser("export", help="write a checkpoint as a GGUF file (llama.cpp, Ollama) and a Modelfile")
@@ -147,6 +147,8 @@ def _chat(args) -> str:
     logging.getLogger().setLevel(logging.WARNING)  # the terminal is the conversation's
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--max-new-tokens must be at least 1, --temperature at least 0 and --top-p in (0, 1]")
+    if args.temperature == 0 and args.top_p < 1:
+        raise ConfigError("--top-p samples, and --temperature 0 answers greedily; give a --temperature above 0")
     model, tokenizer, device = chat.load(chat.checkpoint_of(args.run) if args.run else args.model, args.device)
     sampling = chat.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     chat.session(model, tokenizer, device, sampling, args.system)
