@@ -72,7 +72,8 @@ def pty_pair() -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("case", ["not a model", "adapter without its base", "no chat template", "empty run",
-                                  "reward model", "reward model export", "no cuda", "top-p when greedy"])
+                                  "reward model", "reward model export", "no cuda", "top-p when greedy",
+                                  "nan temperature", "huge seed"])
 def test_bad_models_are_one_line_errors(case, qwen_dir, tmp_path, capsys, monkeypatch):
     """Each a one-line error, exit 2. A reward model (a score head, no LM head) loaded as a causal LM got a freshly
     random head: chat talked nonsense and export wrote it."""
@@ -89,6 +90,10 @@ def test_bad_models_are_one_line_errors(case, qwen_dir, tmp_path, capsys, monkey
     elif case == "top-p when greedy":
         args, message = ["--model", str(qwen_dir), "--top-p", "0.9"], ("--top-p samples, and --temperature 0 answers "
                                                                        "greedily; give a --temperature above 0")
+    elif case in ("nan temperature", "huge seed"):
+        args = ["--model", str(qwen_dir), *(["--temperature", "nan"] if case == "nan temperature" else
+                                           ["--temperature", "1", "--seed", str(2 ** 70)])]
+        message = "--temperature a finite number at least 0, --top-p in (0, 1] and --seed in [0, 2^63)"
     elif case == "no cuda":
         monkeypatch.setattr("torch.cuda.is_available", lambda: False)
         args, message = ["--model", str(qwen_dir), "--device", "cuda"], "--device cuda: no CUDA device here"

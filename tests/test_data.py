@@ -7,7 +7,8 @@ import pytest
 
 from trinity_dpo.config.schema import FormatConfig, StorageConfig
 from trinity_dpo.data.conversations import load_conversations, read_rows, to_conversation
-from trinity_dpo.errors import DataError
+from trinity_dpo.errors import ConfigError, DataError
+from trinity_dpo.config.loader import load_config
 
 from conftest import SHARED_DATA
 
@@ -292,3 +293,36 @@ def test_line_blocks_number_rows_as_one_reading_does(tmp_path):
     assert [r["i"] for b in blocks[:3] for r in b.rows()] == list(range(6))
     with pytest.raises(DataError, match=r"rows.jsonl: row 8: expected an object with keys, got list"):
         blocks[3].rows()
+
+
+def test_a_single_file_has_no_splits_or_configs(tmp_path):
+    """A split or config given for a single file was ignored (the whole file read): refused in one line; the two
+    buffers' default splits pass."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n")
+    assert len(read_rows(str(path), "test")) == 1
+    with pytest.raises(DataError, match=r"experience_buffer.split: .*pairs.jsonl is a single file, which has no "
+                                        r"splits \('validation' given\); remove it"):
+        read_rows(str(path), "validation")
+    with pytest.raises(DataError, match=r"experience_buffer.subset_name: .*pairs.jsonl is a single file, which has no "
+                                        r"configs \('alpha' given\)"):
+        read_rows(str(path), "train", "alpha")
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_is_one_line(make_config, monkeypatch):
+    """No pad, eos, unk or bos token: one line naming the fix (a None pad id failed deep in batching)."""
+    from transformers import AutoTokenizer
+
+    from trinity_dpo.engine.modeling import load_tokenizer
+
+    real = AutoTokenizer.from_pretrained
+
+    def bare(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        for name in ("pad_token", "eos_token", "unk_token", "bos_token"):
+            setattr(tok, name, None)
+        return tok
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", bare)
+    with pytest.raises(ConfigError, match="has no pad, eos, unk or bos token to pad with; add a pad_token"):
+        load_tokenizer(load_config(make_config()))

@@ -110,3 +110,25 @@ def test_a_builtin_set_is_written_by_one_process_while_others_wait(tmp_path, mon
         folders = list(pool.map(lambda _: builtin.data_path("builtin:human-like-demo"), range(2)))
     assert len(writes) == 1 and folders[0] == folders[1]
     assert (Path(folders[0]) / "train.jsonl").is_file()
+
+
+def test_the_cache_is_found_as_huggingface_hub_finds_it_and_data_files_are_never_repo_ids(monkeypatch, tmp_path):
+    """HF_HUB_CACHE, then its older name HUGGINGFACE_HUB_CACHE, then HF_HOME/hub, with ~ and $VARS expanded. A name
+    like `data/prefs.jsonl` that is not on disk is a mistyped path, not a repository to download."""
+    from trinity_dpo.sources import hub
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("REVIEW", str(tmp_path))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", "$REVIEW/old")
+    assert hub.cache_dir() == str(tmp_path / "old")
+    monkeypatch.setenv("HF_HUB_CACHE", "~/hub")
+    assert hub.cache_dir() == os.path.expanduser("~/hub")
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", "$REVIEW/home")
+    assert hub.cache_dir() == str(tmp_path / "home" / "hub")
+    assert hub.is_repo_id("Qwen/Qwen2.5-1.5B-Instruct") and not hub.is_repo_id("data/prefs.jsonl")
+    with pytest.raises(ConfigError, match="not found: data/prefs.jsonl"):
+        from trinity_dpo.sources.local import data_path
+        data_path("data/prefs.jsonl", "buffer.trainer_input.experience_buffer.path")

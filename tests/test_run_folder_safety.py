@@ -462,3 +462,50 @@ def test_a_token_cache_on_a_file_system_without_locks_still_builds(monkeypatch, 
     assert ran == [1]
     assert f"{tmp_path} takes no file locks (Function not implemented); each process tokenizes pairs.jsonl on its " \
            "own" in caplog.text
+
+
+def test_a_signal_during_a_save_stops_after_it(runs, root, caplog):
+    """SIGTERM arriving while checkpoint 2 is written: the state was just saved, so the run stops there (it
+    trained and saved step 3 first, which a short grace period may not allow)."""
+    real = train._save
+    cfg = config(root, "signal_in_save")
+
+    def save(s, step, last):
+        real(s, step, last)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(train, "_save", save)
+        run_dir = train.run(load_config(cfg))
+    assert sorted(p.name for p in run_dir.glob("global_step_*")) == ["global_step_1", "global_step_2"]
+    assert "stopped by SIGTERM after step 2 of 6" in caplog.text
+
+
+def test_resuming_at_the_new_last_step_evaluates_and_saves_it_as_final(runs, root):
+    """Checkpoints 1-4 of a 6-step run, continued with total_steps 4: no step is left, but step 4's checkpoint
+    was a periodic one of a longer plan. Its final evaluation and save are made (it finished with neither, and a
+    stage there would never count as finished)."""
+    run_dir, cfg = copy_of(runs, root, "at_total", total_steps=4)
+    train.run(load_config(cfg))
+    assert checkpoint.final_of(run_dir) == run_dir / "global_step_4"
+    assert checkpoint.saved_state(run_dir / "global_step_4")["total"] == 4
+
+
+def test_a_full_disk_while_logging_a_step_is_one_line(runs, root, monkeypatch):
+    import errno
+
+    from trinity_dpo.run import metrics
+
+    _, cfg = copy_of(runs, root, "log_full")
+    real = metrics.MetricsLog._sinks
+
+    def sinks(self, record):
+        self.file = types.SimpleNamespace(write=lambda text: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device")), flush=lambda: None, close=lambda: None)
+        return real(self, record)
+
+    monkeypatch.setattr(metrics.MetricsLog, "_sinks", sinks)
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl: cannot write \(No space left on device\); free space "
+                                             "and run the same command again to resume"):
+        train.run(load_config(cfg))

@@ -145,8 +145,10 @@ def _chat(args) -> str:
     from .run import chat
 
     logging.getLogger().setLevel(logging.WARNING)  # the terminal is the conversation's
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError("--max-new-tokens must be at least 1, --temperature at least 0 and --top-p in (0, 1]")
+    if (args.max_new_tokens < 1 or not 0 <= args.temperature < float("inf") or not 0 < args.top_p <= 1
+            or not 0 <= args.seed < 2 ** 63):  # NaN fails every comparison
+        raise ConfigError("--max-new-tokens must be at least 1, --temperature a finite number at least 0, --top-p in "
+                          "(0, 1] and --seed in [0, 2^63)")
     if args.temperature == 0 and args.top_p < 1:
         raise ConfigError("--top-p samples, and --temperature 0 answers greedily; give a --temperature above 0")
     model, tokenizer, device = chat.load(chat.checkpoint_of(args.run) if args.run else args.model, args.device)

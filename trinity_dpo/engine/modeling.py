@@ -144,8 +144,11 @@ def load_tokenizer(cfg: Config):
                           f"{one_line(e)}") from None
     if cfg.model.custom_chat_template:
         tok.chat_template = cfg.model.custom_chat_template
+    if tok.pad_token_id is None:  # pads are never attended to nor scored; any id will do
+        tok.pad_token = tok.eos_token or tok.unk_token or tok.bos_token
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # pads are never attended to nor scored; any id will do
+        raise ConfigError(f"model.model_path: the tokenizer of {cfg.model.model_path} has no pad, eos, unk or bos "
+                          "token to pad with; add a pad_token to its tokenizer_config.json")
     return tok
 
 
@@ -172,7 +175,8 @@ def load_model(cfg: Config, device: torch.device, path: str | None = None, empty
                 path, dtype=torch.bfloat16 if bf16_base else torch.float32, trust_remote_code=trust, use_safetensors=True,
                 local_files_only=True, **extra, **(_four_bit(device) if quantized else {}))
             score_head.settle(model, path, cfg.trainer.seed)
-    except (OSError, ValueError, SafetensorError) as e:  # a cut or damaged weight file: safetensors' own error
+    except (OSError, ValueError, SafetensorError, ImportError) as e:  # a cut weight file: safetensors' own error;
+        # a quantization method whose package is not installed: ImportError
         raise ConfigError(f"cannot load the model from {path}: {one_line(e)}") from None
     if bf16_base and not empty:
         _fp32_buffers(model, path, trust, auto, extra)

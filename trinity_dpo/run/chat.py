@@ -78,7 +78,7 @@ def load(model: str, device: str = "auto"):
     cfg.model.model_path = folder
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokens, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokens, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model: cannot load the tokenizer from {tokens}: {e}".splitlines()[0]) from None
     if not tokenizer.chat_template:

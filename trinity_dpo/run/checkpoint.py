@@ -96,6 +96,11 @@ def _attempt(write) -> str | None:
     return None
 
 
+def _cuda_rng() -> dict:
+    """This process's CUDA generator (rank 0's, which writes the state; every rank seeds alike), where there is one."""
+    return {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+
+
 def _write(tmp: Path, model, weights: dict, merged: dict | None, tokenizer, save_dtype: torch.dtype,
            state: dict) -> None:
     """Rank 0's part: the HF folder (or adapter) and the small state files, into the fresh temporary folder `tmp`."""
@@ -110,7 +115,8 @@ def _write(tmp: Path, model, weights: dict, merged: dict | None, tokenizer, save
     if merged is not None:
         _save_hf(model, tmp / lora.MERGED, merged, save_dtype)
         tokenizer.save_pretrained(tmp / lora.MERGED)
-    torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}, tmp / STATE / "rng.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), **_cuda_rng()},
+               tmp / STATE / "rng.pt")
     (tmp / STATE / "state.json").write_text(json.dumps(state, indent=1))
 
 
@@ -321,6 +327,8 @@ def _load(path: Path, model, optimizer) -> dict:
         _restore_single_file(path, model, optimizer)
     rng = torch.load(path / STATE / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():  # LoRA dropout's masks on GPU draw from it
+        torch.cuda.set_rng_state(rng["cuda"])
     random.setstate((3, tuple(rng["python"]), None))
     return json.loads((path / STATE / "state.json").read_text())
 

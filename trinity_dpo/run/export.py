@@ -81,7 +81,7 @@ def shape_of(folder: str) -> Shape:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model: cannot read the config of {folder}: {str(e).splitlines()[0]}") from None
     kind = getattr(config, "model_type", None)
@@ -143,7 +143,7 @@ def _tokenizer(folder: str, base: str):
 
     tokens = folder if (Path(folder) / "tokenizer_config.json").is_file() else base
     try:
-        return AutoTokenizer.from_pretrained(tokens, local_files_only=True)
+        return AutoTokenizer.from_pretrained(tokens, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model: cannot load the tokenizer from {tokens}: {str(e).splitlines()[0]}") from None
 

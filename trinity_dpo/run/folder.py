@@ -95,7 +95,8 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
 # across those).
 _SETTINGS = ("model.model_path", "model.custom_chat_template", "model.enable_thinking", "model.max_model_len",
              "model.max_prompt_tokens", "model.max_response_tokens", "model.lora.", "algorithm.",
-             "buffer.train_batch_size", "buffer.trainer_input.experience_buffer.", "trainer.grad_clip",
+             "buffer.train_batch_size", "buffer.trainer_input.experience_buffer.", "buffer.trainer_input.eval_fraction",
+             "trainer.grad_clip",
              "trainer.precision", "trainer.seed")
 _NOT_SETTINGS = ("model.lora.save_merged", "buffer.trainer_input.experience_buffer.name",
                  "algorithm.optimizer.total_training_steps", "buffer.trainer_input.experience_buffer.on_bad_row",

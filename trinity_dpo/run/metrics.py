@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..config.checks import sinks_of
+from ..errors import RunFolderError
 from ..config.schema import Config
 from ..errors import RunFolderError
 
@@ -71,8 +72,12 @@ class MetricsLog:
             self._redirect.__enter__()
 
     def _sinks(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: the checkpoints so far are whole, and resuming cuts the file back
+            raise RunFolderError(f"{self.path}: cannot write ({e.strerror or e}); free space and run the same "
+                                 "command again to resume") from None
         step = record["step"]
         scalars = {k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
         if self.tb is not None:

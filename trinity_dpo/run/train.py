@@ -174,6 +174,11 @@ def _loop(s: Session, stop: _Stop) -> bool:
     cfg, d, total = s.cfg, s.d, s.schedule.total
     context = StepContext(s.objective, s.ref, s.token_ref, s.policy.runtime, s.tokenizer.pad_token_id,
                           cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf"), d)
+    if s.state["step"] == total and s.state.get("total") not in (None, total):
+        # Resumed at this run's last step from a checkpoint planned for more: its final evaluation and save (the
+        # Hugging Face weights under save_hf_checkpoint: last, the merged model) were never made.
+        _evaluate(s, total)
+        _save(s, total, last=True)
     for index in range(s.state["step"], total):
         lr = cfg.algorithm.optimizer.lr * lr_factor(index, cfg.algorithm.optimizer, total)
         step = s.schedule.step(index, d.rank)
@@ -186,6 +191,7 @@ def _loop(s: Session, stop: _Stop) -> bool:
         stopping = d.any(stop.asked is not None)  # every process stops after the same step
         if done == total or stopping or (cfg.trainer.save_interval and done % cfg.trainer.save_interval == 0):
             _save(s, done, last=done == total or stopping)
+            stopping = stopping or d.any(stop.asked is not None)  # a signal during the save: it has just saved
         if stopping and done < total:
             log.warning("stopped by %s after step %d of %d; run the same command again to resume",
                         stop.asked or "a signal to another process", done, total)

@@ -63,7 +63,7 @@ def materialize(model_path: str) -> str:
     if not (folder / "config.json").is_file():
         with _one_process(folder):
             if not (folder / "config.json").is_file():  # another process may have converted it while this one waited
-                _convert(BUILTINS[name], folder)
+                _writing(folder, lambda: _convert(BUILTINS[name], folder))
     return str(folder)
 
 
@@ -80,8 +80,17 @@ def data_path(path: str) -> str:
     if not (folder / "README.md").is_file():
         with _one_process(folder):
             if not (folder / "README.md").is_file():
-                demo_data.write(folder, name)
+                _writing(folder, lambda: demo_data.write(folder, name))
     return str(folder)
+
+
+def _writing(folder: Path, write) -> None:
+    """`write()`, which fills the built-in's `folder` in the tool's cache; what the OS refuses is one line."""
+    try:
+        write()
+    except OSError as e:
+        raise ConfigError(f"cannot write the built-in into {folder} ({e.strerror or e}); set TRINITY_DPO_CACHE to a "
+                          "writable folder") from None
 
 
 @contextmanager
@@ -90,8 +99,13 @@ def _one_process(folder: Path):
     makes it and the others wait on the file (no collective, no timeout)."""
     import fcntl
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(folder.parent / f".{folder.name}.lock", "w")
+    except OSError as e:
+        raise ConfigError(f"cannot write the built-in into {folder.parent} ({e.strerror or e}); set "
+                          "TRINITY_DPO_CACHE to a writable folder") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -27,6 +27,17 @@ def _suffix(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
+_DEFAULT_SPLITS = ("train", "test")  # the training and held-out buffers' defaults: a single file is either
+
+
+def _single_file(path: Path, split: str, subset: str | None, key: str) -> None:
+    """A single file has no configs and no splits: one given is refused, where it was read whole regardless."""
+    if subset:
+        raise DataError(f"{key}.subset_name: {path} is a single file, which has no configs ({subset!r} given)")
+    if split not in _DEFAULT_SPLITS:
+        raise DataError(f"{key}.split: {path} is a single file, which has no splits ({split!r} given); remove it")
+
+
 def read_rows(path: str, split: str = "train", subset: str | None = None,
               key: str = "buffer.trainer_input.experience_buffer") -> list[dict[str, Any]]:
     """All rows of the file or folder at `path`, in one list (`iter_rows` reads them a chunk at a time)."""
@@ -51,6 +62,8 @@ def iter_blocks(path: str, split: str = "train", subset: str | None = None,
                 ) -> Iterator[list[dict[str, Any]] | LineBlock]:
     """`iter_rows`'s chunks, where a JSON lines file gives `LineBlock`s, parsed by whoever calls `rows()`."""
     p = Path(path)
+    if p.is_file():
+        _single_file(p, split, subset, key)
     if _suffix(p) in (".json", ".jsonl") and p.is_file():
         yield from _json_chunks(p, chunk_rows)
         return

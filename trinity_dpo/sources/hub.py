@@ -17,8 +17,13 @@ log = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
+# A name ending like a data file is a local path the user mistyped, never a repository: "not found", not a download.
+_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".csv", ".txt", ".yaml", ".safetensors", ".bin")
+
+
 def is_repo_id(path: str) -> bool:
-    return bool(_REPO_ID.match(path)) and not Path(path).exists() and ".." not in path
+    return (bool(_REPO_ID.match(path)) and not Path(path).exists() and ".." not in path
+            and not path.lower().endswith(_FILE_SUFFIXES))
 
 
 def offline() -> bool:
@@ -26,12 +31,14 @@ def offline() -> bool:
 
 
 def cache_dir() -> str:
-    """The hub cache as huggingface_hub finds it, read now (its own constant is fixed at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                      "huggingface")
-    return os.path.join(home, "hub")
+    """The hub cache as huggingface_hub finds it (HF_HUB_CACHE, its older name HUGGINGFACE_HUB_CACHE, else
+    HF_HOME/hub, with ~ and $VARS expanded), read now (its own constant is fixed at import)."""
+    given = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not given:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                          "huggingface")
+        given = os.path.join(home, "hub")
+    return os.path.expandvars(os.path.expanduser(given))
 
 
 def resolve(path: str, kind: str, key: str) -> str:
