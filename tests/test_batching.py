@@ -101,3 +101,18 @@ def test_schedule_builds_the_reference_plan_from_the_loops_own_steps():
     assert one.micro_tokens() == 2 * max(map(tokens, ([p] for p in train)))
     none = Schedule(train, [], batch_size=6, seed=7, total=2, world=2, micro_pairs=None, token_budget=None)
     assert none.held_out().per_rank == [[], []] and len(none.first_epoch().per_rank[0]) == 2
+
+
+def test_held_out_micro_batches_are_no_larger_than_a_training_share(make_config):
+    """Without ppo_micro_batch_size_per_gpu the held-out set was one forward pass, whatever its size; the memory
+    check bounds a training share (batch / processes): held-out micro-batches are held to it too."""
+    from trinity_dpo.config.loader import load_config
+    from trinity_dpo.data.dataset import load_data
+    from trinity_dpo.data.schedule import Schedule
+    from trinity_dpo.engine.modeling import load_tokenizer
+
+    cfg = load_config(make_config(main={"buffer": {"batch_size": 4, "trainer_input": {"eval_fraction": 0.5}}},
+                                  verl={"actor_rollout_ref": {"actor": {"ppo_micro_batch_size_per_gpu": None}}}))
+    data = load_data(cfg, load_tokenizer(cfg))
+    groups = list(Schedule.of(cfg, data, world=1).held_out().per_rank[0])
+    assert len(data.eval) == 12 and [len(g) for g in groups] == [4, 4, 4]

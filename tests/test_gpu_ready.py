@@ -67,7 +67,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(make_con
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 80e9)
     seven_b = {"params": 7_000_000_000, "linear_in_out": 7_000_000_000 // 2000, "hidden": 4096, "layers": 32,
                "intermediate": 11008}
-    monkeypatch.setattr(memory, "model_shape", lambda path, trust: seven_b)
+    monkeypatch.setattr(memory, "model_shape", lambda path, trust, reward_model=False: seven_b)
     loaded = []
     monkeypatch.setattr(policy, "load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(ConfigError) as err:
@@ -91,6 +91,12 @@ def test_model_shape_reads_the_config_only(qwen_dir):
     model = AutoModelForCausalLM.from_pretrained(qwen_dir)
     assert shape["params"] == sum(p.numel() for p in model.parameters())
     assert shape["hidden"] == model.config.hidden_size and shape["layers"] == model.config.num_hidden_layers
+    # A reward model is read as a sequence classifier: its one-output score head, not an untied LM head.
+    from transformers import AutoModelForSequenceClassification
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(qwen_dir, num_labels=1)
+    assert memory.model_shape(str(qwen_dir), False, reward_model=True)["params"] == sum(
+        p.numel() for p in scorer.parameters())
 
 
 def test_memory_check_steps_aside_when_the_shape_cannot_be_read(make_config, monkeypatch, caplog):
@@ -100,7 +106,7 @@ def test_memory_check_steps_aside_when_the_shape_cannot_be_read(make_config, mon
     from trinity_dpo.engine import memory
     from trinity_dpo.config.loader import load_config
 
-    def unreadable(path, trust):
+    def unreadable(path, trust, reward_model=False):
         raise ValueError("custom code needs a real device")
 
     monkeypatch.setattr(memory, "model_shape", unreadable)
@@ -217,7 +223,7 @@ def test_memory_check_counts_the_layers_that_keep_activations(make_config, monke
     from trinity_dpo.config.loader import load_config
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 1.0)
-    monkeypatch.setattr(memory, "model_shape", lambda path, trust: {
+    monkeypatch.setattr(memory, "model_shape", lambda path, trust, reward_model=False: {
         "params": 1, "linear_in_out": 1, "hidden": 4096, "layers": 32, "intermediate": 11008})
     for gc, every, gb in ((True, 1, "1.1"), (True, 2, "8.8"), (True, 3, "11.2"), (False, 1, "16.5")):
         model = {"enable_gradient_checkpointing": gc, "gradient_checkpointing_every": every}
@@ -239,7 +245,7 @@ def test_memory_check_counts_a_bf16_frozen_base_at_two_bytes(make_config, monkey
 
     monkeypatch.setattr(memory, "device_bytes", lambda device, procs: 24e9)
     monkeypatch.setattr(memory, "stored_dtype", lambda path: torch.bfloat16)
-    monkeypatch.setattr(memory, "model_shape", lambda path, trust: {
+    monkeypatch.setattr(memory, "model_shape", lambda path, trust, reward_model=False: {
         "params": 7_000_000_000, "linear_in_out": 3_500_000, "linear_weights": 6_500_000_000, "hidden": 4096,
         "layers": 32, "intermediate": 11008})
     cfg = load_config(make_config(main={"model": {"lora": {"rank": 16}}},

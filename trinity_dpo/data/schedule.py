@@ -104,10 +104,12 @@ class Schedule:
         return Plan("train", len(self.train), self.world, h.hexdigest(), groups)
 
     def held_out(self) -> Plan:
-        """The held-out examples as one step, split over the processes like a training step."""
+        """The held-out examples as one step, split over the processes like a training step, in micro-batches no
+        larger than a training step's share (the memory check's bound): a whole held-out set in one forward pass
+        could hold many times the activations that check saw."""
         refs = _refs(range(len(self.eval)), _n_tokens(self.eval))
-        shares = (shard_step(refs, self.world, self.micro_pairs, self.token_budget) if refs
-                  else [[] for _ in range(self.world)])
+        micro = self.micro_pairs or (None if self.token_budget else math.ceil(self.batch_size / self.world))
+        shares = (shard_step(refs, self.world, micro, self.token_budget) if refs else [[] for _ in range(self.world)])
         h = hashlib.blake2b(_content_digest(self.eval).encode(), digest_size=16)
         h.update(repr([[[r.index for r in g] for g in share] for share in shares]).encode())
         return Plan("eval", len(self.eval), self.world, h.hexdigest(),

@@ -15,6 +15,7 @@ import torch
 
 from ..config.schema import Config
 from ..errors import ConfigError, one_line
+from . import score_head
 from .lora import frozen_in_bf16
 from .modeling import Runtime, checkpoint_every, stored_dtype
 
@@ -28,7 +29,7 @@ def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> 
     `micro_tokens` tokens in a micro-batch (`Schedule.micro_tokens`)."""
     device = runtime.device
     try:
-        shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code)
+        shape = model_shape(cfg.model.model_path, cfg.model.trust_remote_code, score_head.wanted(cfg))
     except Exception as e:  # an architecture that cannot be built on the meta device: no estimate, no refusal
         log.info("memory check skipped: the model's shape could not be read (%s)", one_line(e))
         return
@@ -67,15 +68,19 @@ def check_fits(cfg: Config, runtime: Runtime, world: int, micro_tokens: int) -> 
         f"{have / GB:.1f} GB; it would fit with {' or '.join(fixes)}")
 
 
-def model_shape(model_path: str, trust_remote_code: bool) -> dict[str, int]:
+def model_shape(model_path: str, trust_remote_code: bool, reward_model: bool = False) -> dict[str, int]:
     """Parameter count and sizes from the model's config.json, built on the meta device (no memory, no weights
-    read); `linear_in_out` sums in + out features, `linear_weights` in x out, over the linear layers LoRA's
-    all-linear adapts."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    read), as the run reads it: a reward model as a sequence classifier (a one-output score head, not the LM
+    head's vocabulary x hidden); `linear_in_out` sums in + out features, `linear_weights` in x out, over the linear
+    layers LoRA's all-linear adapts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, local_files_only=True)
+    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if reward_model else (AutoModelForCausalLM, {})
+    for key, value in extra.items():
+        setattr(config, key, value)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
