@@ -509,3 +509,20 @@ def test_a_full_disk_while_logging_a_step_is_one_line(runs, root, monkeypatch):
     with pytest.raises(RunFolderError, match=r"metrics.jsonl: cannot write \(No space left on device\); free space "
                                              "and run the same command again to resume"):
         train.run(load_config(cfg))
+
+
+def test_a_signal_while_the_run_starts_stops_it_with_exit_0(root, caplog):
+    """SIGTERM during the start (tokenizing, loading, the reference pass: minutes on a large set) is caught: the run
+    stops before its first step with the resume line and exit 0 (the process died with 143, SIGINT with a traceback)."""
+    cfg = config(root, "signal_at_start")
+    real = train._reference_tables
+
+    def tables(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(train, "_reference_tables", tables)
+        assert cli.main(["run", "--config", str(cfg)]) == 0
+    assert "stopped by SIGTERM before step 1; run the same command again to resume" in caplog.text
+    assert not list((root / "ckpt" / "proj" / "signal_at_start").glob("global_step_*"))

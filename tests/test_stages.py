@@ -213,3 +213,27 @@ def test_two_worker_processes_run_each_stage_once_in_one_process_group(staged, t
         assert [r["step"] for r in ours] == [1, 2, 3]  # each step once: no stage ran twice
         for a, b in zip(ours, theirs):
             assert all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])) for k in b), (stage, a, b)
+
+
+def test_a_signal_after_a_stage_stops_before_the_next(staged, tmp_path, monkeypatch, caplog):
+    """SIGTERM while the first stage writes its answers and report, after its last step: the next stage does not
+    start (a fresh handler per stage forgot the signal and trained the next stage to its end); exit 0, and the same
+    command goes on with it."""
+    import os
+    import signal
+
+    from trinity_dpo.run import train
+
+    real = train._finish
+
+    def finish(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "_finish", finish)
+    config = staged()
+    with caplog.at_level("WARNING"):
+        assert cli.main(["run", "--config", str(config)]) == 0
+    root = tmp_path / "ckpt" / "proj" / "run"
+    assert "stopped by SIGTERM before stage 2/2 (dpo); run the same command again to go on" in caplog.text
+    assert checkpoint.final_of(root / "sft") is not None and not (root / "dpo").exists()

@@ -11,6 +11,7 @@ Under torchrun every worker runs this same sequence; the process group of the fi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -36,18 +37,22 @@ def run_stages(stages: list[Stage]) -> Path:
     root = experiment_dir(stages)
     finished = _finished(root, stages)  # read once, before any stage runs, by every worker alike
     start, run_dir = None, root
-    with distributed.kept_group():
+    stop = train.Stop()  # one handler over all stages: a signal between two of them is not lost
+    with distributed.kept_group(), _restoring(stop):
         for i, stage in enumerate(stages):
             where = f"stage {i + 1}/{len(stages)} ({stage.name})"
             if i < len(finished):
                 start = _hand_off(Path(finished[i]["checkpoint"]), stage.name)
                 log.info("%s: finished before, at %s; skipped", where, finished[i]["checkpoint"])
                 continue
+            if stop.asked is not None:
+                log.warning("stopped by %s before %s; run the same command again to go on", stop.asked, where)
+                return run_dir
             cfg = copy.deepcopy(stage.cfg)
             if start is not None:
                 cfg.model.model_path = str(start)
             log.info("%s: starting from %s", where, cfg.model.model_path)
-            run_dir = train.run(cfg)
+            run_dir = train.run(cfg, stop)
             final = checkpoint.final_of(run_dir)
             if final is None:  # stopped by a signal after saving
                 log.warning("%s stopped before its last step; run the same command again to resume it", where)
@@ -58,6 +63,14 @@ def run_stages(stages: list[Stage]) -> Path:
             start = _hand_off(final.resolve(), stage.name)
             gc.collect()  # the stage's model, before the next one loads
     return run_dir
+
+
+@contextlib.contextmanager
+def _restoring(stop: "train.Stop"):
+    try:
+        yield
+    finally:
+        stop.restore()
 
 
 def _finished(root: Path, stages: list[Stage]) -> list[dict]:

@@ -41,8 +41,10 @@ from ..objective.token_ref import TokenStore, target_counts
 log = logging.getLogger(__name__)
 
 
-class _Stop:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second one is not caught."""
+class Stop:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second one is not caught. Installed
+    once per command, before a run starts (tokenizing, loading and the reference pass can take minutes) and across
+    a config's stages, so that no signal is lost between them."""
 
     def __init__(self):
         self.asked = None
@@ -94,28 +96,38 @@ class StepContext:
     d: Dist
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, stop: Stop | None = None) -> Path:
     """Train offline DPO as `cfg` says (resuming where the run folder says so); return the run folder. Under
-    torchrun every worker process runs this, each on its share of every step (`distributed.py`)."""
-    cfg = localize(cfg)  # names -> local folders, before anything reads them (idempotent: safe in every worker)
-    runtime = pick_runtime(cfg)
-    d = distributed.setup(cfg, runtime.device)
+    torchrun every worker process runs this, each on its share of every step (`distributed.py`). `stop`: the
+    command's signal handler (`run_stages` keeps one over all stages); without one, the run installs its own."""
+    own = stop is None
+    stop = stop or Stop()
     try:
-        s = _start(cfg, runtime, d)
-        finished = _train(s)
+        cfg = localize(cfg)  # names -> local folders, before anything reads them (idempotent: safe in every worker)
+        runtime = pick_runtime(cfg)
+        d = distributed.setup(cfg, runtime.device)
+        try:
+            s = _start(cfg, runtime, d)
+            finished = _train(s, stop)
+        finally:
+            if d.main:  # the run is over, or never started: a later run in this process takes the folder afresh
+                run_lock.release(run_folder.run_dir_of(cfg))
     finally:
-        if d.main:  # the run is over, or never started: a later run in this process takes the folder afresh
-            run_lock.release(run_folder.run_dir_of(cfg))
+        if own:
+            stop.restore()
     if finished and d.main:
         report.write_report(s.run_dir)
     distributed.teardown(d)  # only after a clean finish: a failing worker just exits, the launcher stops the rest
     return s.run_dir
 
 
-def _train(s: Session) -> bool:
+def _train(s: Session, stop: Stop) -> bool:
     """Step-0 evaluation and answers, the loop, then the trained answers; False when stopped by a signal."""
-    stop = _Stop()
     try:
+        if s.d.any(stop.asked is not None):  # while the run started: nothing trained since its last checkpoint
+            log.warning("stopped by %s before step %d; run the same command again to resume",
+                        stop.asked or "a signal to another process", s.state["step"] + 1)
+            return False
         if s.state["step"] == 0:
             _evaluate(s, 0)
             base_answers = _answer(s)
@@ -127,7 +139,6 @@ def _train(s: Session) -> bool:
             if s.d.main:
                 _finish(s.run_dir, s.data, trained_answers)
     finally:
-        stop.restore()
         s.metrics.close()
     return finished
 
@@ -169,7 +180,7 @@ def _start(cfg: Config, runtime: Runtime, d: Dist) -> Session:
                    eval_objective, ref, token_ref, eval_groups, eval_ref, state, metrics)
 
 
-def _loop(s: Session, stop: _Stop) -> bool:
+def _loop(s: Session, stop: Stop) -> bool:
     """Optimizer steps from the state's step on, with evals and checkpoints; False when stopped by a signal."""
     cfg, d, total = s.cfg, s.d, s.schedule.total
     context = StepContext(s.objective, s.ref, s.token_ref, s.policy.runtime, s.tokenizer.pad_token_id,
