@@ -326,3 +326,25 @@ def test_a_tokenizer_with_nothing_to_pad_with_is_one_line(make_config, monkeypat
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", bare)
     with pytest.raises(ConfigError, match="has no pad, eos, unk or bos token to pad with; add a pad_token"):
         load_tokenizer(load_config(make_config()))
+
+
+def test_a_folder_whose_files_datasets_would_leave_out_is_refused(tmp_path):
+    """Without a card's `configs`, datasets splits a folder by file names, one format per split: a .jsonl beside a
+    .parquet, or a file whose name says no split, was read by no split and its rows left out silently. Refused,
+    naming them; a card's own `configs` are kept as the user's choice."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(path, n):
+        path.write_text("".join(json.dumps({**ROWS[0], "i": i}) + "\n" for i in range(n)))
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write(folder / "train.jsonl", 5)
+    pq.write_table(pa.Table.from_pylist([{**ROWS[0], "i": 9}]), folder / "train.parquet")
+    with pytest.raises(DataError, match=r"the dataset folder .*mixed would be read without train.jsonl \(datasets' "
+                                        "file-name rules give them no split\\); name the files of each split"):
+        read_rows(str(folder))
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: train.parquet\n---\n")
+    assert len(read_rows(str(folder))) == 1

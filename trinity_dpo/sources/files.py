@@ -107,10 +107,37 @@ def _open_folder(p: Path, split: str, subset: str | None, key: str):
         raise DataError(f"{key}.path: {p}: cannot read the dataset folder: {one_line(e)}") from None
     if split not in splits:
         raise DataError(f"{key}.split: the dataset folder {p} has no split {split!r} (it has: {', '.join(splits)})")
+    _no_file_left_out(p, subset, key)
     try:
         return datasets.load_dataset(str(p), name=subset, split=split)
     except Exception as e:
         raise DataError(f"{key}.path: {p}: cannot read data: {one_line(e)}") from None
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def _no_file_left_out(p: Path, subset: str | None, key: str) -> None:
+    """A folder whose card declares no `configs` is split by `datasets`' file-name rules, which take one format per
+    split and skip files whose names say no split: refuse a folder where some data file would be read by no split
+    (its rows silently left out), naming them. A card's own `configs` are the user's choice and kept."""
+    import datasets
+
+    card = p / "README.md"
+    if card.is_file() and "\nconfigs:" in "\n" + card.read_text(encoding="utf-8", errors="replace"):
+        return
+    try:
+        data_files = datasets.load_dataset_builder(str(p), name=subset).config.data_files or {}
+    except Exception:  # the load that follows names what is wrong
+        return
+    taken = {str(Path(f).resolve()) for files in data_files.values() for f in files}
+    found = [f for f in sorted(p.rglob("*")) if f.is_file() and not any(part.startswith(".") for part in
+             f.relative_to(p).parts) and Path(f.name.removesuffix(".gz")).suffix in _DATA_SUFFIXES]
+    left = [str(f.relative_to(p)) for f in found if str(f.resolve()) not in taken]
+    if left:
+        raise DataError(f"{key}.path: the dataset folder {p} would be read without {', '.join(left[:5])}"
+                        f"{' ...' if len(left) > 5 else ''} (datasets' file-name rules give them no split); name the "
+                        "files of each split in a README.md card's `configs`, or move them out")
 
 
 def _json_chunks(path: Path, chunk_rows: int) -> Iterator[list[dict[str, Any]] | LineBlock]:
