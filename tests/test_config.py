@@ -256,14 +256,13 @@ def test_document_wins_over_trainer_file_as_in_trinity(make_config, caplog):
     assert cfg.trainer.grad_clip == 2.0
     cfg = load_config(make_config(main={"algorithm": {"optimizer": {"clip_grad": 0.25}}}))
     assert cfg.trainer.grad_clip == 0.25
-    # Newer verl's spelling of the trainer file's grad_clip: the same tier, so it wins over trainer.grad_clip...
+    # The trainer file's optim.clip_grad (verl's Megatron and newer engines' spelling) is used over trainer.grad_clip
+    # where the file gives no actor.grad_clip, which verl's FSDP actor clips by and which Trinity's files carry too.
     cfg = load_config(make_config(main={"trainer": {"grad_clip": 0.5}},
                                   verl={"actor_rollout_ref": {"actor": {"optim": {"clip_grad": 0.3}}}}))
     assert cfg.trainer.grad_clip == 0.3
-    # ...and must agree with the older one where both are given.
-    with pytest.raises(ConfigError, match="conflicting values for one setting: .*actor.grad_clip=2.0, "
-                       ".*actor.optim.clip_grad=0.3"):
-        load_config(make_config(verl={"actor_rollout_ref": {"actor": {"grad_clip": 2.0, "optim": {"clip_grad": 0.3}}}}))
+    cfg = load_config(make_config(verl={"actor_rollout_ref": {"actor": {"grad_clip": 2.0, "optim": {"clip_grad": 1.0}}}}))
+    assert cfg.trainer.grad_clip == 2.0
 
 
 def test_eval_buffer_takes_its_own_defaults(make_config):

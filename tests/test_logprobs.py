@@ -286,3 +286,14 @@ def test_sliding_window_layers_keep_their_window(model_type, extra):
         packed = lp.sequence_stats(model, collate([pair], pad_id=0), contextlib.nullcontext(), ("logps",))["logps"]
     assert is_varlen(model) == (model_type == "llama")
     assert torch.allclose(packed, torch.stack(alone), atol=1e-5)
+
+
+def test_a_window_no_sequence_can_outgrow_keeps_packed_attention():
+    """Phi-3.5-mini's window (262144) exceeds its positions (131072): it never binds, so the model keeps packed
+    attention and shared prompts."""
+    from transformers import AutoConfig
+
+    from trinity_dpo.engine.attention import has_sliding_window
+
+    assert not has_sliding_window(AutoConfig.for_model("phi3", sliding_window=262144, max_position_embeddings=131072))
+    assert has_sliding_window(AutoConfig.for_model("phi3", sliding_window=2047, max_position_embeddings=4096))

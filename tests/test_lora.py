@@ -449,12 +449,11 @@ def test_a_bf16_read_base_keeps_computed_buffers_in_fp32(tmp_path):
 def test_adapters_with_a_bias_or_dora_are_computed_or_refused_never_wrong():
     """An adapter continued from model.lora.path may carry PEFT's lora_bias (lora_B with a bias) or be DoRA. The fused
     product had no bias term (outputs off by the bias, which got no gradient) and the merge ignored both: now the
-    biased adapter runs through PEFT's forward and merges its bias (scaled), and DoRA's merge is refused in one line
-    (its training already ran through PEFT's forward)."""
+    biased adapter runs through PEFT's forward and merges its bias (scaled), and DoRA's merged model is not written,
+    with a warning (its training already ran through PEFT's forward)."""
     from peft import LoraConfig as PeftLora, get_peft_model
 
     from trinity_dpo.engine import lora, lora_linear
-    from trinity_dpo.errors import ConfigError
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -477,9 +476,8 @@ def test_adapters_with_a_bias_or_dora_are_computed_or_refused_never_wrong():
         state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         lora_linear.fuse(base)
         assert torch.equal(peft_model(x), expected)
-        if "use_dora" in options:
-            with pytest.raises(ConfigError, match="the adapter of proj is a DoraLinearVariant adapter, whose merge"):
-                lora.merged_weights(base, state)
+        if "use_dora" in options:  # no merged model, said; the run's own checkpoint is saved (raising lost it)
+            assert lora.merged_weights(base, state) is None
             continue
         plain = Tiny()
         plain.load_state_dict(lora.merged_weights(base, state))

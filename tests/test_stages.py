@@ -216,9 +216,9 @@ def test_two_worker_processes_run_each_stage_once_in_one_process_group(staged, t
 
 
 def test_a_signal_after_a_stage_stops_before_the_next(staged, tmp_path, monkeypatch, caplog):
-    """SIGTERM while the first stage writes its answers and report, after its last step: the next stage does not
-    start (a fresh handler per stage forgot the signal and trained the next stage to its end); exit 0, and the same
-    command goes on with it."""
+    """SIGTERM while the first stage writes its answers and report, after its last step: the next stage trains no
+    step (a fresh handler per stage forgot the signal and trained it to its end); exit 0, and the same command goes
+    on with it. Every process checks together, before the stage's first step."""
     import os
     import signal
 
@@ -235,5 +235,5 @@ def test_a_signal_after_a_stage_stops_before_the_next(staged, tmp_path, monkeypa
     with caplog.at_level("WARNING"):
         assert cli.main(["run", "--config", str(config)]) == 0
     root = tmp_path / "ckpt" / "proj" / "run"
-    assert "stopped by SIGTERM before stage 2/2 (dpo); run the same command again to go on" in caplog.text
-    assert checkpoint.final_of(root / "sft") is not None and not (root / "dpo").exists()
+    assert "stopped by SIGTERM before step 1; run the same command again to resume" in caplog.text
+    assert checkpoint.final_of(root / "sft") is not None and not list((root / "dpo").glob("global_step_*"))

@@ -337,3 +337,18 @@ def test_fast_encoding_gives_the_tokenizers_own_ids(qwen_dir, special):
     assert encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
     assert len(encode(tok, texts, special)[3]) > 3
 
+
+
+def test_tokenizing_workers_take_signals_as_fresh_processes():
+    """The pool forks after the run's stop handler is installed: a worker that kept it caught the SIGTERM the pool
+    closes it with, and the close waited forever."""
+    import signal
+
+    from trinity_dpo.run.train import Stop
+
+    stop = Stop()
+    try:
+        with prepare._pool(2) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+    finally:
+        stop.restore()

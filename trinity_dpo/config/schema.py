@@ -299,8 +299,9 @@ ALIASES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("algorithm.policy_loss_fn_args.beta", (("algorithm.policy_loss_fn_args.beta", "trainer.actor_kl_loss_coef"),
                                             (_ACTOR + "kl_loss_coef",))),
     # Trinity 0.1-0.3 copied actor_grad_clip over the trainer file's grad_clip; later ones keep the trainer file's
-    # grad_clip (newer verl's spelling: actor.optim.clip_grad) and fall back to trainer.grad_clip.
-    ("trainer.grad_clip", (("trainer.actor_grad_clip",), (_ACTOR + "grad_clip", _ACTOR + "optim.clip_grad"),
+    # grad_clip, and fall back to trainer.grad_clip. verl's FSDP actor clips by actor.grad_clip; optim.clip_grad
+    # (its Megatron and newer engines' spelling, which Trinity's trainer files carry too) is taken below it.
+    ("trainer.grad_clip", (("trainer.actor_grad_clip",), (_ACTOR + "grad_clip",), (_ACTOR + "optim.clip_grad",),
                            ("trainer.grad_clip", "algorithm.optimizer.clip_grad"))),
     # Trinity copies these trainer-level settings onto the actor only where the trainer file leaves them unset.
     (_ACTOR + "use_dynamic_bsz", ((_ACTOR + "use_dynamic_bsz",), ("trainer.use_dynamic_bsz",))),

@@ -187,8 +187,17 @@ def _pool(workers: int):
         yield None
         return
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Rust thread pool does not survive a fork
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals) as pool:
         yield pool
+
+
+def _default_signals() -> None:
+    """A worker's signals as a fresh process's: a fork inherits the run's stop handler (`train.Stop`), under which
+    the SIGTERM the pool closes its workers with is caught and the close waits forever."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _bounded_map(pool, jobs, window: int):

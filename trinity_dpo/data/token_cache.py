@@ -29,7 +29,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # of the tokenization code and this layout: a change makes every older table a miss
+VERSION = 2  # of the tokenization code and this layout: a change makes every older table a miss
 ARRAYS = ("tokens", "mask", "spans", "rows", "kept", "events", "prompt_hash", "prompt_offsets")
 DONE = "done.json"
 

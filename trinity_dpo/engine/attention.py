@@ -130,7 +130,10 @@ def has_sliding_window(config) -> bool:
     """Whether any layer attends through a sliding window (Mistral, Gemma 2 and 3, Qwen2 with use_sliding_window):
     `layer_types` where the config has them, else a `sliding_window` in force."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window and window >= (getattr(text, "max_position_embeddings", None) or float("inf")):
+        return False  # a window no sequence can outgrow (Phi-3.5's 262144 over 131072 positions) never binds
     types = getattr(text, "layer_types", None)
     if types:
         return "sliding_attention" in types
-    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
+    return bool(window) and getattr(text, "use_sliding_window", True) is not False

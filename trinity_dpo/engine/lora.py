@@ -164,9 +164,10 @@ def merged_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dic
         key = f"{name}.base_layer.weight"
         variant = getattr(module, "lora_variant", {}).get("default")
         if variant is not None:  # DoRA and the like rescale by learned magnitudes: W + s B A is not their model
-            raise ConfigError(f"model.lora.save_merged: the adapter of {name} is a {type(variant).__name__} adapter, "
-                              "whose merge this tool does not compute; set save_merged: never and merge it with "
-                              "PEFT's merge_and_unload")
+            log.warning("model.lora.save_merged: the adapter of %s is a %s adapter, whose merge this tool does not "
+                        "compute: no merged/ model is written (merge the saved adapter with PEFT's "
+                        "merge_and_unload)", name, type(variant).__name__)
+            return None
         if f"{name}.lora_A.default.weight" in full:
             delta = full[f"{name}.lora_B.default.weight"].float() @ full[f"{name}.lora_A.default.weight"].float()
             if getattr(module, "fan_in_fan_out", False):

@@ -45,9 +45,6 @@ def run_stages(stages: list[Stage]) -> Path:
                 start = _hand_off(Path(finished[i]["checkpoint"]), stage.name)
                 log.info("%s: finished before, at %s; skipped", where, finished[i]["checkpoint"])
                 continue
-            if stop.asked is not None:
-                log.warning("stopped by %s before %s; run the same command again to go on", stop.asked, where)
-                return run_dir
             cfg = copy.deepcopy(stage.cfg)
             if start is not None:
                 cfg.model.model_path = str(start)
