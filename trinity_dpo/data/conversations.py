@@ -304,6 +304,14 @@ def has_text(msgs: list[Message]) -> bool:
     return any((m.get("content") or "").strip() or m.get("tool_calls") for m in msgs)
 
 
+def json_text(text: str, key: str) -> Any:
+    """A column's JSON text, parsed; text that is not JSON is a bad row."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise BadRow(f"'{key}' not JSON", f"'{key}' is text that is not JSON") from None
+
+
 def row_tools(row: dict[str, Any], fmt: FormatConfig) -> list[dict] | None:
     """The row's tool definitions under `format.tools_key` (a list, or its JSON text), or None without them."""
     try:
@@ -311,10 +319,7 @@ def row_tools(row: dict[str, Any], fmt: FormatConfig) -> list[dict] | None:
     except KeyError:
         return None
     if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            raise BadRow(f"'{fmt.tools_key}' not JSON", f"'{fmt.tools_key}' is text that is not JSON") from None
+        tools = json_text(tools, fmt.tools_key)
     if tools is not None and not isinstance(tools, list):
         raise BadRow(f"'{fmt.tools_key}' not a list", f"'{fmt.tools_key}' must be a list of tool definitions")
     return tools or None

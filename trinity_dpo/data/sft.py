@@ -20,7 +20,6 @@ row; `right` keeps the start, `left` the end, `middle` both ends.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 from ..config.schema import FormatConfig, StorageConfig
 from ..errors import DataError
-from .conversations import BadRow, DataReport, _get, _system, _text, convert_rows, row_tools
+from .conversations import BadRow, DataReport, _get, _system, _text, convert_rows, json_text, row_tools
 from .encode import encode
 from .render import render_row as render_chat, template_kwargs
 
@@ -105,18 +104,11 @@ def to_dialogue(row: dict[str, Any], index: int, fmt: FormatConfig) -> Dialogue:
 def _list(row: dict[str, Any], key: str, what: str) -> list:
     value = _get(row, key)
     if isinstance(value, str):
-        value = _json(value, key)
+        value = json_text(value, key)
     if not isinstance(value, list) or not value:
         hint = "; set format.prompt_type: plaintext" if isinstance(value, str) else ""
         raise BadRow(f"'{key}' not {what}", f"'{key}' must be a non-empty list of chat {what}{hint}")
     return value
-
-
-def _json(text: str, key: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise BadRow(f"'{key}' not JSON", f"'{key}' is text that is not JSON") from None
 
 
 def _message(m: Any, key: str) -> dict[str, Any]:
